@@ -1,0 +1,175 @@
+"""Losses: the CLIP contrastive loss over the global batch and the Mod-X KL term.
+
+Read like open_clip's ``loss.py``: the distributed gather is a plain function,
+each loss is one small class or function with its formula visible in the code.
+
+Multi-process semantics. ``gather_features`` all-gathers the per-rank features
+and keeps the autograd path to the local shard; its backward *sums* the
+gradient that every rank computed for this rank's rows. Every rank then
+computes the same loss L over the global batch, and after the usual gradient
+averaging of data-parallel training (DDP / Accelerate) each parameter receives
+exactly dL/dtheta of the one-process run with the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClipLoss", "clip_loss", "gather_features", "modx_kl", "world_info"]
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the initialised default process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of all ranks for the local rows.
+
+    Equivalent to ``torch.distributed.nn.all_gather`` but built on all_reduce,
+    which every backend (gloo included) supports.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: (b, d) -> (world * b, d)
+        rank, world = world_info()
+        ctx.rank, ctx.batch = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = ctx.rank * ctx.batch
+        return grad[start : start + ctx.batch]
+
+
+def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    _, world = world_info()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_features(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    gather_with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather image and text features across ranks: (b, d) -> (world * b, d).
+
+    Identity on one process. With ``gather_with_grad`` the local rows keep their
+    gradient and the backward sums every rank's contribution (see module doc);
+    without it the result is detached (for frozen old-model features).
+    All ranks must pass the same local batch size.
+    """
+    _, world = world_info()
+    if world == 1:
+        return image, text
+    if gather_with_grad:
+        return _AllGatherWithGrad.apply(image), _AllGatherWithGrad.apply(text)
+    return _all_gather_no_grad(image), _all_gather_no_grad(text)
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (Radford et al. 2021): (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2.
+
+    Features are expected L2-normalised, ``logit_scale`` already exponentiated.
+    """
+    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+class ClipLoss(nn.Module):
+    """CLIP loss over the *global* batch: gather (with grad), then ``clip_loss``.
+
+    N processes with local batch b compute the same value, and (after gradient
+    averaging) the same parameter gradients, as one process with batch N * b.
+    """
+
+    def __init__(self, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+    ) -> torch.Tensor:
+        image_all, text_all = gather_features(
+            image_features, text_features, gather_with_grad=self.gather_with_grad
+        )
+        return clip_loss(image_all.float(), text_all.float(), logit_scale)
+
+
+def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, reduction: str) -> torch.Tensor:
+    """sum_i KL(softmax(old_i) || softmax(new_i)) over rows i, or its mean over rows."""
+    log_p_old = F.log_softmax(old_logits, dim=-1)  # (B, B)
+    log_p_new = F.log_softmax(new_logits, dim=-1)  # (B, B)
+    kl_rows = (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)  # (B,)
+    return kl_rows.sum() if reduction == "sum" else kl_rows.mean()
+
+
+def _cognition_align(old_sim: torch.Tensor, new_sim: torch.Tensor) -> torch.Tensor:
+    """Mod-X selective alignment: rows where the old model's argmax is not the
+    diagonal are replaced by the new model's (detached) rows, so they add nothing."""
+    eye = torch.arange(old_sim.shape[0], device=old_sim.device)
+    wrong = old_sim.argmax(dim=1) != eye  # (B,)
+    return torch.where(wrong[:, None], new_sim.detach(), old_sim)
+
+
+def modx_kl(
+    img_new: torch.Tensor,
+    txt_new: torch.Tensor,
+    img_old: torch.Tensor,
+    txt_old: torch.Tensor,
+    temperature: float = 1.0,
+    cognition_align: bool = True,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Mod-X off-diagonal alignment term (Ni et al. 2023, PAPERS.md section 1).
+
+    S = I T^T and S_o = I_o T_o^T from L2-normalised features; with
+    cognition alignment, old rows whose argmax is off the diagonal become the
+    new (detached) rows, for i2t (rows of S_o) and t2i (rows of S_o^T) apart.
+
+        KL_i2t = sum_i KL(softmax(S_o[i] / tau) || softmax(S[i] / tau))
+        KL_t2i = the same over the rows of S_o^T and S^T
+        return (KL_i2t + KL_t2i) / 2
+
+    ``reduction="sum"`` sums over the batch rows (the reference script);
+    ``"mean"`` averages them. Computed in float32 whatever the input dtype.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    img_new, txt_new = F.normalize(img_new.float(), dim=-1), F.normalize(txt_new.float(), dim=-1)
+    img_old = F.normalize(img_old.detach().float(), dim=-1)
+    txt_old = F.normalize(txt_old.detach().float(), dim=-1)
+
+    sim_new = img_new @ txt_new.T  # (B, B), rows: image -> texts
+    sim_old = img_old @ txt_old.T  # (B, B)
+    old_i2t, old_t2i = sim_old, sim_old.T
+    if cognition_align:
+        old_i2t = _cognition_align(old_i2t, sim_new)
+        old_t2i = _cognition_align(old_t2i, sim_new.T)
+    kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction)
+    kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction)
+    return (kl_i2t + kl_t2i) / 2

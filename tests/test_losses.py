@@ -1,0 +1,175 @@
+"""modx.losses against naive float64 loops, and the multi-process gather."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from modx.losses import ClipLoss, clip_loss, gather_features, modx_kl
+
+
+def _unit_rows(x: torch.Tensor) -> list[list[float]]:
+    rows = []
+    for r in x.double().tolist():
+        n = math.sqrt(sum(v * v for v in r))
+        rows.append([v / n for v in r])
+    return rows
+
+
+def _dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))
+
+
+def _softmax(row: list[float]) -> list[float]:
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+def naive_clip_loss(img, txt, scale: float) -> float:
+    i, t = _unit_rows(img), _unit_rows(txt)
+    n = len(i)
+    total = 0.0
+    for a in range(n):  # image a -> texts
+        logits = [scale * _dot(i[a], t[b]) for b in range(n)]
+        total -= math.log(_softmax(logits)[a])
+    for b in range(n):  # text b -> images
+        logits = [scale * _dot(t[b], i[a]) for a in range(n)]
+        total -= math.log(_softmax(logits)[b])
+    return total / (2 * n)
+
+
+def naive_modx_kl(img, txt, img_o, txt_o, tau=1.0, align=True, reduction="sum") -> float:
+    i, t, io, to = map(_unit_rows, (img, txt, img_o, txt_o))
+    n = len(i)
+    s = [[_dot(i[a], t[b]) for b in range(n)] for a in range(n)]
+    so = [[_dot(io[a], to[b]) for b in range(n)] for a in range(n)]
+    halves = []
+    for new, old in ((s, so), ([list(c) for c in zip(*s)], [list(c) for c in zip(*so)])):
+        kl = 0.0
+        for r in range(n):
+            if align and max(range(n), key=lambda j: old[r][j]) != r:
+                continue  # old model wrong on this row: replaced by the new row, KL 0
+            p = _softmax([v / tau for v in old[r]])
+            q = _softmax([v / tau for v in new[r]])
+            kl += sum(pj * (math.log(pj) - math.log(qj)) for pj, qj in zip(p, q))
+        halves.append(kl if reduction == "sum" else kl / n)
+    return (halves[0] + halves[1]) / 2
+
+
+def _features(seed: int, n: int = 6, d: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(4)]
+
+
+@pytest.mark.parametrize("scale", [1.0, 14.3, 100.0])
+def test_clip_loss_matches_naive_loop(scale):
+    img, txt, _, _ = _features(0)
+    got = clip_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale)
+    assert got.item() == pytest.approx(naive_clip_loss(img, txt, scale), rel=1e-10)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.07, 2.5])
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_modx_kl_matches_naive_loop(tau, align, reduction):
+    img, txt, img_o, txt_o = _features(1, n=7)
+    got = modx_kl(img, txt, img_o, txt_o, temperature=tau, cognition_align=align, reduction=reduction)
+    want = naive_modx_kl(img, txt, img_o, txt_o, tau, align, reduction)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_modx_kl_is_zero_when_models_agree_and_positive_otherwise():
+    img, txt, _, _ = _features(2)
+    assert modx_kl(img, txt, img, txt).item() == pytest.approx(0.0, abs=1e-6)
+    img_o, txt_o = img + 0.3 * torch.randn_like(img), txt + 0.3 * torch.randn_like(txt)
+    assert modx_kl(img, txt, img_o, txt_o, cognition_align=False).item() > 1e-4
+
+
+def test_cognition_alignment_drops_rows_the_old_model_gets_wrong():
+    # Old model: correct on every row except image 0 -> text 1 (and text 1 -> image 0).
+    n, d = 4, 4
+    txt_o = torch.eye(n, d, dtype=torch.float64)
+    img_o = torch.eye(n, d, dtype=torch.float64)
+    img_o[0] = txt_o[1] * 2 + txt_o[0]  # image 0's best text is text 1
+    img, txt = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    aligned = modx_kl(img, txt, img_o, txt_o, cognition_align=True).item()
+    full = modx_kl(img, txt, img_o, txt_o, cognition_align=False).item()
+    assert aligned == pytest.approx(naive_modx_kl(img, txt, img_o, txt_o, align=True), rel=1e-6)
+    assert aligned < full
+
+
+def test_modx_kl_gradients_reach_only_new_features():
+    img, txt, img_o, txt_o = (x.clone().requires_grad_(True) for x in _features(3))
+    modx_kl(img, txt, img_o, txt_o, cognition_align=False).backward()
+    assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
+    assert img_o.grad is None and txt_o.grad is None
+
+
+def test_modx_kl_rejects_bad_options():
+    img, txt, img_o, txt_o = _features(4)
+    with pytest.raises(ValueError, match="reduction"):
+        modx_kl(img, txt, img_o, txt_o, reduction="batchmean")
+    with pytest.raises(ValueError, match="temperature"):
+        modx_kl(img, txt, img_o, txt_o, temperature=0.0)
+
+
+def test_gather_is_identity_on_one_process():
+    img, txt, _, _ = _features(5)
+    a, b = gather_features(img, txt)
+    assert a is img and b is txt
+
+
+# ---- two processes (gloo) compute what one process computes on the global batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_and_grads(weight, x_img, x_txt, x_img_old, x_txt_old):
+    w = weight.clone().requires_grad_(True)
+    img, txt = x_img @ w, x_txt @ w  # a shared linear "encoder"
+    img_n, txt_n = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    old_img, old_txt = gather_features(x_img_old, x_txt_old, gather_with_grad=False)
+    all_img, all_txt = gather_features(img, txt)
+    loss = ClipLoss()(img_n, txt_n, 10.0) + 20.0 * modx_kl(all_img, all_txt, old_img, old_txt)
+    loss.backward()
+    return loss.detach(), w.grad
+
+
+def _worker(rank: int, world: int, port: int, data, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        weight, *batch = data
+        local = [b.chunk(world)[rank] for b in batch]
+        loss, grad = _loss_and_grads(weight, *local)
+        dist.all_reduce(grad)
+        grad /= world  # data-parallel gradient averaging, as DDP does
+        torch.save({"loss": loss, "grad": grad}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    data = [torch.randn(5, 4, generator=g, dtype=torch.float64)] + [
+        torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(4)
+    ]
+    ref_loss, ref_grad = _loss_and_grads(*data)
+    mp.start_processes(_worker, args=(2, _free_port(), data, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-10)
+        torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-9, atol=1e-12)
