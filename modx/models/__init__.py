@@ -1,0 +1,31 @@
+"""CLIP models for modx: open_clip architectures and diagonal-SSM towers behind one factory.
+
+    model, preprocess_train, preprocess_eval, tokenizer = create_model("modx-tiny-s4d")
+"""
+
+from modx.models.checkpoint import ModelLoadError, export_model, load_weights, read_state_dict
+from modx.models.factory import (
+    create_model,
+    get_model_config,
+    get_tokenizer,
+    list_models,
+    swap_tower,
+)
+from modx.models.model import ModxCLIP, build_model
+from modx.models.optim import is_ssm_parameter, model_param_groups
+
+__all__ = [
+    "ModelLoadError",
+    "ModxCLIP",
+    "build_model",
+    "create_model",
+    "export_model",
+    "get_model_config",
+    "get_tokenizer",
+    "is_ssm_parameter",
+    "list_models",
+    "load_weights",
+    "model_param_groups",
+    "read_state_dict",
+    "swap_tower",
+]

@@ -1,0 +1,144 @@
+"""Reading and writing model weights: open_clip checkpoints, safetensors, modx exports.
+
+Only local files, only safe formats (`torch.load(weights_only=True)`, safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from open_clip.convert import convert_state_dict
+from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed
+from open_clip.transformer import VisionTransformer
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from modx.models.model import is_modx_config
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model_config.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
+# The same preference as open_clip's `_find_checkpoint_in_dir`, modx's export first.
+_PREFERRED_FILES = (
+    WEIGHTS_FILE, "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "pytorch_model.bin",
+    "pytorch_model.pth", "model.pth", "model.pt",
+)
+_STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
+
+
+class ModelLoadError(ValueError):
+    """A model config or checkpoint could not be used; the message names the file or keys."""
+
+
+def find_checkpoint(directory: Path) -> Path:
+    """The weights file of a checkpoint directory (modx export or open_clip / HF layout)."""
+    for name in _PREFERRED_FILES:
+        if (directory / name).is_file():
+            return directory / name
+    candidates = sorted(p for ext in ("*.safetensors", "*.bin", "*.pth", "*.pt")
+                        for p in directory.glob(ext))
+    if not candidates:
+        raise ModelLoadError(
+            f"no weights file in {directory} (looked for {WEIGHTS_FILE}, *.safetensors, *.bin, "
+            "*.pth, *.pt)")
+    return candidates[0]
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file or directory, unwrapped from a training checkpoint.
+
+    Accepts a plain state dict, a training checkpoint `{"state_dict": ..., "epoch": ...}`
+    (open_clip_train's format, `module.` prefixes from DDP), or safetensors.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = find_checkpoint(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError) as e:
+        raise ModelLoadError(
+            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]} "
+            "(modx reads safetensors and weights-only torch checkpoints)") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{path} holds no state dict (a mapping of parameter names to tensors)")
+    for prefix in _STRIP_PREFIXES:
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def adapt_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply open_clip's checkpoint conversions (see open_clip.factory.load_checkpoint)."""
+    sd = convert_state_dict(model, sd)
+    if "positional_embedding" in sd and not hasattr(model, "positional_embedding"):
+        sd = convert_to_custom_text_state_dict(sd)  # CLIP layout -> CustomTextCLIP (`text.`)
+    for name in ("logit_scale", "logit_bias"):
+        param = getattr(model, name, None)
+        if name in sd and param is not None and param.ndim != sd[name].ndim:
+            sd[name] = sd[name].reshape(param.shape)
+    sd.pop("text.transformer.embeddings.position_ids", None)
+    if isinstance(getattr(model, "visual", None), VisionTransformer):
+        resize_pos_embed(sd, model)
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint into `model`; every key must match (else ModelLoadError naming them)."""
+    sd = adapt_state_dict(model, read_state_dict(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong_shape = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        problems = [f"{label}: {show(keys)}" for label, keys in (
+            ("missing keys", missing), ("unexpected keys", unexpected),
+            ("shape mismatch", [f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+                                for k in wrong_shape]),
+        ) if keys]
+        raise ModelLoadError(
+            f"checkpoint {path} does not match the model architecture; " + "; ".join(problems)
+            + ". Check that the model name/config is the one the checkpoint was trained with.")
+    model.load_state_dict(sd, strict=True)
+
+
+def export_model(model: nn.Module, directory: str | Path) -> Path:
+    """Write `model.safetensors` + `model_config.json` (from `model.modx_config`) to `directory`.
+
+    `create_model(directory)` or `create_model(name, pretrained=directory)` rebuilds the
+    model exactly. Plain open_clip architectures also get `open_clip_config.json`,
+    so `open_clip.create_model("local-dir:DIR")` reads the export too.
+    """
+    config = getattr(model, "modx_config", None)
+    if config is None:
+        raise ValueError("model has no `modx_config`: create it with modx.models.create_model")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        state[k] = v
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "modx"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if not is_modx_config(config["model_cfg"]):
+        open_clip_cfg = {k: config[k] for k in ("model_cfg", "preprocess_cfg")}
+        (directory / OPEN_CLIP_CONFIG_FILE).write_text(json.dumps(open_clip_cfg, indent=2) + "\n")
+    return directory

@@ -1,0 +1,53 @@
+"""Optimiser parameter groups: weight decay where open_clip applies it, SSM parameters apart."""
+
+from __future__ import annotations
+
+from torch import nn
+
+_NO_DECAY_NAMES = ("bn", "ln", "bias", "logit_scale", "logit_bias", "embedding", "cls_emb")
+
+
+def is_ssm_parameter(param: nn.Parameter) -> bool:
+    """SSM parameters (dt, A, B, ...) are tagged `_modx_ssm = True` by modx.models.ssm."""
+    return bool(getattr(param, "_modx_ssm", False))
+
+
+def _no_decay(name: str, param: nn.Parameter, extra: set[str]) -> bool:
+    # open_clip_train's rule (p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name), plus
+    # embeddings (token, positional, class; HF `embeddings`) and the model's no_weight_decay().
+    return param.ndim < 2 or name in extra or any(s in name for s in _NO_DECAY_NAMES)
+
+
+def model_param_groups(
+        model: nn.Module,
+        lr: float,
+        weight_decay: float,
+        ssm_lr: float | None = None,
+        ssm_weight_decay: float = 0.0,
+) -> list[dict]:
+    """Parameter groups for torch.optim.AdamW.
+
+    - "decay": weight matrices, `lr`, `weight_decay`;
+    - "no_decay": norms, biases, embeddings, logit scale/bias, `lr`, no decay;
+    - "ssm": parameters tagged `_modx_ssm`, `ssm_lr` (default `lr`), `ssm_weight_decay`.
+    Frozen parameters (requires_grad=False) are left out; empty groups are dropped.
+    Each group carries a "name" key (AdamW ignores it).
+    """
+    extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups = {
+        "decay": {"name": "decay", "params": [], "lr": lr, "weight_decay": weight_decay},
+        "no_decay": {"name": "no_decay", "params": [], "lr": lr, "weight_decay": 0.0},
+        "ssm": {"name": "ssm", "params": [], "lr": lr if ssm_lr is None else ssm_lr,
+                "weight_decay": ssm_weight_decay},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if is_ssm_parameter(param):
+            key = "ssm"
+        elif _no_decay(name, param, extra):
+            key = "no_decay"
+        else:
+            key = "decay"
+        groups[key]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
