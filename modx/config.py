@@ -1,0 +1,304 @@
+"""The typed configuration tree of a modx run: YAML file + dotted overrides, validated.
+
+    cfg = load_config("configs/demo.yaml", ["train.lr=1e-3", "stream.phases.0.steps=50"])
+
+Every key is a dataclass field below; an unknown key, a value of the wrong type or an
+impossible value raises `ConfigError`, whose message names the key (train_modx.py turns it
+into one line on stderr and exit status 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+TRACKERS = ("tensorboard", "wandb", "none")
+REDUCTIONS = ("sum", "mean")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; `key` is the dotted key at fault."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "modx-tiny-s4d"  # open_clip name, local-dir:PATH, modx config name or export dir
+    pretrained: str | None = None  # open_clip tag or a local file/directory (never downloaded)
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ReplayConfig:
+    ratio: float | None = None  # share of each batch drawn from the buffer (None: 0, or 0.5 for `replay`)
+    size: int = 1000  # buffer capacity in samples (all processes together)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "modx"  # finetune | modx | distill | ewc | replay | wiseft | joint
+    alpha: float = 20.0  # weight of the Mod-X / distillation KL
+    temperature: float = 1.0  # tau inside the KL (1 = raw cosine similarities, as the reference)
+    cognition_align: bool = True  # Mod-X selective alignment of the old model's wrong rows
+    reduction: str = "sum"  # KL summed over the batch (reference script) or averaged
+    ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
+    ewc_batches: int = 10  # batches used to estimate the diagonal Fisher at each phase end
+    wiseft_alpha: float = 0.5  # weight of the new model when interpolating at a phase end
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class PhaseConfig:
+    name: str = ""
+    train: str = ""  # training shard URLs (brace expansion, `::` joins sources)
+    eval: str = ""  # evaluation shard URLs
+    builtin: str | None = None  # a modx.data.builtin dataset whose shards are built when missing
+    steps: int | None = None  # budget in optimiser steps ...
+    samples: int | None = None  # ... or in training samples (global)
+    lr: float | None = None  # per-phase peak learning rate (default train.lr)
+
+
+@dataclass
+class StreamConfig:
+    phases: list[PhaseConfig] = field(default_factory=list)
+    data_root: str = "data"  # where built-in datasets are built
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # GLOBAL batch per forward pass (split evenly across processes)
+    lr: float = 5.0e-4
+    weight_decay: float = 0.1
+    warmup: float = 0.2  # linear warm-up, fraction of each phase's steps, then cosine to 0
+    ssm_lr: float | None = None  # learning rate of SSM parameters (dt, A, B); None: train.lr
+    precision: str = "fp32"  # fp32 | fp16 | bf16
+    grad_accum: int = 1  # gradient accumulation steps per optimiser step
+    grad_clip: float | None = 1.0  # max global grad norm (None: no clipping)
+    workers: int = 2  # data loader workers per process
+    shuffle: int = 1000  # shuffle buffer of the training stream
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    log_every: int = 10  # optimiser steps between log lines
+    ckpt_every: int = 100  # optimiser steps between checkpoints (and at every phase end)
+    keep_checkpoints: int = 2  # resumable states kept on disk
+    resume: str | None = None  # "latest" or a checkpoint directory
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    project: str = "modx"  # tracker project name
+    progress: bool = True  # tqdm bar on the main process
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    backend: str = "faiss"  # faiss | torch
+    probe: int = 1000  # image-text pairs of the fixed spatial-disorder probe
+    batch_size: int = 128
+    workers: int = 0
+    initial: bool = True  # also evaluate the model before training (phase -1)
+    report: bool = True  # write report.md / report.html at the end
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML `path` (None: all defaults), apply `a.b=value` overrides, build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    cfg = from_dict(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in the nested dict `raw`; list items by index (`stream.phases.0.steps`)."""
+    if "=" not in item:
+        raise ConfigError(item, "overrides are written key=value, e.g. train.lr=1e-3")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(where, f"list index out of range (the list has {len(node)} items)")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(where, "is not a mapping or a list")
+
+
+def from_dict(cls: type, raw: Any, prefix: str) -> Any:
+    """Build dataclass `cls` from mapping `raw`, checking keys and types (messages name the key)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""
+            raise ConfigError(_join(prefix, str(key)), f"unknown key{hint}")
+    values = {name: _coerce(hints[name], raw[name], _join(prefix, name)) for name in raw}
+    return cls(**values)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against annotation `tp` (with friendly number parsing) and convert it."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return [_coerce(item, v, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    raise ConfigError(key, f"unsupported type {tp}")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone cannot (ranges, choices, the shape of the stream)."""
+    from modx.strategies import STRATEGIES  # late import: strategies import this module
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(key, message)
+
+    s, t, e = cfg.strategy, cfg.train, cfg.eval
+    check(s.name in STRATEGIES, "strategy.name", f"unknown strategy {s.name!r}; choose one of {sorted(STRATEGIES)}")
+    check(s.alpha >= 0, "strategy.alpha", "must be >= 0")
+    check(s.temperature > 0, "strategy.temperature", "must be > 0")
+    check(s.reduction in REDUCTIONS, "strategy.reduction", f"choose one of {list(REDUCTIONS)}")
+    check(s.ewc_batches > 0, "strategy.ewc_batches", "must be > 0")
+    check(0.0 <= s.wiseft_alpha <= 1.0, "strategy.wiseft_alpha", "must be in [0, 1]")
+    ratio = s.replay.ratio
+    check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
+    check(s.replay.size > 0, "strategy.replay.size", "must be > 0")
+
+    phases = cfg.stream.phases
+    check(len(phases) > 0, "stream.phases", "the stream needs at least one phase")
+    names = set()
+    for i, p in enumerate(phases):
+        key = f"stream.phases.{i}"
+        if not p.name:
+            p.name = p.builtin or f"phase{i}"
+        check(p.name not in names, f"{key}.name", f"duplicate phase name {p.name!r}")
+        names.add(p.name)
+        check((p.steps is None) != (p.samples is None), key, "give exactly one budget: steps or samples")
+        check(p.steps is None or p.steps > 0, f"{key}.steps", "must be > 0")
+        check(p.samples is None or p.samples > 0, f"{key}.samples", "must be > 0")
+        check(p.lr is None or p.lr > 0, f"{key}.lr", "must be > 0")
+        check(bool(p.train) or p.builtin is not None, f"{key}.train", "give train shard URLs or a builtin dataset")
+        check(bool(p.eval) or p.builtin is not None, f"{key}.eval", "give eval shard URLs or a builtin dataset")
+
+    check(t.batch_size > 0, "train.batch_size", "must be > 0")
+    check(t.lr > 0, "train.lr", "must be > 0")
+    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(0.0 <= t.warmup < 1.0, "train.warmup", "must be in [0, 1)")
+    check(t.ssm_lr is None or t.ssm_lr > 0, "train.ssm_lr", "must be > 0")
+    check(t.precision in PRECISIONS, "train.precision", f"choose one of {list(PRECISIONS)}")
+    check(t.grad_accum > 0, "train.grad_accum", "must be > 0")
+    check(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", "must be > 0 (or null)")
+    check(t.workers >= 0, "train.workers", "must be >= 0")
+    check(t.shuffle >= 0, "train.shuffle", "must be >= 0")
+    check(t.log_every > 0, "train.log_every", "must be > 0")
+    check(t.ckpt_every > 0, "train.ckpt_every", "must be > 0")
+    check(t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+    check(t.tracker in TRACKERS, "train.tracker", f"choose one of {list(TRACKERS)}")
+    check(bool(t.output_dir), "train.output_dir", "must not be empty")
+
+    check(len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of positive integers")
+    check(e.backend in ("faiss", "torch"), "eval.backend", "choose faiss or torch")
+    check(e.probe >= 0, "eval.probe", "must be >= 0")
+    check(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    check(e.workers >= 0, "eval.workers", "must be >= 0")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with load_config)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,32 @@
+"""Continual strategies: one interface (base.Strategy), one small module each, by name."""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+
+from modx.config import StrategyConfig
+from modx.strategies.base import Strategy
+from modx.strategies.ewc import EWC
+from modx.strategies.finetune import Finetune
+from modx.strategies.joint import Joint
+from modx.strategies.modx import Distill, ModX
+from modx.strategies.replay import Replay, ReplayBuffer
+from modx.strategies.wiseft import WiseFT
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint)
+}
+
+
+def build_strategy(cfg: StrategyConfig, accelerator: Accelerator) -> Strategy:
+    return STRATEGIES[cfg.name](cfg, accelerator)
+
+
+def replay_ratio(cfg: StrategyConfig) -> float:
+    """The replay share of each batch: strategy.replay.ratio, else the strategy's default."""
+    if cfg.replay.ratio is not None:
+        return cfg.replay.ratio
+    return STRATEGIES[cfg.name].default_replay_ratio
+
+
+__all__ = ["STRATEGIES", "Strategy", "ReplayBuffer", "build_strategy", "replay_ratio"]

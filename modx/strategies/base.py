@@ -1,0 +1,68 @@
+"""The one interface every continual strategy implements.
+
+The training loop calls, per phase:
+
+    strategy.begin_phase(phase, model, old_model)
+    for each step:  loss, logs = strategy.loss(model, batch, old_model)      # under autocast
+    strategy.end_phase(phase, model, old_model, batches)                    # e.g. EWC Fisher
+
+`model` is the prepared (possibly DistributedDataParallel) model; `old_model` is the frozen
+snapshot that ended the previous phase (None during the first phase). Batches are this
+process's share of the global batch; losses that compare samples gather features across
+processes so the math covers the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from modx.config import StrategyConfig
+from modx.losses import ClipLoss
+
+Batch = dict[str, Any]
+
+
+class Strategy:
+    """Plain contrastive fine-tuning (CLIP_ct); other strategies add terms or hooks."""
+
+    name = "finetune"
+    default_replay_ratio = 0.0
+    joint = False  # train once on every phase's data (the upper bound)
+
+    def __init__(self, cfg: StrategyConfig, accelerator: Accelerator):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.clip_loss = ClipLoss()
+
+    def forward(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return model(batch["image"], batch["text"])
+
+    def contrastive(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CLIP loss over the global batch: (CE_i2t + CE_t2i) / 2."""
+        return self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def loss(
+        self, model: nn.Module, batch: Batch, old_model: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        clip = self.contrastive(self.forward(model, batch))
+        return clip, {"loss_clip": clip.item()}
+
+    def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
+        """Called before the first step of `phase` (also after a resume inside it)."""
+
+    def end_phase(
+        self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]
+    ) -> None:
+        """Called after the last step of `phase`, before the model is snapshotted and evaluated."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state to checkpoint (this process's; saved per rank)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,60 @@
+"""Mod-X (Ni et al., ICML 2023; PAPERS.md section 1).
+
+L = (CE_i2t + CE_t2i) / 2 + alpha * (KL_i2t + KL_t2i) / 2, where the KL terms compare every
+row of the old model's similarity matrix S_o = I_o T_o^T with the new model's S = I T^T
+(softmax(row / tau)), after replacing the rows the old model gets wrong by the new rows
+(selective "cognition" alignment). Both matrices cover the GLOBAL batch: features are
+gathered across processes, with gradients for the new model's (modx.losses.gather_features).
+During the first phase there is no old model and the loss is the plain CLIP loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modx.losses import gather_features, modx_kl
+from modx.strategies.base import Batch, Strategy
+
+
+class ModX(Strategy):
+    name = "modx"
+
+    def loss(
+        self, model: nn.Module, batch: Batch, old_model: nn.Module | None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.forward(model, batch)
+        clip = self.contrastive(out)
+        if old_model is None:
+            return clip, {"loss_clip": clip.item()}
+        with torch.no_grad():
+            old = old_model(batch["image"], batch["text"])
+        img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
+        img_old, txt_old = gather_features(
+            old["image_features"], old["text_features"], gather_with_grad=False
+        )
+        kl = modx_kl(
+            img,
+            txt,
+            img_old,
+            txt_old,
+            temperature=self.cfg.temperature,
+            cognition_align=self.cognition_align,
+            reduction=self.cfg.reduction,
+        )
+        total = clip + self.cfg.alpha * kl
+        return total, {"loss_clip": clip.item(), "loss_kl": kl.item()}
+
+    @property
+    def cognition_align(self) -> bool:
+        return self.cfg.cognition_align
+
+
+class Distill(ModX):
+    """The same KL without selective alignment: every old row is distilled (an ablation)."""
+
+    name = "distill"
+
+    @property
+    def cognition_align(self) -> bool:
+        return False

@@ -1,0 +1,133 @@
+"""The stream as the loop sees it: resolved phases and per-process training batches.
+
+The WebDataset loader is never given to Accelerate (DESIGN.md pitfalls): each process
+builds its own with modx.data.make_loader(rank=..., world_size=...), seeded per process.
+
+Resume. The data stream is cut into *segments*: a segment starts at a phase start or at
+a checkpoint, and its loader is seeded by (train.seed, global step, rank). An uninterrupted
+run rebuilds its loader after every checkpoint too, so a run resumed from a checkpoint
+streams exactly the batches the uninterrupted run streamed after it (same weights at the
+end). The stream position is therefore never stored: reseeding with the step replaces it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modx.config import Config, ConfigError
+
+
+@dataclass
+class Phase:
+    """One phase of the stream with its URLs resolved and its budget in optimiser steps."""
+
+    index: int
+    name: str
+    train: str
+    eval: str
+    steps: int
+    lr: float
+
+
+def resolve_phases(cfg: Config) -> list[Phase]:
+    """Build missing built-in datasets, check that every URL matches shards, count steps.
+
+    Call it on the main process first (accelerator.main_process_first()): building is
+    idempotent, so the other processes then only read the URLs.
+    """
+    from modx.data.urls import DataError, parse_sources
+
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum  # samples per optimiser step
+    phases = []
+    for i, p in enumerate(cfg.stream.phases):
+        train, evaluation = p.train, p.eval
+        if p.builtin is not None:
+            train, evaluation = _builtin_urls(p.builtin, cfg.stream.data_root, i, train, evaluation)
+        for key, urls in (("train", train), ("eval", evaluation)):
+            try:
+                parse_sources(urls)
+            except DataError as err:
+                raise ConfigError(f"stream.phases.{i}.{key}", str(err)) from None
+        steps = p.steps if p.steps is not None else math.ceil(p.samples / global_batch)
+        phases.append(Phase(i, p.name, train, evaluation, steps, p.lr or t.lr))
+    return phases
+
+
+def _builtin_urls(name: str, root: str, i: int, train: str, evaluation: str) -> tuple[str, str]:
+    """The phase's URLs, defaulting to those of built-in dataset `name` (built when missing)."""
+    from modx.data.builtin import BUILTINS, ensure_builtin
+
+    if name not in BUILTINS:
+        raise ConfigError(f"stream.phases.{i}.builtin", f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTINS)}")
+    built_train, built_eval = ensure_builtin(name, root=root)
+    return train or built_train, evaluation or built_eval
+
+
+def joint_phase(phases: list[Phase]) -> list[Phase]:
+    """The `joint` upper bound: one phase over every phase's training data, summed budget."""
+    train = "::".join(p.train for p in phases)
+    steps = sum(p.steps for p in phases)
+    return [Phase(0, "joint", train, phases[-1].eval, steps, phases[0].lr)]
+
+
+def data_seed(seed: int, global_step: int, rank: int) -> int:
+    """Seed of the segment of the stream that starts at `global_step` on process `rank`."""
+    return (seed * 1_000_003 + global_step * 9_973 + rank * 104_729) % (2**31 - 1)
+
+
+def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Callable, *,
+                 global_step: int, rank: int, world_size: int) -> Any:
+    """This process's training loader for `phase`, from the segment starting at `global_step`."""
+    from modx.data import make_loader
+
+    return make_loader(
+        phase.train,
+        mode="train",
+        batch_size=cfg.train.batch_size // world_size,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        workers=cfg.train.workers,
+        seed=data_seed(cfg.train.seed, global_step, rank),
+        rank=rank,
+        world_size=world_size,
+        resampled=True,
+        shuffle=cfg.train.shuffle,
+    )
+
+
+class TimedBatches:
+    """Endless batches from a loader moved to `device`, timing the wait for data."""
+
+    def __init__(self, loader: Any, device: torch.device):
+        self.loader = loader
+        self.device = device
+        self.iterator: Iterator[dict[str, Any]] = iter(loader)
+        self.wait = 0.0  # seconds spent waiting for batches since the last `take_wait`
+
+    def __iter__(self) -> TimedBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            batch = next(self.iterator)
+        except StopIteration:  # a finite stream: start it again
+            self.iterator = iter(self.loader)
+            batch = next(self.iterator)
+        self.wait += time.perf_counter() - start
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def take_wait(self) -> float:
+        wait, self.wait = self.wait, 0.0
+        return wait
+
+    def stats(self) -> dict[str, Any]:
+        stats = getattr(self.loader, "stats", None)
+        return stats.as_dict() if stats is not None else {}

@@ -1,0 +1,248 @@
+"""The continual training loop: phases -> steps -> strategy loss -> backward -> log ->
+checkpoint -> evaluate, with Hugging Face Accelerate (one CPU, one GPU or many).
+
+    accelerate launch train_modx.py --config configs/demo.yaml train.lr=1e-3
+
+Only the model, the optimiser and the scheduler are prepared by Accelerate; every process
+builds its own data loader (modx.train.data). `train.batch_size` is the GLOBAL batch of a
+forward pass, so a config means the same optimisation on any number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from modx.config import Config, ConfigError, save_config, to_dict
+from modx.models import create_model, model_param_groups
+from modx.strategies import ReplayBuffer, build_strategy, replay_ratio
+from modx.train.checkpoint import export_phase, find_latest, load_state, save_state
+from modx.train.data import Phase, TimedBatches, joint_phase, resolve_phases, train_loader
+from modx.train.evaluate import Evaluator
+
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
+MAX_LOGIT_SCALE = math.log(100)  # as open_clip: the learned temperature stays <= 100
+
+
+class PhaseSchedule:
+    """LR factor at a global optimiser step: per phase, linear warm-up over `warmup` of
+    its steps, then cosine decay to 0; scaled by the phase's lr / train.lr."""
+
+    def __init__(self, phases: list[Phase], base_lr: float, warmup: float):
+        self.starts = [sum(p.steps for p in phases[:i]) for i in range(len(phases))]
+        self.steps = [p.steps for p in phases]
+        self.scales = [p.lr / base_lr for p in phases]
+        self.warmup = warmup
+
+    def __call__(self, step: int) -> float:
+        k = max(i for i, start in enumerate(self.starts) if start <= step or i == 0)
+        s, n = step - self.starts[k], self.steps[k]
+        warm = max(1, round(self.warmup * n))
+        if s < warm:
+            return self.scales[k] * (s + 1) / warm
+        progress = min(1.0, (s - warm) / max(1, n - warm))
+        return self.scales[k] * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The old model: a copy that is never optimised (eval mode, no gradients)."""
+    old = copy.deepcopy(model).eval()
+    old.requires_grad_(False)
+    return old
+
+
+def run(cfg: Config, resume: str | None = None) -> Path:
+    """Train `cfg`'s stream; `resume` = "latest" or a state directory. Returns the run dir."""
+    t = cfg.train
+    run_dir = Path(t.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=MIXED_PRECISION[t.precision],
+        gradient_accumulation_steps=t.grad_accum,
+        step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
+        log_with=None if t.tracker == "none" else t.tracker,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    if t.batch_size % world:
+        raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes")
+
+    # ---- the stream, the model, the strategy
+    with accelerator.main_process_first():
+        phases = resolve_phases(cfg)
+    eval_sets = [(p.name, p.eval) for p in phases]
+    strategy = build_strategy(cfg.strategy, accelerator)
+    if strategy.joint:
+        phases = joint_phase(phases)
+
+    set_seed(t.seed)  # the same initial weights on every process
+    model, preprocess_train, preprocess_eval, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = torch.optim.AdamW(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    ratio = replay_ratio(cfg.strategy)
+    replay = ReplayBuffer(max(1, cfg.strategy.replay.size // world), ratio, seed=t.seed + rank) if ratio > 0 else None
+    evaluator = Evaluator(cfg, eval_sets, preprocess_eval, tokenizer, run_dir, accelerator.device)
+
+    # ---- a fresh start, or the state of a killed run
+    start_phase, start_step, global_step, old_model = 0, 0, 0, None
+    state_path = _resume_path(resume or t.resume, ckpt_dir)
+    if state_path is not None:
+        trainer_state, strategy_state = load_state(accelerator, state_path)
+        start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
+        strategy.load_state_dict(strategy_state["strategy"])
+        if replay is not None and strategy_state.get("replay"):
+            replay.load_state_dict(strategy_state["replay"])
+        if start_phase > 0:  # the old model is the export that ended the previous phase
+            old_model = frozen_copy(create_model(str(ckpt_dir / f"phase-{start_phase - 1}"))[0]).to(accelerator.device)
+        accelerator.print(f"resuming {state_path} at phase {start_phase} step {start_step} (global step {global_step})")
+        if main:
+            evaluator.forget_from(start_phase)
+    elif main:
+        if find_latest(ckpt_dir) is not None:
+            print(f"note: {run_dir} holds an earlier run; starting over (pass --resume to continue it)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        evaluator.reset()
+        save_config(cfg, run_dir / "config.yaml")
+        if cfg.eval.initial:
+            evaluator.evaluate(accelerator.unwrap_model(model), -1, "initial", 0)
+        export_phase(accelerator.unwrap_model(model), ckpt_dir / "initial")
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers(t.project, config=_flat_hparams(to_dict(cfg)))
+
+    total_steps = sum(p.steps for p in phases)
+    progress = tqdm(total=total_steps, initial=global_step, disable=not (main and t.progress), desc="train")
+    for phase in phases[start_phase:]:
+        first_step = start_step if phase.index == start_phase else 0
+        if first_step == 0:
+            optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
+        strategy.begin_phase(phase.index, model, old_model)
+        batches = _segment(cfg, phase, preprocess_train, tokenizer, global_step, accelerator)
+        sums: dict[str, float] = {}  # loss terms summed since the last log line
+        logged, seen, tick = 0, 0, time.perf_counter()  # steps, samples, time since then
+
+        for step in range(first_step, phase.steps):
+            # ---- one optimiser step = grad_accum micro-batches of the global batch
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                if replay is not None:
+                    fresh, batch = batch, replay.mix(batch, phase.index)
+                    replay.add(fresh, phase.index)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, terms = strategy.loss(model, batch, old_model)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.grad_clip is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": loss.item(), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+            scheduler.step()
+            with torch.no_grad():
+                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+            global_step += 1
+            logged, seen = logged + 1, seen + t.batch_size * t.grad_accum
+            progress.update(1)
+
+            # ---- log
+            if global_step % t.log_every == 0 or step + 1 == phase.steps:
+                elapsed = time.perf_counter() - tick
+                logs = {k: v / logged for k, v in sums.items()}
+                logs.update(
+                    lr=scheduler.get_last_lr()[0],
+                    logit_scale=accelerator.unwrap_model(model).logit_scale.exp().item(),
+                    samples_per_s=seen / elapsed,
+                    data_wait=batches.take_wait() / elapsed,
+                    skipped=batches.stats().get("skipped", 0),
+                    phase=phase.index,
+                )
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(phase=phase.name, loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.0f}")
+                sums, logged, seen, tick = {}, 0, 0, time.perf_counter()
+
+            # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
+            if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
+                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, strategy, replay, t.keep_checkpoints)
+                batches = _segment(cfg, phase, preprocess_train, tokenizer, global_step, accelerator)
+
+        # ---- phase end: strategy hook, export, evaluate, snapshot the old model
+        strategy.end_phase(phase.index, model, old_model, batches)
+        net = accelerator.unwrap_model(model)
+        if main:
+            export_phase(net, ckpt_dir / f"phase-{phase.index}")
+            row = evaluator.evaluate(net, phase.index, phase.name, global_step)
+            progress.write(f"after phase {phase.index} ({phase.name}): " + "  ".join(
+                f"{name} {m['mean_recall']:.1f}" for name, m in row.items()) + "  (mean recall, %)")
+        accelerator.wait_for_everyone()
+        old_model = frozen_copy(net)
+        _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, strategy, replay, t.keep_checkpoints)
+
+    progress.close()
+    if main:
+        evaluator.finish()
+    accelerator.end_training()
+    return run_dir
+
+
+def _segment(
+    cfg: Config, phase: Phase, preprocess: object, tokenizer: object, global_step: int, accelerator: Accelerator
+) -> TimedBatches:
+    loader = train_loader(
+        cfg, phase, preprocess, tokenizer,
+        global_step=global_step, rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    return TimedBatches(loader, accelerator.device)
+
+
+def _checkpoint(
+    accelerator: Accelerator,
+    ckpt_dir: Path,
+    phase: int,
+    phase_step: int,
+    global_step: int,
+    strategy: object,
+    replay: ReplayBuffer | None,
+    keep: int,
+) -> None:
+    trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": global_step}
+    strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
+    save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
+
+
+def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "latest":
+        path = find_latest(ckpt_dir)
+        if path is None:
+            print(f"note: nothing to resume under {ckpt_dir}; starting a fresh run")
+        return path
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError("train.resume", f"{path} is not a modx checkpoint (no trainer_state.json)")
+    return path
+
+
+def _flat_hparams(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Flatten the config for the trackers (TensorBoard accepts only scalars and strings)."""
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_hparams(v, f"{key}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out

@@ -1,0 +1,125 @@
+"""modx.config: YAML + dotted overrides -> typed, validated Config; errors name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modx.config import Config, ConfigError, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = {
+    "model": {"arch": "modx-tiny-s4d"},
+    "strategy": {"name": "modx", "alpha": 20.0},
+    "stream": {"phases": [
+        {"name": "a", "train": "data/a/train-{000000..000001}.tar", "eval": "data/a/test-000000.tar", "steps": 10},
+        {"name": "b", "builtin": "digits", "samples": 640, "lr": 1.0e-4},
+    ]},
+    "train": {"batch_size": 8, "output_dir": "runs/x"},
+    "eval": {"ks": [1, 5]},
+}
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_yaml_and_overrides_build_typed_config(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.lr=1e-3", "stream.phases.0.steps=20", "strategy.cognition_align=false"])
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == pytest.approx(1e-3) and isinstance(cfg.train.lr, float)  # '1e-3' is a YAML string
+    assert cfg.stream.phases[0].steps == 20
+    assert cfg.stream.phases[1].samples == 640 and cfg.stream.phases[1].lr == pytest.approx(1e-4)
+    assert cfg.strategy.cognition_align is False
+    assert cfg.strategy.reduction == "sum" and cfg.strategy.temperature == 1.0  # reference defaults
+    assert cfg.eval.ks == [1, 5]
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["strategy.replay.ratio=0.25"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["train.bach_size=8"], "train.bach_size"),  # unknown key
+        (["train.batch_size=eight"], "train.batch_size"),  # wrong type
+        (["train.batch_size=8.5"], "train.batch_size"),
+        (["strategy.cognition_align=maybe"], "strategy.cognition_align"),
+        (["train.precision=fp8"], "train.precision"),
+        (["strategy.name=magic"], "strategy.name"),
+        (["stream.phases.0.samples=100"], "stream.phases.0"),  # two budgets
+        (["stream.phases.5.steps=1"], "stream.phases.5"),
+        (["eval.ks=3"], "eval.ks"),
+        (["notakey=1"], "notakey"),
+        (["train.warmup=1.5"], "train.warmup"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, BASE), overrides)
+    assert info.value.key == key
+    assert f"'{key}'" in str(info.value)
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
+        load_config(write(tmp_path, BASE), ["train.bach_size=8"])
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_are_valid():
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert any(p.name == "demo.yaml" for p in paths)
+    for path in paths:
+        load_config(path)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train_modx.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    proc = run_cli("--config", str(write(tmp_path, BASE)), "train.bach_size=3", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "train.bach_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_missing_config_file_exits_2(tmp_path):
+    proc = run_cli("--config", str(tmp_path / "missing.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "--config" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_no_shards_matched_exits_2_naming_the_phase(tmp_path):
+    tree = {**BASE, "stream": {"phases": [{"name": "a", "train": str(tmp_path / "none-{0..3}.tar"),
+                                           "eval": str(tmp_path / "none-0.tar"), "steps": 2}]},
+            "train": {"output_dir": str(tmp_path / "run"), "tracker": "none"}}
+    proc = run_cli("--config", str(write(tmp_path, tree)), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "stream.phases.0.train" in proc.stderr and "no shards matched" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_print_config_resolves_the_demo(tmp_path):
+    proc = run_cli("--print-config", "train.lr=0.002", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    tree = yaml.safe_load(proc.stdout)
+    assert tree["strategy"]["name"] == "modx" and tree["train"]["lr"] == 0.002
+    assert set(tree) == {"model", "strategy", "stream", "train", "eval"}
