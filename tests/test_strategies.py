@@ -1,0 +1,143 @@
+"""modx.strategies: each strategy's loss and phase hooks on a tiny CLIP-shaped model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from modx.config import StrategyConfig
+from modx.losses import clip_loss, modx_kl
+from modx.strategies import STRATEGIES, ReplayBuffer, build_strategy, replay_ratio
+
+
+class TinyClip(nn.Module):
+    """open_clip-shaped: forward(image, text) -> normalised features + exp'd logit scale."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.visual = nn.Linear(12, 8)
+        self.text = nn.EmbeddingBag(50, 8)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "image_features": F.normalize(self.visual(image.flatten(1)), dim=-1),
+            "text_features": F.normalize(self.text(text), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+
+
+@pytest.fixture(scope="module")
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=True)
+
+
+def batch(seed: int, n: int = 6) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, 2, 2, generator=g), "text": torch.randint(50, (n, 4), generator=g),
+            "key": [str(i) for i in range(n)]}
+
+
+def test_registry_has_every_strategy():
+    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint"}
+
+
+def test_finetune_is_the_clip_loss(accelerator):
+    model, b = TinyClip(), batch(0)
+    loss, logs = build_strategy(StrategyConfig(name="finetune"), accelerator).loss(model, b, None)
+    out = model(b["image"], b["text"])
+    assert loss.item() == pytest.approx(clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).item())
+    assert logs["loss_clip"] == pytest.approx(loss.item())
+
+
+def test_modx_first_phase_is_plain_clip_then_adds_alpha_kl(accelerator):
+    model, old, b = TinyClip(0), TinyClip(1).eval(), batch(1)
+    strategy = build_strategy(StrategyConfig(name="modx", alpha=20.0), accelerator)
+    first, logs = strategy.loss(model, b, None)
+    assert "loss_kl" not in logs
+    loss, logs = strategy.loss(model, b, old)
+    out, out_old = model(b["image"], b["text"]), old(b["image"], b["text"])
+    kl = modx_kl(out["image_features"], out["text_features"], out_old["image_features"], out_old["text_features"])
+    assert logs["loss_kl"] == pytest.approx(kl.item())
+    assert loss.item() == pytest.approx(first.item() + 20.0 * kl.item(), rel=1e-5)
+
+
+def test_modx_gradient_never_reaches_the_old_model(accelerator):
+    model, old = TinyClip(0), TinyClip(1).eval().requires_grad_(False)
+    loss, _ = build_strategy(StrategyConfig(name="modx"), accelerator).loss(model, batch(2), old)
+    loss.backward()
+    assert all(p.grad is None for p in old.parameters())
+    assert model.visual.weight.grad is not None
+
+
+def test_distill_aligns_every_row_unlike_modx(accelerator):
+    model, old, b = TinyClip(0), TinyClip(1).eval(), batch(3, n=12)  # a random old model is often wrong
+    modx_loss = build_strategy(StrategyConfig(name="modx"), accelerator).loss(model, b, old)[1]["loss_kl"]
+    distill = build_strategy(StrategyConfig(name="distill", cognition_align=True), accelerator)
+    distill_loss = distill.loss(model, b, old)[1]["loss_kl"]
+    out, out_old = model(b["image"], b["text"]), old(b["image"], b["text"])
+    full = modx_kl(out["image_features"], out["text_features"], out_old["image_features"],
+                   out_old["text_features"], cognition_align=False)
+    assert distill_loss == pytest.approx(full.item())
+    assert distill_loss > modx_loss
+
+
+def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(accelerator):
+    model = TinyClip()
+    strategy = build_strategy(StrategyConfig(name="ewc", ewc_lambda=10.0, ewc_batches=3), accelerator)
+    strategy.end_phase(0, model, None, iter([batch(i) for i in range(5)]))
+    assert set(strategy.fisher) == {n for n, _ in model.named_parameters()}
+    flat = torch.cat([f.flatten() for f in strategy.fisher.values()])
+    assert flat.mean().item() == pytest.approx(1.0, rel=1e-4) and (flat >= 0).all()
+    assert strategy.penalty(model).item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        model.visual.weight.add_(0.1)
+    loss, logs = strategy.loss(model, batch(9), None)
+    assert logs["loss_ewc"] > 0
+    assert loss.item() == pytest.approx(logs["loss_clip"] + 5.0 * logs["loss_ewc"], rel=1e-5)
+    restored = build_strategy(StrategyConfig(name="ewc"), accelerator)
+    restored.load_state_dict(copy.deepcopy(strategy.state_dict()))
+    assert restored.penalty(model).item() == pytest.approx(strategy.penalty(model).item())
+
+
+def test_wiseft_interpolates_with_the_old_model(accelerator):
+    model, old = TinyClip(0), TinyClip(1)
+    new_weight = model.visual.weight.detach().clone()
+    strategy = build_strategy(StrategyConfig(name="wiseft", wiseft_alpha=0.25), accelerator)
+    strategy.end_phase(0, model, None, [])  # first phase: no old model, unchanged
+    assert torch.equal(model.visual.weight, new_weight)
+    strategy.end_phase(1, model, old, [])
+    assert torch.allclose(model.visual.weight, 0.75 * old.visual.weight + 0.25 * new_weight)
+
+
+def test_replay_ratio_defaults():
+    assert replay_ratio(StrategyConfig(name="replay")) == 0.5
+    assert replay_ratio(StrategyConfig(name="modx")) == 0.0
+    cfg = StrategyConfig(name="modx")
+    cfg.replay.ratio = 0.25
+    assert replay_ratio(cfg) == 0.25
+
+
+def test_replay_buffer_mixes_only_earlier_phases_and_stays_bounded():
+    buf = ReplayBuffer(capacity=10, ratio=0.5, seed=0)
+    first = batch(0, n=8)
+    assert buf.mix(first, 0) is first  # empty buffer
+    for i in range(5):
+        buf.add(batch(i, n=8), phase=0)
+    assert buf.seen == 40 and len(buf.image) == 10
+    assert buf.mix(batch(7, n=8), 0)["key"] == batch(7, n=8)["key"]  # phase 0 sees nothing earlier
+    mixed = buf.mix(batch(7, n=8), 1)
+    assert mixed["image"].shape == (8, 3, 2, 2) and mixed["text"].shape == (8, 4)
+    assert mixed["key"][4:] == ["replay"] * 4
+    assert torch.equal(mixed["image"][:4], batch(7, n=8)["image"][:4])
+    stored = {tuple(x.flatten().tolist()) for x in buf.image}
+    assert all(tuple(x.flatten().tolist()) in stored for x in mixed["image"][4:])
+    again = ReplayBuffer(capacity=10, ratio=0.5)
+    again.load_state_dict(buf.state_dict())
+    assert torch.equal(again.mix(batch(7, n=8), 1)["image"], buf.mix(batch(7, n=8), 1)["image"])
