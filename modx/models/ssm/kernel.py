@@ -1,0 +1,131 @@
+"""Diagonal SSM convolution kernels, FFT convolution and a recurrent reference.
+
+PAPERS.md section 3 (S4D): with dA, dB the discretised diagonal state matrix and input
+vector, the length-L kernel is the Vandermonde product
+
+    K[h, l] = sum_n C[h, n] dB[h, n] dA[h, n]^l,   l = 0..L-1,
+
+taken as 2 Re(...) when the N' modes stand for conjugate pairs, Re(...) otherwise.
+The math is in `discretize` and `vandermonde`; `ssm_kernel` only adds the blocking that
+avoids materialising (H, N', L) for long L.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DISCS = ("zoh", "bilinear")
+_BLOCK_ELEMS = 1 << 22  # above this many (H, N', L) entries the kernel is blocked
+
+
+def discretize(
+    A: Tensor, B: Tensor, dt: Tensor, disc: str = "zoh"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Discretise x' = A x + B u with step dt (PAPERS.md 3). A, B (..., N), dt broadcastable.
+
+    ZOH: dA = exp(dt A), dB = (exp(dt A) - 1) / A * B.
+    Bilinear: dA = (1 + dt A/2) / (1 - dt A/2), dB = dt / (1 - dt A/2) * B.
+    Returns (dA, dB, log dA); log dA = dt A exactly for ZOH (no branch cut).
+    """
+    dtA = dt * A
+    if disc == "zoh":
+        dA = torch.exp(dtA)
+        return dA, (dA - 1) / A * B, dtA
+    if disc == "bilinear":
+        denom = 1 - dtA / 2
+        dA = (1 + dtA / 2) / denom
+        return dA, dt / denom * B, torch.log(dA)
+    raise ValueError(f"unknown discretisation {disc!r}; choose one of {DISCS}")
+
+
+def vandermonde(CB: Tensor, log_dA: Tensor, L: int) -> Tensor:
+    """sum_n CB[..., h, n] exp(l log_dA[h, n]) for l < L -> complex (..., H, L)."""
+    pos = torch.arange(L, device=log_dA.device, dtype=log_dA.real.dtype)
+    Z = torch.exp(log_dA.unsqueeze(-1) * pos)  # (H, N', L)
+    return torch.einsum("...hn,hnl->...hl", CB, Z)
+
+
+def vandermonde_blocked(CB: Tensor, log_dA: Tensor, L: int) -> Tensor:
+    """The same product, blocked: l = j M + r, dA^l = (dA^M)^j dA^r, so that only
+    (H, N', J) and (H, N', M) with J M >= L are materialised (J, M ~ sqrt(L))."""
+    M = max(1, int(L**0.5))
+    J = -(-L // M)
+    r = torch.arange(M, device=log_dA.device, dtype=log_dA.real.dtype)
+    j = torch.arange(J, device=log_dA.device, dtype=log_dA.real.dtype) * M
+    inner = torch.exp(log_dA.unsqueeze(-1) * r)  # (H, N', M)
+    outer = torch.exp(log_dA.unsqueeze(-1) * j)  # (H, N', J)
+    K = torch.einsum("...hn,hnj,hnm->...hjm", CB, outer, inner)  # (..., H, J, M)
+    return K.flatten(-2)[..., :L]
+
+
+def ssm_kernel(
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    dt: Tensor,
+    L: int,
+    disc: str = "zoh",
+    conj_sym: bool = True,
+) -> Tensor:
+    """Real SSM convolution kernel (H, L) of a diagonal SSM (PAPERS.md 3, "Kernel").
+
+    A, B (H, N') complex; C (H, N') or (..., H, N') complex (leading dims, e.g. the two
+    directions of a bidirectional layer, give (..., H, L)); dt (H,) positive.
+    conj_sym=True: K = 2 Re(sum over the N' modes), which stand for 2 N' states in
+    conjugate pairs; conj_sym=False: K = Re(sum), all modes given explicitly.
+    """
+    dA, dB, log_dA = discretize(A, B, dt.unsqueeze(-1), disc)  # (H, N')
+    CB = C * dB  # (..., H, N')
+    H, N = log_dA.shape
+    product = vandermonde if H * N * L <= _BLOCK_ELEMS else vandermonde_blocked
+    K = product(CB, log_dA, L).real  # (..., H, L)
+    return 2 * K if conj_sym else K
+
+
+def dss_kernel(A: Tensor, C: Tensor, dt: Tensor, L: int, conj_sym: bool = True) -> Tensor:
+    """DSS-softmax kernel (Gupta et al. 2022; PAPERS.md 3, "DSS").
+
+    K[h, l] = sum_n C[h, n] / A[h, n] * softmax_l(A[h, n] dt[h] l), the softmax over
+    l = 0..L-1 taken on complex numbers: it normalises exp(A dt l) by its sum, so any real
+    part of A gives a bounded kernel (no real-part transform needed). A, C (H, N') -> (H, L).
+    """
+    pos = torch.arange(L, device=A.device, dtype=A.real.dtype)
+    P = (dt.unsqueeze(-1) * A).unsqueeze(-1) * pos  # (H, N', L)
+    P = P - P.real.amax(dim=-1, keepdim=True)  # stabilise: largest real part -> 0
+    S = torch.exp(P)
+    S = S / S.sum(dim=-1, keepdim=True)
+    K = torch.einsum("...hn,hnl->...hl", C / A, S).real
+    return 2 * K if conj_sym else K
+
+
+def fft_conv(u: Tensor, K: Tensor, D: Tensor | None = None) -> Tensor:
+    """Causal convolution y[b, t, h] = sum_{s<=t} K[h, t-s] u[b, s, h] (+ D[h] u[b, t, h]).
+
+    u (B, L, H), K (H, L) -> (B, L, H). FFT of length 2L, so nothing wraps around.
+    For a bidirectional kernel pass K (2, H, L): forward and backward (anti-causal) halves;
+    y[t] then also gets sum_{s>t} K[1, h, s-t-1] u[s].
+    """
+    L = u.shape[1]
+    if K.dim() == 3:  # (2, H, L): place the backward kernel at negative lags (circularly)
+        K = torch.nn.functional.pad(K[0], (0, L)) + torch.nn.functional.pad(K[1].flip(-1), (L, 0))
+    n = 2 * L
+    u_f = torch.fft.rfft(u, n=n, dim=1)  # (B, L+1, H)
+    k_f = torch.fft.rfft(K, n=n, dim=-1).transpose(0, 1)  # (L+1, H)
+    y = torch.fft.irfft(u_f * k_f, n=n, dim=1)[:, :L]  # (B, L, H)
+    return y if D is None else y + u * D
+
+
+def ssm_recurrence(
+    A: Tensor, B: Tensor, C: Tensor, dt: Tensor, u: Tensor, disc: str = "zoh", conj_sym: bool = True
+) -> Tensor:
+    """Reference: step the diagonal SSM x_t = dA x_{t-1} + dB u_t, y_t = Re(C x_t), one step a
+    Python iteration (for tests; slow). u (B, L, H) real, A, B, C (H, N') -> y (B, L, H)."""
+    dA, dB, _ = discretize(A, B, dt.unsqueeze(-1), disc)  # (H, N')
+    x = torch.zeros(u.shape[0], *dA.shape, dtype=dA.dtype, device=u.device)  # (B, H, N')
+    ys = []
+    for t in range(u.shape[1]):
+        x = dA * x + dB * u[:, t, :, None]
+        ys.append((C * x).sum(-1).real)  # (B, H)
+    y = torch.stack(ys, dim=1)
+    return 2 * y if conj_sym else y

@@ -1,0 +1,315 @@
+"""S4D and S5 layers: batch-first (B, L, H) -> (B, L, H) modules around the pure functions
+of kernel.py. SSM parameters (dt, A, B) carry `_modx_ssm = True` so that optimisers can give
+them their own learning rate and no weight decay (`ssm_param_groups`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .hippo import nplr
+from .init import INITS, ptd_init
+from .init import diagonal_init as _diagonal_init
+from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
+
+TRANSFORMS = ("exp", "relu", "softplus", "none")
+_MIN_DECAY = 1e-4
+
+
+def _tag(p: nn.Parameter, lr: float | None) -> nn.Parameter:
+    p._modx_ssm = True
+    if lr is not None:
+        p._modx_ssm_lr = lr
+    return p
+
+
+def _real_param(re: Tensor, transform: str) -> Tensor:
+    """Inverse of `_real_part`: the parameter that gives the (negative) real parts `re`."""
+    decay = (-re).clamp_min(_MIN_DECAY)
+    if transform == "exp":
+        return decay.log()
+    if transform == "relu":
+        return decay
+    if transform == "softplus":
+        return torch.log(torch.expm1(decay))
+    if transform == "none":
+        return -decay
+    raise ValueError(f"unknown real-part transform {transform!r}; choose one of {TRANSFORMS}")
+
+
+def _real_part(p: Tensor, transform: str) -> Tensor:
+    """Re(A) < 0 from its parameter (PAPERS.md 3): -exp(p), -relu(p), -softplus(p), or p clamped."""
+    if transform == "exp":
+        return -torch.exp(p)
+    if transform == "relu":
+        return -torch.relu(p).clamp_min(_MIN_DECAY)
+    if transform == "softplus":
+        return -nn.functional.softplus(p)
+    return p.clamp_max(-_MIN_DECAY)
+
+
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """float64 parameters compute in float64 (tests); anything else in float32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _log_uniform(n: int, lo: float, hi: float) -> Tensor:
+    return torch.rand(n) * (math.log(hi) - math.log(lo)) + math.log(lo)
+
+
+def _activation(name: str) -> nn.Module:
+    acts = {"gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
+    if name not in acts:
+        raise ValueError(f"unknown activation {name!r}; choose one of {tuple(acts)}")
+    return acts[name]()
+
+
+def _output(name: str, H: int) -> nn.Module:
+    """Position-wise output projection: 'glu' (linear to 2H, then GLU, as the S4D reference),
+    'linear', or 'none'."""
+    if name == "glu":
+        return nn.Sequential(nn.Linear(H, 2 * H), nn.GLU(dim=-1))
+    if name == "linear":
+        return nn.Linear(H, H)
+    if name == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown output {name!r}; choose 'glu', 'linear' or 'none'")
+
+
+class _SSMBase(nn.Module):
+    def ssm_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters (dt, A, B) that want their own learning rate and no weight decay."""
+        return (p for p in self.parameters() if getattr(p, "_modx_ssm", False))
+
+
+class S4D(_SSMBase):
+    """Diagonal state space layer (Gu et al. 2022; PAPERS.md 3), H independent channels.
+
+    y = act(causal_conv(u, K) + D u) -> dropout -> output projection, with K = ssm_kernel
+    (or dss_kernel for init="dss"). bidirectional=True adds an anti-causal kernel with its own
+    C (shared A, B, dt) so every position sees the whole sequence. init: a name of
+    modx.models.ssm.init.diagonal_init; "ptd"/"ptd-random" keep all d_state modes.
+    Kernel and FFT run in float32 (float64 if the parameters are) with autocast disabled.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        init: str = "legs",
+        disc: str = "zoh",
+        bidirectional: bool = False,
+        transform: str = "exp",
+        dropout: float = 0.0,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        lr: float | None = None,
+        activation: str = "gelu",
+        output: str = "glu",
+    ) -> None:
+        super().__init__()
+        if init not in INITS:
+            raise ValueError(f"unknown S4D init {init!r}; choose one of {INITS}")
+        if transform not in TRANSFORMS:
+            raise ValueError(
+                f"unknown real-part transform {transform!r}; choose one of {TRANSFORMS}"
+            )
+        H = d_model
+        self.d_model, self.d_state, self.init, self.disc = H, d_state, init, disc
+        self.bidirectional = bidirectional
+        self.conj_sym = not init.startswith("ptd")
+        self.transform = "none" if init == "dss" else transform
+        A, B = (torch.as_tensor(x) for x in _diagonal_init(init, d_state))  # (N',) complex128
+        A, B = A.repeat(H, 1), B.repeat(H, 1)  # (H, N')
+        n_modes = A.shape[-1]
+        self.log_dt = _tag(nn.Parameter(_log_uniform(H, dt_min, dt_max)), lr)  # (H,)
+        if init == "dss":
+            self.A_re = _tag(nn.Parameter(A.real.float()), lr)  # raw real parts, no transform
+        else:
+            self.A_re = _tag(nn.Parameter(_real_param(A.real, self.transform).float()), lr)
+        self.A_im = _tag(nn.Parameter(A.imag.float()), lr)  # (H, N')
+        self.B = _tag(nn.Parameter(torch.view_as_real(B).float()), lr)  # (H, N', 2)
+        n_dir = 2 if bidirectional else 1
+        C = torch.randn(n_dir, H, n_modes, dtype=torch.complex64)  # E|C|^2 = 1
+        self.C = nn.Parameter(torch.view_as_real(C))  # (dirs, H, N', 2)
+        self.D = nn.Parameter(torch.randn(H))
+        self.activation = _activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.output = _output(output, H)
+
+    def ssm(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(A, B, C, dt) of the diagonal SSM: A, B (H, N'), C (dirs, H, N') complex, dt (H,)."""
+        dtype = _compute_dtype(self.A_re)
+        A_re = (
+            self.A_re.to(dtype)
+            if self.init == "dss"
+            else _real_part(self.A_re.to(dtype), self.transform)
+        )
+        A = torch.complex(A_re, self.A_im.to(dtype))
+        B = torch.view_as_complex(self.B.to(dtype))
+        C = torch.view_as_complex(self.C.to(dtype))
+        return A, B, C, torch.exp(self.log_dt.to(dtype))
+
+    def kernel(self, L: int) -> Tensor:
+        """Convolution kernel (dirs, H, L)."""
+        A, B, C, dt = self.ssm()
+        if self.init == "dss":
+            return dss_kernel(A, C * B, dt, L, conj_sym=self.conj_sym)
+        return ssm_kernel(A, B, C, dt, L, disc=self.disc, conj_sym=self.conj_sym)
+
+    def forward(self, u: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            K = self.kernel(u.shape[1])  # (dirs, H, L)
+            D = self.D.to(K.dtype)
+            y = fft_conv(u.to(K.dtype), K if self.bidirectional else K[0], D)  # (B, L, H)
+        y = self.dropout(self.activation(y.to(u.dtype)))
+        return self.output(y)
+
+
+def linear_scan(log_dA: Tensor, b: Tensor) -> Tensor:
+    """x_t = dA x_{t-1} + b_t (x_{-1} = 0) along dim 1 by log-depth doubling (Hillis-Steele).
+
+    The S5 associative scan (Smith et al. 2023) with a time-invariant dA = exp(log_dA):
+    after the step with offset d, b_t holds sum_{k<2d} dA^k b_{t-k}; ceil(log2 L) steps, each
+    one vectorised elementwise update. log_dA (P,), b (B, L, P) complex -> x (B, L, P).
+    """
+    L, d = b.shape[1], 1
+    while d < L:
+        a_d = torch.exp(log_dA * d)  # dA^d (P,)
+        b = torch.cat([b[:, :d], b[:, d:] + a_d * b[:, :-d]], dim=1)
+        d *= 2
+    return b
+
+
+def sequential_scan(log_dA: Tensor, b: Tensor) -> Tensor:
+    """Reference for `linear_scan`: one Python step per time index (tests only)."""
+    dA = torch.exp(log_dA)
+    x = torch.zeros_like(b[:, 0])
+    xs = []
+    for t in range(b.shape[1]):
+        x = dA * x + b[:, t]
+        xs.append(x)
+    return torch.stack(xs, dim=1)
+
+
+def _block_diag_init(init: str, P: int, blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S5 init (PAPERS.md 5): Lambda (P',), V (P, P'), Vinv (P', P) from `blocks` copies of the
+    HiPPO-N (normal part of LegS) or PTD eigen-decomposition of a (P/blocks)-state block."""
+    if P % blocks:
+        raise ValueError(f"S5 d_state {P} must be divisible by blocks {blocks}")
+    Pb = P // blocks
+    if init in ("legs", "hippo-n"):
+        W, V, _, _ = nplr("legs", Pb)  # (Pb/2,), (Pb, Pb/2), V^* V = I
+        Vinv = V.conj().T
+    elif init in ("ptd", "ptd-random"):
+        W, V, Vinv, _ = ptd_init("legs", Pb, method="opt" if init == "ptd" else "random")
+    else:
+        raise ValueError(f"unknown S5 init {init!r}; choose 'legs' (HiPPO-N) or 'ptd'")
+    return (
+        np.tile(W, blocks),
+        np.kron(np.eye(blocks), V),
+        np.kron(np.eye(blocks), Vinv),
+    )
+
+
+class S5(_SSMBase):
+    """Multi-input multi-output diagonal SSM (Smith et al. 2023; PAPERS.md 5).
+
+    x_t = dA x_{t-1} + dB u_t (state P' complex), y_t = Re(C~ x_t) (x2 with conjugate pairs)
+    + D u_t, computed with `linear_scan`; then activation, dropout, output projection.
+    Lambda from block-diagonal HiPPO-N (init="legs") or PTD, B~ = V^{-1} B, C~ = C V, one dt
+    per state. bidirectional=True adds a reverse-time scan with its own C~.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        init: str = "legs",
+        blocks: int = 1,
+        disc: str = "zoh",
+        bidirectional: bool = False,
+        transform: str = "none",
+        dropout: float = 0.0,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        lr: float | None = None,
+        activation: str = "gelu",
+        output: str = "glu",
+    ) -> None:
+        super().__init__()
+        if transform not in TRANSFORMS:
+            raise ValueError(
+                f"unknown real-part transform {transform!r}; choose one of {TRANSFORMS}"
+            )
+        H, P = d_model, d_state
+        self.d_model, self.d_state, self.init, self.disc = H, P, init, disc
+        self.bidirectional, self.transform = bidirectional, transform
+        self.conj_sym = not init.startswith("ptd")
+        Lam, V, Vinv = (torch.as_tensor(x) for x in _block_diag_init(init, P, blocks))
+        n_modes = Lam.shape[0]
+        B = torch.randn(P, H, dtype=torch.float64) / math.sqrt(H)  # lecun normal
+        n_dir = 2 if bidirectional else 1
+        C = torch.randn(n_dir, H, P, dtype=torch.float64) / math.sqrt(P)
+        self.Lambda_re = _tag(nn.Parameter(_real_param(Lam.real, transform).float()), lr)  # (P',)
+        self.Lambda_im = _tag(nn.Parameter(Lam.imag.float()), lr)
+        self.log_dt = _tag(nn.Parameter(_log_uniform(n_modes, dt_min, dt_max)), lr)  # (P',)
+        self.B = _tag(
+            nn.Parameter(torch.view_as_real(Vinv @ B.to(Vinv.dtype)).float()), lr
+        )  # (P', H, 2)
+        self.C = nn.Parameter(torch.view_as_real(C.to(V.dtype) @ V).float())  # (dirs, H, P', 2)
+        self.D = nn.Parameter(torch.randn(H))
+        self.activation = _activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.output = _output(output, H)
+
+    def ssm(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Discretised (log dA (P',), dA (P',), dB (P', H), C~ (dirs, H, P')), complex."""
+        dtype = _compute_dtype(self.Lambda_re)
+        Lam = torch.complex(
+            _real_part(self.Lambda_re.to(dtype), self.transform), self.Lambda_im.to(dtype)
+        )
+        B = torch.view_as_complex(self.B.to(dtype))
+        dt = torch.exp(self.log_dt.to(dtype))
+        dA, dB, log_dA = discretize(Lam[:, None], B, dt[:, None], self.disc)  # (P', 1), (P', H)
+        return log_dA[:, 0], dA[:, 0], dB, torch.view_as_complex(self.C.to(dtype))
+
+    def forward(self, u: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            log_dA, _, dB, C = self.ssm()
+            v = u.to(dB.real.dtype)
+            Bu = torch.complex(v @ dB.real.T, v @ dB.imag.T)  # (B, L, P')
+            x = linear_scan(log_dA, Bu)  # (B, L, P')
+            y = x.real @ C[0].real.T - x.imag @ C[0].imag.T  # Re(x C~^T) (B, L, H)
+            if self.bidirectional:
+                xb = linear_scan(log_dA, Bu.flip(1)).flip(1)
+                y = y + xb.real @ C[1].real.T - xb.imag @ C[1].imag.T
+            y = (2 * y if self.conj_sym else y) + v * self.D.to(v.dtype)
+        y = self.dropout(self.activation(y.to(u.dtype)))
+        return self.output(y)
+
+
+def ssm_param_groups(
+    module: nn.Module, lr: float, weight_decay: float, ssm_lr: float | None = None
+) -> list[dict]:
+    """AdamW parameter groups: everything else at (lr, weight_decay); parameters tagged
+    `_modx_ssm` with weight decay 0 and the learning rate their layer was given (`lr=`), else
+    `ssm_lr`, else min(lr, 1e-3) (PAPERS.md 3, "Optimisation")."""
+    default_ssm_lr = ssm_lr if ssm_lr is not None else min(lr, 1e-3)
+    rest: list[nn.Parameter] = []
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "_modx_ssm", False):
+            by_lr.setdefault(getattr(p, "_modx_ssm_lr", default_ssm_lr), []).append(p)
+        else:
+            rest.append(p)
+    groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}] if rest else []
+    groups += [{"params": ps, "lr": g_lr, "weight_decay": 0.0} for g_lr, ps in by_lr.items()]
+    return groups
