@@ -1,0 +1,263 @@
+"""Built-in offline image-text datasets for the demo and tests (nothing is downloaded).
+
+- ``digits``: scikit-learn's 1797 real 8x8 handwritten digits, upscaled to 32 px.
+- ``textiles``: the 2000 simulated textile images of the ``conformal-clip-data`` package
+  (nominal / local defect / global defect), 64 px.
+- ``shapes``: procedurally drawn coloured shapes (shape x colour x size x position), 32 px.
+
+Every image has several caption templates that all name its content (class, defect type,
+shape and colour); all go to ``KEY.json`` ``"captions"``, the first to ``KEY.txt``.
+Read in this order they make a continual stream: handwriting, industrial textures,
+synthetic scenes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from modx.data.sources import split_of
+from modx.data.writer import write_shards
+
+VERSION = 1  # bump when the generated data changes; ensure_builtin then rebuilds
+
+_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+Item = tuple[str, Image.Image, list[str], dict]  # key, image, captions, metadata
+
+
+def _digits(seed: int) -> Iterator[Item]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    for i, (pixels, label) in enumerate(zip(data.images, data.target)):
+        gray = (np.asarray(pixels) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+        img = Image.fromarray(gray, "L").resize((32, 32), Image.BILINEAR).convert("RGB")
+        n, word = int(label), _WORDS[int(label)]
+        captions = [
+            f"a handwritten digit {n}",
+            f"the number {word}",
+            f"a low resolution scan of a handwritten {word}",
+            f"the digit {word} ({n}) written by hand",
+            f"a white {word} on a black background",
+        ]
+        yield f"digit{i:05d}", img, captions, {"label": n, "class": word}
+
+
+_TEXTILE_CAPTIONS = {
+    "nominal": [
+        "a nominal textile with no defect",
+        "a photo of defect-free fabric",
+        "a clean woven textile surface without flaws",
+        "fabric in good condition, no defect",
+    ],
+    "local": [
+        "a textile with a local defect",
+        "fabric with one small localized flaw",
+        "a woven textile surface with a small defect spot",
+        "a textile with a local defect in one place",
+    ],
+    "global": [
+        "a textile with a global defect",
+        "fabric with a defect spread over the whole surface",
+        "a woven textile with a global distortion of its texture",
+        "a textile whose entire surface is defective",
+    ],
+}
+
+
+def _textiles(seed: int) -> Iterator[Item]:
+    import conformal_clip_data as ccd
+
+    dirs = {"nominal": ccd.nominal_dir(), "local": ccd.local_dir(), "global": ccd.global_dir()}
+    for label, (cls, directory) in enumerate(dirs.items()):
+        for name in sorted(os.listdir(directory)):
+            if not name.lower().endswith((".jpg", ".jpeg", ".png")):
+                continue
+            with Image.open(os.path.join(directory, name)) as img:
+                img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale
+                img = img.convert("RGB").resize((64, 64), Image.BILINEAR)
+            key = f"{cls}{os.path.splitext(name)[0].split('_')[-1]}"
+            yield key, img, list(_TEXTILE_CAPTIONS[cls]), {"label": label, "class": cls}
+
+
+_COLOURS = {
+    "red": (220, 30, 30),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 50, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "cyan": (40, 210, 220),
+}
+_SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+_PLACES = {
+    "left": (0.3, 0.5),
+    "right": (0.7, 0.5),
+    "top": (0.5, 0.3),
+    "bottom": (0.5, 0.7),
+    "centre": (0.5, 0.5),
+}
+_BACKGROUNDS = {"black": (0, 0, 0), "gray": (110, 110, 110)}
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        angles = [-90, 30, 150]
+    elif shape == "diamond":
+        angles = [-90, 0, 90, 180]
+    elif shape == "square":
+        angles = [-135, -45, 45, 135]
+    else:  # star: ten points alternating between r and r / 2.4
+        pts = []
+        for k in range(10):
+            a, rr = math.radians(-90 + 36 * k), r if k % 2 == 0 else r / 2.4
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+    return [
+        (cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))) for a in angles
+    ]
+
+
+def draw_shape(shape: str, colour: str, size: str, place: str, background: str) -> Image.Image:
+    """Render one 32 px scene (drawn at 128 px and downsampled for smooth edges)."""
+    s = 128
+    img = Image.new("RGB", (s, s), _BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    fx, fy = _PLACES[place]
+    cx, cy, r = fx * s, fy * s, s * (0.26 if size == "large" else 0.13)
+    fill = _COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "cross":
+        w = r / 2.8
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+    return img.resize((32, 32), Image.LANCZOS)
+
+
+def _shapes(seed: int, n: int = 4000) -> Iterator[Item]:
+    rng = random.Random(seed)
+    for i in range(n):
+        shape, colour = rng.choice(_SHAPES), rng.choice(list(_COLOURS))
+        size, place = rng.choice(("small", "large")), rng.choice(list(_PLACES))
+        background = (
+            "gray" if colour in ("white", "yellow", "cyan") else rng.choice(list(_BACKGROUNDS))
+        )
+        captions = [
+            f"a {colour} {shape}",
+            f"a {size} {colour} {shape} on a {background} background",
+            f"a drawing of a {colour} {shape} at the {place}",
+            f"a picture of one {size} {shape}, coloured {colour}",
+            f"{shape}, {colour}, {size}, {place}",
+        ]
+        meta = {"shape": shape, "colour": colour, "size": size, "place": place, "class": shape}
+        yield f"shape{i:05d}", draw_shape(shape, colour, size, place, background), captions, meta
+
+
+BUILTINS: dict[str, Callable[[int], Iterator[Item]]] = {
+    "digits": _digits,
+    "textiles": _textiles,
+    "shapes": _shapes,
+}
+STREAM = ("digits", "textiles", "shapes")  # the demo's continual order
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def builtin_samples(name: str, seed: int = 0) -> Iterator[dict]:
+    """The shard samples (``__key__``, ``png``, ``txt``, ``json``) of a built-in dataset."""
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
+    for key, img, captions, meta in BUILTINS[name](seed):
+        yield {
+            "__key__": key,
+            "png": _png(img),
+            "txt": captions[0],
+            "json": {"captions": captions, "domain": name, **meta},
+        }
+
+
+def _brace(directory: str, prefix: str, n: int) -> str:
+    if n == 1:
+        return os.path.join(directory, f"{prefix}-000000.tar")
+    return os.path.join(directory, f"{prefix}-{{000000..{n - 1:06d}}}.tar")
+
+
+def build_builtin(
+    name: str, out_dir: str, *, num_shards: int = 4, test_fraction: float = 0.1, seed: int = 0
+) -> tuple[str, str]:
+    """Write train/test shards of a built-in dataset to ``out_dir``; return (train, test) URLs."""
+    items = list(builtin_samples(name, seed))
+    test = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "test"]
+    train = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "train"]
+    per_shard = math.ceil(len(train) / max(1, num_shards))
+    n_train = len(write_shards(train, out_dir, "train", per_shard))
+    n_test = len(write_shards(test, out_dir, "test", max(1, len(test))))
+    return _brace(out_dir, "train", n_train), _brace(out_dir, "test", n_test)
+
+
+def ensure_builtin(
+    name: str,
+    root: str = "data",
+    *,
+    num_shards: int = 4,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    force: bool = False,
+) -> tuple[str, str]:
+    """Build ``root/name/{train,test}-*.tar`` unless present; return (train_urls, eval_urls).
+
+    Idempotent and safe to call from several ranks at once (a file lock serialises the
+    build; the shards appear atomically).
+    """
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
+    opts = {
+        "version": VERSION,
+        "num_shards": num_shards,
+        "test_fraction": test_fraction,
+        "seed": seed,
+    }
+    target = os.path.join(root, name)
+    marker = os.path.join(target, "builtin.json")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force and os.path.isfile(marker):
+            with open(marker) as f:
+                info = json.load(f)
+            if info.get("options") == opts:
+                return info["train"], info["eval"]
+        tmp = os.path.join(root, f".{name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train, test = build_builtin(
+            name, tmp, num_shards=num_shards, test_fraction=test_fraction, seed=seed
+        )
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        info = {
+            "name": name,
+            "options": opts,
+            "train": train.replace(tmp, target, 1),
+            "eval": test.replace(tmp, target, 1),
+        }
+        with open(marker, "w") as f:
+            json.dump(info, f, indent=1)
+        return info["train"], info["eval"]

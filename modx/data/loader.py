@@ -1,0 +1,421 @@
+"""make_loader: a per-rank streaming loader over WebDataset shards.
+
+Each rank builds its own loader (never hand it to ``accelerator.prepare``). Inside every
+DataLoader worker the pipeline is
+
+    shard URLs (resampled, or split by rank and worker)
+      -> tar_samples -> dedupe -> decode_samples (+ preprocess) -> [mix sources]
+      -> shuffle buffer (train) -> batched + tokenizer
+
+and each batch carries the worker's skip counts to the main process (``loader.stats``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import islice
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from modx.data.samples import decode_samples, dedupe, every, tar_samples
+from modx.data.stats import SkipStats
+from modx.data.urls import DataError, parse_sources, shard_sizes
+
+CAPTION_MODES = ("sample", "all", "first")
+log = logging.getLogger("modx.data")
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed, else the RANK/WORLD_SIZE env, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+def _seed(*parts: int) -> int:
+    return wds.utils.make_seed(*parts)
+
+
+def _constant(value: int) -> int:
+    return value
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a worker needs to build its pipeline (decided in the main process)."""
+
+    mode: str
+    sources: tuple[tuple[str, ...], ...]  # one tuple of shard URLs per source
+    weights: tuple[float, ...] | None  # sampling weights (train, resampled) or None
+    rank: int
+    world_size: int
+    workers: int  # workers actually used (>= 1 here; 0 means "main process" to torch)
+    sample_split: bool  # eval with fewer shards than ranks: split samples, not shards
+    resampled: bool
+    repeat: bool  # train without resampling: loop over passes until the quota is met
+    quotas: tuple[int, ...] | None  # batches per worker (train with a known length)
+    batch_size: int
+    partial: bool
+    shuffle: int
+    seed: int
+    captions: str
+    preprocess: Callable | None
+    tokenizer: Callable | None
+
+
+def _collate(
+    samples: list[dict], tokenizer: Callable | None, with_idx: bool, stats: SkipStats
+) -> dict:
+    images = [s["image"] for s in samples]
+    if all(isinstance(x, torch.Tensor) for x in images):
+        images = torch.stack(images)  # (B, 3, H, W)
+    texts = [c for s in samples for c in s["captions"]]
+    batch = {
+        "image": images,
+        "text": tokenizer(texts) if tokenizer is not None else texts,  # (M, ctx)
+        "key": [s["key"] for s in samples],
+    }
+    if with_idx:
+        batch["text_image_idx"] = torch.tensor(
+            [i for i, s in enumerate(samples) for _ in s["captions"]], dtype=torch.long
+        )  # (M,)
+    stats.samples += len(samples)
+    return batch
+
+
+def _shard_passes(urls: Sequence[str], plan: _Plan, epoch: int, worker: int) -> Iterator[dict]:
+    """Train without resampling: each pass shuffles all shards with a seed shared by every
+    rank, then takes this rank's and this worker's slice, so a pass reads each shard once."""
+    n_pass = 0
+    while True:
+        order = list(urls)
+        random.Random(_seed(plan.seed, epoch, n_pass)).shuffle(order)
+        for url in order[plan.rank :: plan.world_size][worker :: plan.workers]:
+            yield {"url": url}
+        n_pass += 1
+        if not plan.repeat:
+            return
+
+
+def _mix(
+    streams: list[Iterator[dict]], weights: Sequence[float], rng: random.Random
+) -> Iterator[dict]:
+    """Draw each sample from source i with probability weights[i] / sum(weights)."""
+    while True:
+        (i,) = rng.choices(range(len(streams)), weights=weights)
+        sample = next(streams[i], None)
+        if sample is None:
+            return
+        yield sample
+
+
+def _stop_when_idle(shards: Iterable[dict], good: list[int], limit: int) -> Iterator[dict]:
+    """Pass shards through, but stop after ``limit`` shards in a row gave no good sample
+    (every shard broken would otherwise loop forever in resampled or repeated mode)."""
+    idle, last = 0, good[0]
+    for shard in shards:
+        idle = idle + 1 if good[0] == last else 0
+        last = good[0]
+        if idle > limit:
+            warnings.warn(
+                f"modx.data: stopping, the last {limit} shards gave no usable sample", stacklevel=2
+            )
+            return
+        yield shard
+
+
+def _count(samples: Iterable[dict], good: list[int]) -> Iterator[dict]:
+    for sample in samples:
+        good[0] += 1
+        yield sample
+
+
+class _StreamDataset(IterableDataset):
+    def __init__(self, plan: _Plan, epoch) -> None:
+        super().__init__()
+        self.plan = plan
+        self.epoch = epoch  # multiprocessing.Value shared with persistent workers
+
+    def _samples(
+        self, shards: Iterable[dict], stats: SkipStats, rng: random.Random
+    ) -> Iterator[dict]:
+        plan = self.plan
+        eval_mode = plan.mode == "eval"
+        # With a sample-level split every rank reads the same shards, so shard-level
+        # problems and duplicates are counted on rank 0 only.
+        shared = stats if not plan.sample_split or plan.rank == 0 else SkipStats()
+        good = [0]
+        limit = 2 * sum(len(src) for src in plan.sources) + 2
+        shards = _stop_when_idle(shards, good, limit)
+        samples = dedupe(tar_samples(shards, shared), shared, per_shard=not eval_mode)
+        if plan.sample_split:
+            samples = every(samples, plan.rank, plan.world_size)
+        captions = "first" if eval_mode and plan.captions == "sample" else plan.captions
+        return _count(decode_samples(samples, stats, plan.preprocess, captions, rng), good)
+
+    def _pipeline(self, worker: int, epoch: int, stats: SkipStats) -> Iterator[dict]:
+        plan = self.plan
+        rng = random.Random(_seed(plan.seed, epoch, plan.rank, worker))
+        if plan.mode == "eval":
+            urls = plan.sources[0][worker :: plan.workers]
+            samples = self._samples(({"url": u} for u in urls), stats, rng)
+        elif plan.resampled:
+            streams = []
+            for i, src in enumerate(plan.sources):
+                shards = wds.ResampledShards(
+                    list(src),
+                    seed=_seed(plan.seed, epoch, i),
+                    worker_seed=partial(_constant, _seed(plan.rank, worker)),
+                    deterministic=True,
+                )
+                streams.append(self._samples(iter(shards), stats, rng))
+            weights = plan.weights or (1.0,)
+            samples = streams[0] if len(streams) == 1 else _mix(streams, weights, rng)
+        else:
+            urls = [u for src in plan.sources for u in src]
+            samples = self._samples(_shard_passes(urls, plan, epoch, worker), stats, rng)
+        if plan.mode == "train" and plan.shuffle > 0:
+            samples = wds.shuffle(plan.shuffle, initial=min(plan.shuffle, 512), rng=rng)(samples)
+        with_idx = plan.mode == "eval" or plan.captions == "all"
+        collate = partial(_collate, tokenizer=plan.tokenizer, with_idx=with_idx, stats=stats)
+        return wds.batched(plan.batch_size, collation_fn=collate, partial=plan.partial)(samples)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        stats = SkipStats()
+        batches = self._pipeline(worker, int(self.epoch.value), stats)
+        if self.plan.quotas is not None:
+            batches = islice(batches, self.plan.quotas[worker])
+        for batch in batches:
+            batch["stats"] = stats.take()
+            yield batch
+        yield {"stats": stats.take()}  # skips after the last batch still reach the log
+
+
+def _identity(x):
+    return x
+
+
+class StreamLoader:
+    """Iterable over dict batches of one rank (a torch DataLoader wrapper).
+
+    ``stats`` accumulates the delivered/skipped counts of all workers; ``workers`` is the
+    number of workers actually used; ``len()`` is the number of batches per epoch on this
+    rank when known (``num_batches``; for eval an upper bound, corrupt samples lower it).
+    Each ``iter()`` starts a new epoch (reshuffled, reseeded); ``set_epoch`` overrides it.
+    """
+
+    def __init__(self, plan: _Plan, num_workers: int, num_batches: int | None, pin_memory: bool):
+        self.plan = plan
+        self.workers = num_workers
+        self.num_batches = num_batches
+        self.stats = SkipStats()
+        self._next_epoch = 0
+        self._epoch = mp.Value("q", 0)
+        self._loader: DataLoader | None = DataLoader(
+            _StreamDataset(plan, self._epoch),
+            batch_size=None,  # batches are built inside the workers
+            num_workers=num_workers,
+            collate_fn=_identity,
+            persistent_workers=num_workers > 0,
+            pin_memory=pin_memory,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self._next_epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._loader is None:
+            raise RuntimeError("this StreamLoader was closed")
+        self._epoch.value = self._next_epoch
+        self._next_epoch += 1
+        for item in self._loader:
+            self.stats.update(item.pop("stats"))
+            if "image" in item:
+                yield item
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError(
+                "the number of batches is unknown: no sizes.json/__len__ beside the shards "
+                "and no budget_samples/budget_steps"
+            )
+        return self.num_batches
+
+    def close(self) -> None:
+        """Stop the worker processes (also happens when the loader is garbage collected)."""
+        self._loader = None
+
+    def __enter__(self) -> StreamLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _split_count(n: int, parts: int, index: int) -> int:
+    return n // parts + (index < n % parts)
+
+
+def make_loader(
+    urls: str | Sequence[str],
+    *,
+    mode: str,
+    batch_size: int,
+    preprocess: Callable | None,
+    tokenizer: Callable | None,
+    workers: int = 2,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    resampled: bool = True,
+    shuffle: int = 1000,
+    budget_samples: int | None = None,
+    budget_steps: int | None = None,
+    captions: str = "sample",
+    drop_last: bool | None = None,
+    weights: Sequence[float] | None = None,
+    pin_memory: bool = False,
+) -> StreamLoader:
+    """Build this rank's loader over WebDataset shards (see modx.data.urls for ``urls``).
+
+    mode="train": endless resampled shard streams seeded per (seed, epoch, rank, worker)
+    (``resampled=False``: shards split across ranks and workers, reshuffled every pass),
+    a ``shuffle``-sample buffer, one caption per image ("sample": random, "first"), full
+    batches (``drop_last`` default True). The epoch is ``budget_steps`` batches per rank,
+    else ``budget_samples`` (global), else one pass over the sizes in ``sizes.json``.
+
+    mode="eval": one deterministic pass, each sample exactly once over all ranks and
+    workers, partial last batches, ``captions="all"`` gives every caption with
+    ``text_image_idx`` (``"sample"`` means "first" here); weights and budgets do not apply.
+
+    ``preprocess`` maps a PIL RGB image to a tensor and ``tokenizer`` a list of strings to
+    a (M, ctx) tensor (open_clip's); None keeps PIL images / strings. ``rank`` and
+    ``world_size`` default to torch.distributed / RANK, WORLD_SIZE.
+    """
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if captions not in CAPTION_MODES:
+        raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1 and workers >= 0, got {batch_size}, {workers}")
+    if rank is None or world_size is None:
+        rank, world_size = dist_info()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    sources = parse_sources(urls, weights)
+    all_urls = tuple(u for s in sources for u in s.urls)
+    weighted = any(s.weight is not None for s in sources)
+    n_shards = len(all_urls)
+    if mode == "eval":
+        if budget_samples is not None or budget_steps is not None:
+            raise ValueError("budget_samples/budget_steps apply to mode='train' only")
+        sample_split = n_shards < world_size
+        mine = all_urls if sample_split else all_urls[rank::world_size]
+        use = min(workers, len(mine))
+        num_batches = _eval_batches(mine, max(use, 1), batch_size, rank, world_size, sample_split)
+        plan_sources, plan_weights, quotas, repeat = (mine,), None, None, False
+    else:
+        sample_split = False
+        if weighted and not resampled:
+            raise DataError(f"source weights in {urls!r} need resampled=True")
+        if resampled:
+            use = workers
+        elif n_shards < world_size:
+            raise DataError(
+                f"{n_shards} shard(s) cannot be split over {world_size} ranks without "
+                "resampling: use resampled=True or write more, smaller shards"
+            )
+        else:
+            use = min(workers, n_shards // world_size)
+        num_batches = _train_batches(all_urls, batch_size, world_size, budget_samples, budget_steps)
+        quotas = None
+        if num_batches is not None:
+            quotas = tuple(_split_count(num_batches, max(use, 1), w) for w in range(max(use, 1)))
+        repeat = num_batches is not None
+        if weighted:
+            plan_sources = tuple(s.urls for s in sources)
+            plan_weights = tuple(1.0 if s.weight is None else s.weight for s in sources)
+        else:
+            plan_sources, plan_weights = (all_urls,), None
+    if use < workers:
+        log.log(
+            logging.INFO if mode == "eval" else logging.WARNING,
+            "%d shard(s) for %d rank(s) x %d workers: using %d worker(s) on rank %d",
+            *(n_shards, world_size, workers, use, rank),
+        )
+    if drop_last is None:
+        drop_last = mode == "train"
+    plan = _Plan(
+        mode=mode,
+        sources=plan_sources,
+        weights=plan_weights,
+        rank=rank,
+        world_size=world_size,
+        workers=max(use, 1),
+        sample_split=sample_split,
+        resampled=resampled and mode == "train",
+        repeat=repeat,
+        quotas=quotas,
+        batch_size=batch_size,
+        partial=not drop_last,
+        shuffle=shuffle if mode == "train" else 0,
+        seed=seed,
+        captions=captions,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
+    return StreamLoader(plan, use, num_batches, pin_memory)
+
+
+def _train_batches(
+    urls: Sequence[str],
+    batch_size: int,
+    world_size: int,
+    budget_samples: int | None,
+    budget_steps: int | None,
+) -> int | None:
+    """Batches per rank per epoch: the step budget, the sample budget, or one pass."""
+    if budget_steps is not None:
+        return int(budget_steps)
+    global_batch = batch_size * world_size
+    if budget_samples is not None:
+        return math.ceil(budget_samples / global_batch)
+    sizes = shard_sizes(urls)
+    if sizes is None:
+        return None
+    if sum(sizes) < global_batch:
+        raise DataError(
+            f"the shards hold {sum(sizes)} samples, fewer than one global batch "
+            f"({batch_size} x {world_size} ranks)"
+        )
+    return sum(sizes) // global_batch
+
+
+def _eval_batches(
+    urls: Sequence[str], workers: int, batch_size: int, rank: int, world: int, sample_split: bool
+) -> int | None:
+    """Expected eval batches on this rank (each worker ends with a partial batch)."""
+    sizes = shard_sizes(urls)
+    if sizes is None:
+        return None
+    total = 0
+    for w in range(workers):
+        n = sum(sizes[w::workers])
+        if sample_split:
+            n = max(0, n - rank + world - 1) // world
+        total += math.ceil(n / batch_size)
+    return total
