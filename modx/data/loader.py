@@ -17,11 +17,10 @@ import math
 import multiprocessing as mp
 import os
 import random
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
+from itertools import count, islice
 
 import torch
 import webdataset as wds
@@ -95,18 +94,14 @@ def _collate(
     return batch
 
 
-def _shard_passes(urls: Sequence[str], plan: _Plan, epoch: int, worker: int) -> Iterator[dict]:
-    """Train without resampling: each pass shuffles all shards with a seed shared by every
-    rank, then takes this rank's and this worker's slice, so a pass reads each shard once."""
-    n_pass = 0
-    while True:
-        order = list(urls)
-        random.Random(_seed(plan.seed, epoch, n_pass)).shuffle(order)
-        for url in order[plan.rank :: plan.world_size][worker :: plan.workers]:
-            yield {"url": url}
-        n_pass += 1
-        if not plan.repeat:
-            return
+def _pass_shards(
+    urls: Sequence[str], plan: _Plan, epoch: int, n_pass: int, worker: int
+) -> list[str]:
+    """Train without resampling: every pass shuffles all shards with a seed shared by all
+    ranks, then takes this rank's and this worker's slice, so a pass reads each shard once."""
+    order = list(urls)
+    random.Random(_seed(plan.seed, epoch, n_pass)).shuffle(order)
+    return order[plan.rank :: plan.world_size][worker :: plan.workers]
 
 
 def _mix(
@@ -129,9 +124,7 @@ def _stop_when_idle(shards: Iterable[dict], good: list[int], limit: int) -> Iter
         idle = idle + 1 if good[0] == last else 0
         last = good[0]
         if idle > limit:
-            warnings.warn(
-                f"modx.data: stopping, the last {limit} shards gave no usable sample", stacklevel=2
-            )
+            log.warning("stopping: the last %d shards gave no usable sample", limit)
             return
         yield shard
 
@@ -172,22 +165,50 @@ class _StreamDataset(IterableDataset):
             urls = plan.sources[0][worker :: plan.workers]
             samples = self._samples(({"url": u} for u in urls), stats, rng)
         elif plan.resampled:
-            streams = []
-            for i, src in enumerate(plan.sources):
-                shards = wds.ResampledShards(
-                    list(src),
-                    seed=_seed(plan.seed, epoch, i),
-                    worker_seed=partial(_constant, _seed(plan.rank, worker)),
-                    deterministic=True,
-                )
-                streams.append(self._samples(iter(shards), stats, rng))
-            weights = plan.weights or (1.0,)
-            samples = streams[0] if len(streams) == 1 else _mix(streams, weights, rng)
+            samples = self._shuffle(self._resampled(worker, epoch, stats, rng), rng)
         else:
-            urls = [u for src in plan.sources for u in src]
-            samples = self._samples(_shard_passes(urls, plan, epoch, worker), stats, rng)
-        if plan.mode == "train" and plan.shuffle > 0:
-            samples = wds.shuffle(plan.shuffle, initial=min(plan.shuffle, 512), rng=rng)(samples)
+            samples = self._passes(worker, epoch, stats, rng)
+        return self._batches(samples, stats)
+
+    def _resampled(
+        self, worker: int, epoch: int, stats: SkipStats, rng: random.Random
+    ) -> Iterator[dict]:
+        """Endless samples from shards drawn with replacement, seeded per rank and worker."""
+        plan = self.plan
+        streams = []
+        for i, src in enumerate(plan.sources):
+            shards = wds.ResampledShards(
+                list(src),
+                seed=_seed(plan.seed, epoch, i),
+                worker_seed=partial(_constant, _seed(plan.rank, worker)),
+                deterministic=True,
+            )
+            streams.append(self._samples(iter(shards), stats, rng))
+        if len(streams) == 1:
+            return streams[0]
+        return _mix(streams, plan.weights, rng)
+
+    def _passes(
+        self, worker: int, epoch: int, stats: SkipStats, rng: random.Random
+    ) -> Iterator[dict]:
+        """Shuffled passes over this worker's shards; the buffer drains at each pass end, so
+        one pass delivers every sample once. Repeats only when the epoch length is set."""
+        plan = self.plan
+        for n_pass in count():
+            urls = _pass_shards(plan.sources[0], plan, epoch, n_pass, worker)
+            delivered = 0
+            for sample in self._shuffle(self._samples(({"url": u} for u in urls), stats, rng), rng):
+                delivered += 1
+                yield sample
+            if not plan.repeat or delivered == 0:
+                return
+
+    def _shuffle(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+        size = self.plan.shuffle
+        return wds.shuffle(size, initial=min(size, 512), rng=rng)(samples) if size > 0 else samples
+
+    def _batches(self, samples: Iterable[dict], stats: SkipStats) -> Iterator[dict]:
+        plan = self.plan
         with_idx = plan.mode == "eval" or plan.captions == "all"
         collate = partial(_collate, tokenizer=plan.tokenizer, with_idx=with_idx, stats=stats)
         return wds.batched(plan.batch_size, collation_fn=collate, partial=plan.partial)(samples)

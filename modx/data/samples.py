@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import re
 import tarfile
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
@@ -23,6 +23,7 @@ from PIL import Image
 from modx.data.stats import SkipStats
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+log = logging.getLogger("modx.data")
 # Same key/extension split as webdataset: the key is everything before the first dot of
 # the file name, the extension everything after it.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -42,19 +43,30 @@ def tar_samples(shards: Iterable[dict], stats: SkipStats) -> Iterator[dict]:
             stream = wds.gopen(url)
         except Exception as exn:  # any opener failure is a skipped shard
             stats.skip("open_error")
-            warnings.warn(f"modx.data: cannot open shard {url}: {exn}", stacklevel=2)
+            log.warning(f"cannot open shard {url}: {exn}")
             continue
+        broken: list[Exception] = []
         try:
-            yield from _group_members(stream, url, serial, stats)
+            yield from _group_members(stream, url, serial, broken)
         finally:
-            try:
-                stream.close()  # a pipe: command reports its exit status here
-            except Exception as exn:
-                stats.skip("open_error")
-                warnings.warn(f"modx.data: shard {url} failed: {exn}", stacklevel=2)
+            failed = _close(stream)
+        if failed is not None:  # e.g. a pipe: command that exited with an error
+            stats.skip("open_error")
+            log.warning(f"shard {url} failed: {failed}")
+        elif broken:
+            stats.skip("truncated_tar")
+            log.warning(f"broken tar {url}: {broken[0]}")
 
 
-def _group_members(stream, url: str, serial: int, stats: SkipStats) -> Iterator[dict]:
+def _close(stream) -> Exception | None:
+    try:
+        stream.close()  # a pipe: command reports its exit status here
+    except Exception as exn:
+        return exn
+    return None
+
+
+def _group_members(stream, url: str, serial: int, broken: list) -> Iterator[dict]:
     current: dict | None = None
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -71,8 +83,7 @@ def _group_members(stream, url: str, serial: int, stats: SkipStats) -> Iterator[
                     current = {"__key__": key, "__url__": url, "__shard__": serial}
                 current[ext] = data
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exn:
-        stats.skip("truncated_tar")
-        warnings.warn(f"modx.data: broken tar {url}: {exn}", stacklevel=2)
+        broken.append(exn)  # keep what was read completely; the rest of the shard is lost
     if current is not None:
         yield current
 

@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import braceexpand
 
@@ -105,7 +104,6 @@ def parse_sources(
     return sources
 
 
-@lru_cache(maxsize=256)
 def _dir_sizes(directory: str) -> tuple[dict[str, int] | None, int | None]:
     sizes = total = None
     path = os.path.join(directory, "sizes.json")
