@@ -27,27 +27,29 @@ def model_param_groups(
 ) -> list[dict]:
     """Parameter groups for torch.optim.AdamW.
 
-    - "decay": weight matrices, `lr`, `weight_decay`;
-    - "no_decay": norms, biases, embeddings, logit scale/bias, `lr`, no decay;
-    - "ssm": parameters tagged `_modx_ssm`, `ssm_lr` (default `lr`), `ssm_weight_decay`.
-    Frozen parameters (requires_grad=False) are left out; empty groups are dropped.
-    Each group carries a "name" key (AdamW ignores it).
+    - "decay": weight matrices at `lr`, `weight_decay`;
+    - "no_decay": norms, biases, embeddings, logit scale/bias at `lr`, no decay;
+    - "ssm": parameters tagged `_modx_ssm` (dt, A, B) with `ssm_weight_decay` and the
+      learning rate their layer was given (`ssm.lr` in the tower config), else `ssm_lr`,
+      else min(lr, 1e-3) (PAPERS.md 3: SSM parameters want lr <= 1e-3).
+    Frozen parameters are left out, empty groups dropped; each group has a "name"
+    (AdamW ignores it) and SSM groups with different learning rates are kept apart.
     """
     extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    groups = {
+    default_ssm_lr = min(lr, 1e-3) if ssm_lr is None else ssm_lr
+    groups: dict[str, dict] = {
         "decay": {"name": "decay", "params": [], "lr": lr, "weight_decay": weight_decay},
         "no_decay": {"name": "no_decay", "params": [], "lr": lr, "weight_decay": 0.0},
-        "ssm": {"name": "ssm", "params": [], "lr": lr if ssm_lr is None else ssm_lr,
-                "weight_decay": ssm_weight_decay},
     }
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if is_ssm_parameter(param):
-            key = "ssm"
-        elif _no_decay(name, param, extra):
-            key = "no_decay"
+            p_lr = getattr(param, "_modx_ssm_lr", default_ssm_lr)
+            key = "ssm" if p_lr == default_ssm_lr else f"ssm@{p_lr:g}"
+            groups.setdefault(key, {"name": key, "params": [], "lr": p_lr,
+                                    "weight_decay": ssm_weight_decay})
         else:
-            key = "decay"
+            key = "no_decay" if _no_decay(name, param, extra) else "decay"
         groups[key]["params"].append(param)
     return [g for g in groups.values() if g["params"]]

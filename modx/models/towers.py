@@ -32,14 +32,14 @@ def _ssm_layer_classes() -> dict[str, Callable[..., nn.Module]]:
 SSM_KINDS = ("s4d", "s5")
 
 
-def parse_backbone(backbone: str, layers: int, ssm_layer: str) -> list[str]:
+def parse_backbone(backbone: str, layers: int | None, ssm_layer: str) -> list[str]:
     """Per-layer kinds ("s4d", "s5" or "attn") of a backbone string.
 
     ``"s4d"`` / ``"s5"`` repeat that SSM ``layers`` times; a pattern over ``S``/``A``
     (``"SSAS"``) gives one layer a letter, ``S`` being an SSM of kind ``ssm_layer``.
     """
     if backbone in SSM_KINDS:
-        return [backbone] * layers
+        return [backbone] * (12 if layers is None else layers)
     if ssm_layer not in SSM_KINDS:
         raise ValueError(f"ssm_layer must be one of {SSM_KINDS}, got {ssm_layer!r}")
     if not backbone or set(backbone) - {"S", "A"}:
@@ -47,7 +47,7 @@ def parse_backbone(backbone: str, layers: int, ssm_layer: str) -> list[str]:
             f"backbone {backbone!r} is neither 'transformer', one of {SSM_KINDS}, nor a layer "
             "pattern over 'S' (SSM) and 'A' (attention) such as 'SSAS'"
         )
-    if layers and layers != len(backbone):
+    if layers is not None and layers != len(backbone):
         raise ValueError(f"layers={layers} disagrees with backbone pattern {backbone!r}")
     return ["attn" if c == "A" else ssm_layer for c in backbone]
 
@@ -58,7 +58,7 @@ class SSMTowerCfg:
 
     backbone: str = "s4d"
     width: int = 512
-    layers: int = 12
+    layers: int | None = None  # default 12; a pattern gives one layer per letter
     heads: int = 8  # attention layers of a hybrid pattern
     mlp_ratio: float = 4.0  # 0 disables the MLP after each sequence mixer
     ssm_layer: str = "s4d"  # the SSM behind 'S' in a hybrid pattern
