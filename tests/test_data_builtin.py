@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from itertools import islice
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from modx.data import BUILTINS, STREAM, ensure_builtin, make_loader, shard_sizes
 from modx.data.builtin import builtin_samples
+from modx.data.cli import shards_main
 from modx.data.urls import parse_sources
 
 
@@ -84,6 +86,30 @@ def test_ensure_builtin_builds_once_and_returns_brace_urls(tmp_path):
     keys = [k for batch in loader for k in batch["key"]]
     assert len(keys) == len(set(keys)) == n_test
     assert loader.stats.as_dict()["skipped"] == 0
+    # other options rebuild; no test split means no eval URL
+    train1, test1 = ensure_builtin("digits", root=str(tmp_path), num_shards=1, test_fraction=0.0)
+    assert (train1, test1) == (f"{tmp_path}/digits/train-000000.tar", None)
+    assert sorted(os.listdir(tmp_path / "digits")) == [
+        "builtin.json",
+        "sizes.json",
+        "train-000000.tar",
+    ]
+
+
+def test_modx_shards_builtin_is_reused_by_ensure_builtin(tmp_path, capsys):
+    out = str(tmp_path / "shapes")
+    assert shards_main(["--builtin", "shapes", "--out", out, "--num-shards", "3", "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {
+        "train": f"{out}/train-{{000000..000002}}.tar",
+        "test": f"{out}/test-000000.tar",
+    }
+    mtime = os.path.getmtime(f"{out}/test-000000.tar")
+    assert ensure_builtin("shapes", root=str(tmp_path), num_shards=3) == (
+        printed["train"],
+        printed["test"],
+    )
+    assert os.path.getmtime(f"{out}/test-000000.tar") == mtime
 
 
 def test_ensure_builtin_rejects_unknown_name(tmp_path):

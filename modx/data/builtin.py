@@ -200,17 +200,38 @@ def _brace(directory: str, prefix: str, n: int) -> str:
     return os.path.join(directory, f"{prefix}-{{000000..{n - 1:06d}}}.tar")
 
 
+def _urls(directory: str, n_train: int, n_test: int) -> tuple[str, str | None]:
+    return _brace(directory, "train", n_train), (
+        _brace(directory, "test", n_test) if n_test else None
+    )
+
+
+def _options(num_shards: int, test_fraction: float, seed: int) -> dict:
+    return {
+        "version": VERSION,
+        "num_shards": num_shards,
+        "test_fraction": test_fraction,
+        "seed": seed,
+    }
+
+
 def build_builtin(
     name: str, out_dir: str, *, num_shards: int = 4, test_fraction: float = 0.1, seed: int = 0
-) -> tuple[str, str]:
-    """Write train/test shards of a built-in dataset to ``out_dir``; return (train, test) URLs."""
+) -> tuple[str, str | None]:
+    """Write train/test shards of a built-in dataset to ``out_dir`` (and ``builtin.json``
+    recording how); return the (train, test) URLs, test None when ``test_fraction`` is 0."""
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
     items = list(builtin_samples(name, seed))
     test = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "test"]
     train = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "train"]
     per_shard = math.ceil(len(train) / max(1, num_shards))
     n_train = len(write_shards(train, out_dir, "train", per_shard))
     n_test = len(write_shards(test, out_dir, "test", max(1, len(test))))
-    return _brace(out_dir, "train", n_train), _brace(out_dir, "test", n_test)
+    info = {"name": name, "options": _options(num_shards, test_fraction, seed)}
+    with open(os.path.join(out_dir, "builtin.json"), "w") as f:
+        json.dump({**info, "n_train": n_train, "n_test": n_test}, f, indent=1)
+    return _urls(out_dir, n_train, n_test)
 
 
 def ensure_builtin(
@@ -221,43 +242,32 @@ def ensure_builtin(
     test_fraction: float = 0.1,
     seed: int = 0,
     force: bool = False,
-) -> tuple[str, str]:
+) -> tuple[str, str | None]:
     """Build ``root/name/{train,test}-*.tar`` unless present; return (train_urls, eval_urls).
 
-    Idempotent and safe to call from several ranks at once (a file lock serialises the
-    build; the shards appear atomically).
+    Idempotent (a ``builtin.json`` with the same options means "already built") and safe to
+    call from several ranks at once: a file lock serialises the build, and the finished
+    folder replaces the old one in one rename.
     """
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
-    opts = {
-        "version": VERSION,
-        "num_shards": num_shards,
-        "test_fraction": test_fraction,
-        "seed": seed,
-    }
     target = os.path.join(root, name)
-    marker = os.path.join(target, "builtin.json")
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = os.path.join(target, "builtin.json")
         if not force and os.path.isfile(marker):
             with open(marker) as f:
                 info = json.load(f)
-            if info.get("options") == opts:
-                return info["train"], info["eval"]
+            if info.get("name") == name and info.get("options") == _options(
+                num_shards, test_fraction, seed
+            ):
+                return _urls(target, info["n_train"], info["n_test"])
         tmp = os.path.join(root, f".{name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        train, test = build_builtin(
-            name, tmp, num_shards=num_shards, test_fraction=test_fraction, seed=seed
-        )
+        build_builtin(name, tmp, num_shards=num_shards, test_fraction=test_fraction, seed=seed)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        info = {
-            "name": name,
-            "options": opts,
-            "train": train.replace(tmp, target, 1),
-            "eval": test.replace(tmp, target, 1),
-        }
-        with open(marker, "w") as f:
-            json.dump(info, f, indent=1)
-        return info["train"], info["eval"]
+        with open(marker) as f:
+            info = json.load(f)
+        return _urls(target, info["n_train"], info["n_test"])

@@ -86,7 +86,7 @@ def _shards(args: argparse.Namespace) -> int:
             test_fraction=fraction,
             seed=args.seed,
         )
-        print(json.dumps({"train": train, "test": test if fraction > 0 else None}))
+        print(json.dumps({"train": train, "test": test}))
         return 0
     if os.path.isdir(args.input):
         records = list(folder_records(args.input))

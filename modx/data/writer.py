@@ -6,6 +6,7 @@ import glob
 import json
 import os
 from collections.abc import Iterable
+from itertools import chain
 
 import webdataset as wds
 
@@ -22,27 +23,24 @@ def write_shards(
 
     Each sample is a dict with ``__key__`` (no dots) and members such as ``png``/``jpg``
     (bytes), ``txt`` (str) and ``json`` (dict). The per-shard counts are merged into
-    ``out_dir/sizes.json``. Returns the shard paths.
+    ``out_dir/sizes.json``; older ``PREFIX-*.tar`` beyond the new ones are removed.
+    Returns the shard paths (none, and no file written, when there are no samples).
     """
     os.makedirs(out_dir, exist_ok=True)
-    pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
     counts: dict[str, int] = {}
-
-    def _record(fname: str) -> None:
-        counts.setdefault(os.path.basename(fname), 0)
-
-    with wds.ShardWriter(
-        pattern, maxcount=maxcount, maxsize=maxsize, post=_record, verbose=0
-    ) as sink:
-        for sample in samples:
-            if "." in sample["__key__"]:
-                raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
-            sink.write(sample)
-            name = os.path.basename(sink.fname)
-            counts[name] = counts.get(name, 0) + 1
-    stale = {
-        os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}-[0-9]*.tar"))
-    } - set(counts)
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is not None:  # (ShardWriter would leave an empty tar for no samples)
+        pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
+        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+            for sample in chain([first], samples):
+                if "." in sample["__key__"]:
+                    raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
+                sink.write(sample)
+                name = os.path.basename(sink.fname)
+                counts[name] = counts.get(name, 0) + 1
+    old = {os.path.basename(p) for p in glob.glob(os.path.join(out_dir, f"{prefix}-[0-9]*.tar"))}
+    stale = old - set(counts)
     for name in stale:  # shards of an earlier, larger run with the same prefix
         os.remove(os.path.join(out_dir, name))
     update_sizes(out_dir, counts, remove=stale)
