@@ -12,6 +12,7 @@ and each batch carries the worker's skip counts to the main process (``loader.st
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing as mp
@@ -44,7 +45,9 @@ def dist_info() -> tuple[int, int]:
 
 
 def _seed(*parts: int) -> int:
-    return wds.utils.make_seed(*parts)
+    """A 63-bit seed from integers, the same in every process and Python run."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _constant(value: int) -> int:
