@@ -83,17 +83,7 @@ def perturb_then_diagonalize(
     )
     E = eps * norm_A * G / torch.linalg.norm(G)  # (N, N) complex
     if method == "opt":
-        A_t = torch.as_tensor(A, dtype=torch.complex128)
-        E = E.clone().requires_grad_(True)
-        opt = torch.optim.Adam([E], lr=0.05 * eps * norm_A / N)
-        for _ in range(steps):
-            _, V = torch.linalg.eig(A_t + E)  # unit-norm eigenvector columns
-            s = torch.linalg.svdvals(V)
-            loss = torch.log(s[0] / s[-1]) + gamma * torch.linalg.norm(E) / norm_A
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        E = E.detach()
+        E = _minimise_condition(torch.as_tensor(A, dtype=torch.complex128), E, gamma, steps)
     elif method != "random":
         raise ValueError(f"unknown PTD method {method!r}; choose 'opt' or 'random'")
     E = E.numpy()
@@ -101,6 +91,30 @@ def perturb_then_diagonalize(
     order = np.argsort(Lambda.imag, kind="stable")
     Lambda, V = Lambda[order], V[:, order]
     return Lambda, V, np.linalg.inv(V), E
+
+
+def _minimise_condition(A: torch.Tensor, E: torch.Tensor, gamma: float, steps: int) -> torch.Tensor:
+    """Adam on E for log cond(V(A + E)) + gamma ||E||_F / ||A||_F; returns the final E.
+
+    Runs single-threaded: these (N, N) eigen-solves are too small to gain from threads, and
+    on a busy machine a threaded LAPACK loses an order of magnitude to oversubscription.
+    """
+    norm_A = torch.linalg.norm(A).item()
+    E = E.clone().requires_grad_(True)
+    opt = torch.optim.Adam([E], lr=0.05 * torch.linalg.norm(E).item() / A.shape[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            _, V = torch.linalg.eig(A + E)  # unit-norm eigenvector columns
+            s = torch.linalg.svdvals(V)
+            loss = torch.log(s[0] / s[-1]) + gamma * torch.linalg.norm(E) / norm_A
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return E.detach()
 
 
 @functools.lru_cache(maxsize=32)

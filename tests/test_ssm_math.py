@@ -1,0 +1,166 @@
+"""HiPPO matrices, diagonal initialisations and PTD against closed forms and direct
+numerical computations (PAPERS.md sections 3-5)."""
+
+import numpy as np
+import pytest
+
+from modx.models.ssm.hippo import MEASURES, nplr, rank_correction, transition
+from modx.models.ssm.init import CONJ_INITS, diagonal_init, perturb_then_diagonalize, ptd_init
+
+
+def _legs_loop(N):
+    A, B = np.zeros((N, N)), np.zeros(N)
+    for n in range(N):
+        B[n] = np.sqrt(2 * n + 1)
+        for k in range(N):
+            if n > k:
+                A[n, k] = -np.sqrt(2 * n + 1) * np.sqrt(2 * k + 1)
+            elif n == k:
+                A[n, k] = -(n + 1)
+    return A, B
+
+
+def _legt_loop(N):
+    A, B = np.zeros((N, N)), np.zeros(N)
+    for n in range(N):
+        B[n] = 0.5 * np.sqrt(2 * n + 1)
+        for k in range(N):
+            sign = 1.0 if n >= k else (-1.0) ** (n - k)
+            A[n, k] = -0.5 * np.sqrt(2 * n + 1) * np.sqrt(2 * k + 1) * sign
+    return A, B
+
+
+def _fout_loop(N):
+    B = np.array([1.0] + [0.0 if n % 2 else np.sqrt(2) for n in range(1, N)])
+    A = np.zeros((N, N))
+    for j in range(1, N // 2):  # frequency j lives in states (2j, 2j+1)
+        A[2 * j, 2 * j + 1] = -np.pi * j
+        A[2 * j + 1, 2 * j] = np.pi * j
+    return A - np.outer(B, B), B
+
+
+@pytest.mark.parametrize("N", [1, 2, 7, 16])
+def test_legs_and_legt_equal_their_closed_forms(N):
+    for measure, loop in (("legs", _legs_loop), ("legt", _legt_loop)):
+        A, B = transition(measure, N)
+        A_ref, B_ref = loop(N)
+        assert A.dtype == np.float64 and B.shape == (N,)
+        np.testing.assert_array_equal(A, A_ref)
+        np.testing.assert_array_equal(B, B_ref)
+
+
+@pytest.mark.parametrize("N", [2, 8, 16])
+def test_fout_equals_its_closed_form(N):
+    A, B = transition("fout", N)
+    A_ref, B_ref = _fout_loop(N)
+    np.testing.assert_allclose(A, A_ref, atol=1e-14)
+    np.testing.assert_array_equal(B, B_ref)
+
+
+def test_legs_eigenvalues_are_minus_one_to_minus_n():
+    A, _ = transition("legs", 12)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvals(A).real), -np.arange(12, 0, -1.0))
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_rank_correction_makes_the_matrix_normal(measure):
+    A, _ = transition(measure, 16)
+    P = rank_correction(measure, 16)
+    S = A + P.T @ P
+    np.testing.assert_allclose(S @ S.T, S.T @ S, atol=1e-9)
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_nplr_reconstructs_the_normal_part_with_orthonormal_vectors(measure):
+    N = 16
+    A, B = transition(measure, N)
+    P = rank_correction(measure, N)
+    W, V, Bt, Pt = nplr(measure, N)
+    assert W.shape == (N // 2,) and V.shape == (N, N // 2)
+    half = V @ np.diag(W) @ V.conj().T
+    np.testing.assert_allclose(half + half.conj(), A + P.T @ P, atol=1e-10)
+    np.testing.assert_allclose(V.conj().T @ V, np.eye(N // 2), atol=1e-12)
+    np.testing.assert_allclose(V @ Bt + (V @ Bt).conj(), B, atol=1e-10)  # B = 2 Re(V V^* B)
+    np.testing.assert_allclose(Pt, V.conj().T @ P.T)
+
+
+def test_s4d_legs_real_parts_are_minus_half_and_imag_parts_positive():
+    A, B = diagonal_init("legs", 64)
+    assert A.shape == B.shape == (32,) and A.dtype == np.complex128
+    np.testing.assert_allclose(A.real, -0.5, atol=1e-12)
+    assert np.all(A.imag > 0) and np.all(np.diff(A.imag) > 0)
+
+
+def test_s4d_legs_transfer_function_approaches_legs_at_low_frequency():
+    # (A^(N), B/2) approximates (A, B) in the frequency domain (S4D sec. 3): compare the
+    # 2 Re-paired diagonal transfer function with (sI - A)^{-1} B solved directly.
+    N = 64
+    A, B = transition("legs", N)
+    W, V, _, _ = nplr("legs", N)
+    Lam, Bt = diagonal_init("legs", N)
+    for s, tol in ((0.5, 1e-4), (2.0, 1e-10), (3j, 0.03)):
+        full = np.linalg.solve(s * np.eye(N) - A, B)[:3]
+        diag = (V @ (Bt / (s - Lam)) + V.conj() @ (Bt.conj() / (s - Lam.conj())))[:3]
+        np.testing.assert_allclose(diag, full, atol=tol)
+        assert np.abs(2 * diag - full).max() > 0.1  # without the 1/2 it would not match
+
+
+def test_closed_form_s4d_inits():
+    N = 16
+    n = np.arange(N // 2)
+    expected = {
+        "inv": -0.5 + 1j * (N / np.pi) * (N / (2 * n + 1) - 1),
+        "lin": -0.5 + 1j * np.pi * n,
+        "real": -(n + 1.0) + 0j,
+    }
+    for name, A_ref in expected.items():
+        A, B = diagonal_init(name, N)
+        np.testing.assert_allclose(A, A_ref)
+        np.testing.assert_array_equal(B, np.ones(N // 2))
+
+
+@pytest.mark.parametrize("name", CONJ_INITS)
+def test_conjugate_inits_have_n_over_2_stable_modes(name):
+    A, B = diagonal_init(name, 32)
+    assert A.shape == B.shape == (16,) and A.dtype == B.dtype == np.complex128
+    assert np.all(A.real < 0)
+
+
+def test_fout_diagonal_spectrum_is_s4d_lin():
+    # the normal part of FouT has eigenvalues i pi n; with Re = -1/2 this is S4D-Lin
+    np.testing.assert_allclose(diagonal_init("fout", 32)[0], diagonal_init("lin", 32)[0], atol=1e-9)
+
+
+def test_ptd_is_well_conditioned_small_and_reconstructs_a_plus_e():
+    N = 64
+    A, B = transition("legs", N)
+    _, V0 = np.linalg.eig(A)
+    assert np.linalg.cond(V0) > 1e12  # the unperturbed problem is ill-posed
+    Lam, V, Vinv, E = perturb_then_diagonalize(A, B)
+    assert Lam.shape == (N,) and V.shape == Vinv.shape == E.shape == (N, N)
+    assert np.linalg.cond(V) < 100
+    assert np.linalg.norm(E) / np.linalg.norm(A) < 0.1
+    np.testing.assert_allclose(V @ np.diag(Lam) @ Vinv, A + E, atol=1e-9 * np.linalg.norm(A))
+    np.testing.assert_allclose(Vinv @ V, np.eye(N), atol=1e-9)
+
+
+def test_ptd_is_deterministic_and_random_ptd_has_the_requested_size():
+    A, B = transition("legs", 16)
+    first, second = (
+        perturb_then_diagonalize(A, B, steps=20),
+        perturb_then_diagonalize(A, B, steps=20),
+    )
+    for x, y in zip(first, second):
+        np.testing.assert_array_equal(x, y)
+    _, V, _, E = perturb_then_diagonalize(A, B, eps=0.1, method="random")
+    assert np.linalg.norm(E) / np.linalg.norm(A) == pytest.approx(0.1)
+    _, V_opt, _, _ = perturb_then_diagonalize(A, B, eps=0.1)
+    assert np.linalg.cond(V_opt) < np.linalg.cond(V)  # optimising improves on the random start
+
+
+def test_ptd_diagonal_init_keeps_n_stable_modes_and_projects_b():
+    Lam, Bt = diagonal_init("ptd", 32)
+    _, _, Vinv, Bt_cached = ptd_init("legs", 32)
+    assert Lam.shape == Bt.shape == (32,) and np.all(Lam.real < 0)
+    np.testing.assert_allclose(Bt, Vinv @ transition("legs", 32)[1])
+    np.testing.assert_array_equal(Bt, Bt_cached)
