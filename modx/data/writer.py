@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 from collections.abc import Iterable
 from itertools import chain
 
@@ -32,7 +33,11 @@ def write_shards(
     first = next(samples, None)
     if first is not None:  # (ShardWriter would leave an empty tar for no samples)
         pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as sink:
+        # An integer mtime keeps tarfile from adding a PAX header to every member.
+        mtime = int(time.time())
+        with wds.ShardWriter(
+            pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, mtime=mtime
+        ) as sink:
             for sample in chain([first], samples):
                 if "." in sample["__key__"]:
                     raise ValueError(f"sample key {sample['__key__']!r} must not contain a dot")
