@@ -2,7 +2,7 @@
 
 - ``digits``: scikit-learn's 1797 real 8x8 handwritten digits, upscaled to 32 px.
 - ``textiles``: the 2000 simulated textile images of the ``conformal-clip-data`` package
-  (nominal / local defect / global defect), 64 px.
+  (nominal / local defect / global defect; where a local defect lies), 64 px.
 - ``shapes``: procedurally drawn coloured shapes (shape x colour x size x position), 32 px.
 
 Every image has several caption templates that all name its content (class, defect type,
@@ -24,11 +24,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from modx.data.sources import split_of
 from modx.data.writer import write_shards
 
-VERSION = 1  # bump when the generated data changes; ensure_builtin then rebuilds
+VERSION = 2  # bump when the generated data changes; ensure_builtin then rebuilds
 
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -75,6 +76,40 @@ _TEXTILE_CAPTIONS = {
 }
 
 
+_PLACE_NAMES = {
+    ("top", "left"): "top left", ("top", "centre"): "top", ("top", "right"): "top right",
+    ("middle", "left"): "left", ("middle", "centre"): "centre", ("middle", "right"): "right",
+    ("bottom", "left"): "bottom left", ("bottom", "centre"): "bottom",
+    ("bottom", "right"): "bottom right",
+}  # fmt: skip
+
+
+def defect_place(gray: np.ndarray, margin: int = 12) -> str | None:
+    """Where the strongest small texture anomaly of a full-size textile image lies ("top
+    left", ..., "centre"), or None when no spot stands out: the peak of the high-pass
+    energy averaged over 15 px windows must exceed 2.3 times its median."""
+    a = gray.astype(np.float32)
+    high = a - ndimage.uniform_filter(a, 5, mode="reflect")
+    energy = ndimage.uniform_filter(high * high, 15, mode="reflect")[margin:-margin, margin:-margin]
+    if energy.max() < 2.3 * np.median(energy):
+        return None
+    y, x = np.unravel_index(np.argmax(energy), energy.shape)
+    row = ("top", "middle", "bottom")[min(2, 3 * (y + margin) // a.shape[0])]
+    col = ("left", "centre", "right")[min(2, 3 * (x + margin) // a.shape[1])]
+    return _PLACE_NAMES[row, col]
+
+
+def _textile_captions(cls: str, place: str | None) -> list[str]:
+    if cls != "local" or place is None:
+        return list(_TEXTILE_CAPTIONS[cls])
+    return [
+        f"a textile with a local defect at the {place}",
+        f"fabric with one small flaw at the {place}",
+        f"a woven textile surface with a small defect spot at the {place}",
+        "a textile with a local defect",
+    ]
+
+
 def _textiles(seed: int) -> Iterator[Item]:
     import conformal_clip_data as ccd
 
@@ -83,11 +118,18 @@ def _textiles(seed: int) -> Iterator[Item]:
         for name in sorted(os.listdir(directory)):
             if not name.lower().endswith((".jpg", ".jpeg", ".png")):
                 continue
+            place = None
             with Image.open(os.path.join(directory, name)) as img:
-                img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale
-                img = img.convert("RGB").resize((64, 64), Image.BILINEAR)
+                if cls == "local":  # find the defect at full resolution
+                    img = img.convert("RGB")
+                    place = defect_place(np.asarray(img.convert("L")))
+                else:
+                    img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale
+                    img = img.convert("RGB")
+                img = img.resize((64, 64), Image.BILINEAR)
             key = f"{cls}{os.path.splitext(name)[0].split('_')[-1]}"
-            yield key, img, list(_TEXTILE_CAPTIONS[cls]), {"label": label, "class": cls}
+            meta = {"label": label, "class": cls, "place": place}
+            yield key, img, _textile_captions(cls, place), meta
 
 
 _COLOURS = {
