@@ -7,12 +7,14 @@ import json
 import os
 from itertools import islice
 
+import numpy as np
 import pytest
 from _data_helpers import fake_preprocess, fake_tokenizer
 from PIL import Image
+from scipy import ndimage
 
 from modx.data import BUILTINS, STREAM, ensure_builtin, make_loader, shard_sizes
-from modx.data.builtin import builtin_samples
+from modx.data.builtin import builtin_samples, defect_place
 from modx.data.cli import shards_main
 from modx.data.urls import parse_sources
 
@@ -115,3 +117,14 @@ def test_modx_shards_builtin_is_reused_by_ensure_builtin(tmp_path, capsys):
 def test_ensure_builtin_rejects_unknown_name(tmp_path):
     with pytest.raises(ValueError, match="unknown built-in dataset 'mnist'"):
         ensure_builtin("mnist", root=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "y, x, place", [(20, 20, "top left"), (125, 230, "right"), (125, 125, "centre")]
+)
+def test_defect_place_finds_a_spot_in_texture(y, x, place):
+    rng = np.random.default_rng(0)
+    texture = ndimage.gaussian_filter(rng.normal(128, 40, (250, 250)), 2)  # smooth fabric
+    texture[y - 5 : y + 5, x - 5 : x + 5] = rng.integers(0, 255, (10, 10))  # speckled flaw
+    assert defect_place(texture) == place
+    assert defect_place(ndimage.gaussian_filter(rng.normal(128, 40, (250, 250)), 2)) is None

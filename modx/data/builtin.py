@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from tqdm import tqdm
 
 from modx.data.sources import split_of
 from modx.data.writer import write_shards
@@ -258,13 +259,19 @@ def _options(num_shards: int, test_fraction: float, seed: int) -> dict:
 
 
 def build_builtin(
-    name: str, out_dir: str, *, num_shards: int = 4, test_fraction: float = 0.1, seed: int = 0
+    name: str,
+    out_dir: str,
+    *,
+    num_shards: int = 4,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
 ) -> tuple[str, str | None]:
     """Write train/test shards of a built-in dataset to ``out_dir`` (and ``builtin.json``
     recording how); return the (train, test) URLs, test None when ``test_fraction`` is 0."""
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
-    items = list(builtin_samples(name, seed))
+    items = list(tqdm(builtin_samples(name, seed), desc=name, unit="img", disable=not progress))
     test = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "test"]
     train = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "train"]
     per_shard = math.ceil(len(train) / max(1, num_shards))

@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -85,6 +85,7 @@ def _shards(args: argparse.Namespace) -> int:
             num_shards=args.num_shards,
             test_fraction=fraction,
             seed=args.seed,
+            progress=not args.quiet,
         )
         print(json.dumps({"train": train, "test": test}))
         return 0
@@ -105,9 +106,10 @@ def _shards(args: argparse.Namespace) -> int:
     for name, recs in splits.items():
         if not recs:
             continue
-        samples = _progress(records_to_samples(iter(recs), stats), bar)
+        samples = records_to_samples(_progress(recs, bar), stats)
         paths = write_shards(samples, args.out, name, args.shard_size)
-        out[name] = _brace_of(paths)
+        if paths:
+            out[name] = _brace_of(paths)
     bar.close()
     if stats.samples == 0:
         raise DataError(f"{args.input}: no usable rows ({stats.as_dict()['reasons']})")
@@ -115,10 +117,10 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(samples, bar):
-    for sample in samples:
+def _progress(items: Iterable, bar: tqdm) -> Iterator:
+    for item in items:
         bar.update(1)
-        yield sample
+        yield item
 
 
 def shards_main(argv: Sequence[str] | None = None) -> int:
@@ -127,6 +129,13 @@ def shards_main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- modx-data
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _drop(_image) -> None:
@@ -147,7 +156,10 @@ def _check(args: argparse.Namespace) -> int:
         world_size=1,
         captions="all",
     )
-    for _ in tqdm(loader, desc="modx-data check", unit="batch", disable=args.json or args.quiet):
+    total = loader.num_batches
+    for _ in tqdm(
+        loader, total=total, desc="modx-data check", unit="batch", disable=args.json or args.quiet
+    ):
         pass
     result = loader.stats.as_dict()
     if args.json:
@@ -176,7 +188,7 @@ def _data_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="stream shards and count good and skipped samples")
     c.add_argument("urls", help="shard spec, e.g. 'data/a/train-{000000..000009}.tar::b/*.tar'")
     c.add_argument("--json", action="store_true", help='print {"samples", "skipped", "reasons"}')
-    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--workers", type=_count, default=2, help="reader processes (0: none)")
     c.add_argument("--strict", action="store_true", help="exit 1 when anything was skipped")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_check)
