@@ -313,3 +313,34 @@ def test_worker_processes_do_not_hang_at_exit(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+
+
+def test_rank_and_world_size_default_to_the_launcher_environment(tmp_path, monkeypatch):
+    make_shards(str(tmp_path), "d", 4, 2)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loader = make_loader(
+        f"{tmp_path}/d-{{000000..000003}}.tar",
+        mode="eval",
+        batch_size=8,
+        workers=0,
+        preprocess=fake_preprocess,
+        tokenizer=fake_tokenizer,
+    )
+    assert (loader.plan.rank, loader.plan.world_size) == (1, 2)
+    assert sorted(_keys(loader)) == ["d_1_0", "d_1_1", "d_3_0", "d_3_1"]
+
+
+@pytest.mark.parametrize("resampled", [True, False])
+def test_all_shards_broken_ends_instead_of_hanging(tmp_path, resampled):
+    for i in range(2):
+        (tmp_path / f"z-{i:06d}.tar").write_bytes(b"\0garbage" * 100)
+    loader = _loader(
+        f"{tmp_path}/z-{{000000..000001}}.tar",
+        mode="train",
+        workers=2,
+        resampled=resampled,
+        budget_steps=5,
+    )
+    assert list(loader) == []
+    assert set(loader.stats.reasons) == {"truncated_tar"}

@@ -248,7 +248,7 @@ class StreamLoader:
         self.num_batches = num_batches
         self.stats = SkipStats()
         self._next_epoch = 0
-        self._epoch = mp.Value("q", 0)
+        self._epoch = mp.Value("q", 0, lock=False)  # written only by the main process
         self._loader: DataLoader | None = DataLoader(
             _StreamDataset(plan, self._epoch),
             batch_size=None,  # batches are built inside the workers
