@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -344,3 +345,38 @@ def test_all_shards_broken_ends_instead_of_hanging(tmp_path, resampled):
     )
     assert list(loader) == []
     assert set(loader.stats.reasons) == {"truncated_tar"}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_eval_and_train(tmp_path):
+    make_shards(str(tmp_path), "q", 3, 5)
+    script = tmp_path / "run.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, sys
+        import torch.distributed as dist
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from _data_helpers import fake_preprocess, fake_tokenizer
+        from modx.data import make_loader
+        dist.init_process_group("gloo")
+        kw = dict(batch_size=2, preprocess=fake_preprocess, tokenizer=fake_tokenizer, workers=2)
+        urls = "{tmp_path}/q-{{000000..000002}}.tar"
+        ev = [k for b in make_loader(urls, mode="eval", **kw) for k in b["key"]]
+        train = make_loader(urls, mode="train", budget_steps=3, **kw)
+        tr = [k for b in train for k in b["key"]]
+        out = [None, None]
+        dist.all_gather_object(out, {{"eval": ev, "train": tr, "n": len(train)}})
+        if dist.get_rank() == 0:
+            print(json.dumps(out))
+        dist.destroy_process_group()
+    """)
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(parts[0]["eval"] + parts[1]["eval"]) == sorted(
+        f"q_{s}_{i}" for s in range(3) for i in range(5)
+    )
+    assert [p["n"] for p in parts] == [3, 3] and [len(p["train"]) for p in parts] == [6, 6]
+    assert parts[0]["train"] != parts[1]["train"]  # ranks draw different streams
