@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import copy  # noqa: E402
 import json  # noqa: E402
 
 import open_clip  # noqa: E402
@@ -131,9 +132,15 @@ def test_unsafe_pickle_is_refused(tmp_path):
         create_model(TINY_OPEN_CLIP, pretrained=path)
 
 
+class _Wrapper(torch.nn.Module):  # what DDP / Accelerate hand back
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
 def test_export_round_trip_both_ways(tmp_path):
     model, _, _, tok = create_model("modx-tiny-transformer")
-    export_model(model, tmp_path)
+    export_model(_Wrapper(model), tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "model_config.json"}
     img, txt = _inputs(tok)
     want = _features(model, img, txt)
@@ -345,10 +352,13 @@ def test_ssm_params_get_their_own_group(tiny_models):
     assert default["ssm"]["lr"] == 5e-4
 
 
-def test_ssm_layer_lr_from_config_is_kept():
+def test_ssm_layer_lr_from_config_is_kept_also_in_a_deepcopy():
     model, _, _, _ = create_model("modx-tiny-s4d", text_cfg={"ssm": {"lr": 2e-5}})
-    groups = {g["name"]: g for g in model_param_groups(model, lr=1e-2, weight_decay=0.1)}
-    assert groups["ssm@2e-05"]["lr"] == 2e-5 and groups["ssm"]["lr"] == 1e-3
+    for m in (model, copy.deepcopy(model)):  # deepcopy drops attributes set on Parameters
+        groups = {g["name"]: g for g in model_param_groups(m, lr=1e-2, weight_decay=0.1)}
+        assert groups["ssm@2e-05"]["lr"] == 2e-5 and groups["ssm"]["lr"] == 1e-3
+        n_ssm = len(groups["ssm@2e-05"]["params"]) + len(groups["ssm"]["params"])
+        assert n_ssm == sum(len(b.ssm_param_lrs) for b in m.modules() if hasattr(b, "ssm_param_lrs"))
 
 
 def test_swap_text_tower_to_ssm_keeps_vision_weights(tiny_models, tmp_path):

@@ -123,6 +123,9 @@ def export_model(model: nn.Module, directory: str | Path) -> Path:
     model exactly. Plain open_clip architectures also get `open_clip_config.json`,
     so `open_clip.create_model("local-dir:DIR")` reads the export too.
     """
+    while not hasattr(model, "modx_config") and hasattr(model, "module"):
+        model = model.module  # DDP / Accelerate wrappers
+    model = getattr(model, "_orig_mod", model)  # torch.compile
     config = getattr(model, "modx_config", None)
     if config is None:
         raise ValueError("model has no `modx_config`: create it with modx.models.create_model")

@@ -12,6 +12,20 @@ def is_ssm_parameter(param: nn.Parameter) -> bool:
     return bool(getattr(param, "_modx_ssm", False))
 
 
+def ssm_parameter_lrs(model: nn.Module) -> dict[int, float | None]:
+    """id(param) -> its layer's learning rate (None: the default) for every SSM parameter.
+
+    Reads the tags and, for SSM blocks of modx towers, the `ssm_param_lrs` record that
+    survives `copy.deepcopy` (which drops attributes set on Parameters).
+    """
+    found = {id(p): getattr(p, "_modx_ssm_lr", None) for p in model.parameters()
+             if is_ssm_parameter(p)}
+    for module in model.modules():
+        for name, lr in getattr(module, "ssm_param_lrs", {}).items():
+            found[id(module.get_parameter(name))] = lr
+    return found
+
+
 def _no_decay(name: str, param: nn.Parameter, extra: set[str]) -> bool:
     # open_clip_train's rule (p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in the name), plus
     # embeddings (token, positional, class; HF `embeddings`) and the model's no_weight_decay().
@@ -36,6 +50,7 @@ def model_param_groups(
     (AdamW ignores it) and SSM groups with different learning rates are kept apart.
     """
     extra = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    ssm_lrs = ssm_parameter_lrs(model)
     default_ssm_lr = min(lr, 1e-3) if ssm_lr is None else ssm_lr
     groups: dict[str, dict] = {
         "decay": {"name": "decay", "params": [], "lr": lr, "weight_decay": weight_decay},
@@ -44,8 +59,8 @@ def model_param_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if is_ssm_parameter(param):
-            p_lr = getattr(param, "_modx_ssm_lr", default_ssm_lr)
+        if id(param) in ssm_lrs:
+            p_lr = default_ssm_lr if ssm_lrs[id(param)] is None else ssm_lrs[id(param)]
             key = "ssm" if p_lr == default_ssm_lr else f"ssm@{p_lr:g}"
             groups.setdefault(key, {"name": key, "params": [], "lr": p_lr,
                                     "weight_decay": ssm_weight_decay})

@@ -99,6 +99,10 @@ class SSMBlock(nn.Module):
         super().__init__()
         self.ln_1 = LayerNorm(width)
         self.ssm = ssm
+        # The SSM layer's tags (`_modx_ssm`, `_modx_ssm_lr`) live on the Parameter objects,
+        # which copy.deepcopy does not preserve; this record (names -> lr) survives copies.
+        self.ssm_param_lrs = {f"ssm.{n}": getattr(p, "_modx_ssm_lr", None)
+                              for n, p in ssm.named_parameters() if getattr(p, "_modx_ssm", False)}
         self.ls_1 = LayerScale(width, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.mlp = None
         if mlp_ratio > 0:
