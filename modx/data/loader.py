@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import count, islice
+from typing import NamedTuple
 
 import torch
 import webdataset as wds
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from modx.data.samples import decode_samples, dedupe, every, tar_samples
 from modx.data.stats import SkipStats
-from modx.data.urls import DataError, parse_sources, shard_sizes
+from modx.data.urls import DataError, Source, parse_sources, shard_sizes
 
 CAPTION_MODES = ("sample", "all", "first")
 log = logging.getLogger("modx.data")
@@ -341,59 +342,32 @@ def make_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
     sources = parse_sources(urls, weights)
-    all_urls = tuple(u for s in sources for u in s.urls)
-    weighted = any(s.weight is not None for s in sources)
-    n_shards = len(all_urls)
     if mode == "eval":
         if budget_samples is not None or budget_steps is not None:
             raise ValueError("budget_samples/budget_steps apply to mode='train' only")
-        sample_split = n_shards < world_size
-        mine = all_urls if sample_split else all_urls[rank::world_size]
-        use = min(workers, len(mine))
-        num_batches = _eval_batches(mine, max(use, 1), batch_size, rank, world_size, sample_split)
-        plan_sources, plan_weights, quotas, repeat = (mine,), None, None, False
+        lay = _eval_layout(sources, rank, world_size, workers, batch_size)
     else:
-        sample_split = False
-        if weighted and not resampled:
-            raise DataError(f"source weights in {urls!r} need resampled=True")
-        if resampled:
-            use = workers
-        elif n_shards < world_size:
-            raise DataError(
-                f"{n_shards} shard(s) cannot be split over {world_size} ranks without "
-                "resampling: use resampled=True or write more, smaller shards"
-            )
-        else:
-            use = min(workers, n_shards // world_size)
-        num_batches = _train_batches(all_urls, batch_size, world_size, budget_samples, budget_steps)
-        quotas = None
-        if num_batches is not None:
-            quotas = tuple(_split_count(num_batches, max(use, 1), w) for w in range(max(use, 1)))
-        repeat = num_batches is not None
-        if weighted:
-            plan_sources = tuple(s.urls for s in sources)
-            plan_weights = tuple(1.0 if s.weight is None else s.weight for s in sources)
-        else:
-            plan_sources, plan_weights = (all_urls,), None
-    if use < workers:
+        budget = (budget_samples, budget_steps)
+        lay = _train_layout(sources, rank, world_size, workers, batch_size, resampled, budget)
+    if lay.workers < workers:
         log.log(
             logging.INFO if mode == "eval" else logging.WARNING,
             "%d shard(s) for %d rank(s) x %d workers: using %d worker(s) on rank %d",
-            *(n_shards, world_size, workers, use, rank),
+            *(sum(len(s.urls) for s in sources), world_size, workers, lay.workers, rank),
         )
     if drop_last is None:
         drop_last = mode == "train"
     plan = _Plan(
         mode=mode,
-        sources=plan_sources,
-        weights=plan_weights,
+        sources=lay.sources,
+        weights=lay.weights,
         rank=rank,
         world_size=world_size,
-        workers=max(use, 1),
-        sample_split=sample_split,
+        workers=max(lay.workers, 1),
+        sample_split=lay.sample_split,
         resampled=resampled and mode == "train",
-        repeat=repeat,
-        quotas=quotas,
+        repeat=lay.num_batches is not None and mode == "train",
+        quotas=lay.quotas,
         batch_size=batch_size,
         partial=not drop_last,
         shuffle=shuffle if mode == "train" else 0,
@@ -402,7 +376,68 @@ def make_loader(
         preprocess=preprocess,
         tokenizer=tokenizer,
     )
-    return StreamLoader(plan, use, num_batches, pin_memory)
+    return StreamLoader(plan, lay.workers, lay.num_batches, pin_memory)
+
+
+class _Layout(NamedTuple):
+    """How one rank's data is laid out over its workers, decided before anything starts."""
+
+    sources: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...] | None
+    workers: int  # workers to use (<= requested; never more than there are shards to read)
+    num_batches: int | None  # batches per epoch on this rank
+    quotas: tuple[int, ...] | None  # batches per worker
+    sample_split: bool
+
+
+def _eval_layout(
+    sources: list[Source], rank: int, world: int, workers: int, batch_size: int
+) -> _Layout:
+    """Shards split over ranks, then workers; with fewer shards than ranks, every rank
+    reads them all and keeps every ``world``-th sample. No worker is left without shards."""
+    urls = tuple(u for s in sources for u in s.urls)
+    sample_split = len(urls) < world
+    mine = urls if sample_split else urls[rank::world]
+    use = min(workers, len(mine))
+    num_batches = _eval_batches(mine, max(use, 1), batch_size, rank, world, sample_split)
+    return _Layout((mine,), None, use, num_batches, None, sample_split)
+
+
+def _train_layout(
+    sources: list[Source],
+    rank: int,
+    world: int,
+    workers: int,
+    batch_size: int,
+    resampled: bool,
+    budget: tuple[int | None, int | None],
+) -> _Layout:
+    """Resampled: every worker draws from all shards. Split: at least one shard per worker
+    (fewer workers if needed), refused when there are fewer shards than ranks."""
+    urls = tuple(u for s in sources for u in s.urls)
+    weighted = any(s.weight is not None for s in sources)
+    if weighted and not resampled:
+        raise DataError(f"source weights in {[s.pattern for s in sources]} need resampled=True")
+    if resampled:
+        use = workers
+    elif len(urls) < world:
+        raise DataError(
+            f"{len(urls)} shard(s) cannot be split over {world} ranks without "
+            "resampling: use resampled=True or write more, smaller shards"
+        )
+    else:
+        use = min(workers, len(urls) // world)
+    num_batches = _train_batches(urls, batch_size, world, *budget)
+    quotas = None
+    if num_batches is not None:
+        quotas = tuple(_split_count(num_batches, max(use, 1), w) for w in range(max(use, 1)))
+    if weighted:
+        return _Layout(
+            tuple(s.urls for s in sources),
+            tuple(1.0 if s.weight is None else s.weight for s in sources),
+            *(use, num_batches, quotas, False),
+        )
+    return _Layout((urls,), None, use, num_batches, quotas, False)
 
 
 def _train_batches(
