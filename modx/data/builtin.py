@@ -30,7 +30,7 @@ from tqdm import tqdm
 from modx.data.sources import split_of
 from modx.data.writer import write_shards
 
-VERSION = 2  # bump when the generated data changes; ensure_builtin then rebuilds
+VERSION = 3  # bump when the generated data changes; ensure_builtin then rebuilds
 
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -274,6 +274,7 @@ def build_builtin(
     items = list(tqdm(builtin_samples(name, seed), desc=name, unit="img", disable=not progress))
     test = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "test"]
     train = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "train"]
+    random.Random(seed).shuffle(train)  # mix classes across shards (textiles come sorted)
     per_shard = math.ceil(len(train) / max(1, num_shards))
     n_train = len(write_shards(train, out_dir, "train", per_shard))
     n_test = len(write_shards(test, out_dir, "test", max(1, len(test))))
