@@ -66,7 +66,7 @@ def expand_pattern(pattern: str) -> list[str]:
     if missing:
         raise DataError(
             f"{len(missing)} of {len(urls) + len(missing)} shards of {pattern!r} do not exist, "
-            f"e.g. {missing[0]}"
+            f"e.g. {missing[0]} (a glob like dir/*.tar or the directory takes those that do)"
         )
     return urls
 
