@@ -80,16 +80,6 @@ def test_blocked_vandermonde_equals_the_plain_product():
         )
 
 
-def test_long_kernels_use_blocking_without_changing_the_result(monkeypatch):
-    from modx.models.ssm import kernel
-
-    A, B, C, dt = _system(H=2, N=4)
-    K_plain = ssm_kernel(A, B, C, dt, 300)
-    monkeypatch.setattr(kernel, "_BLOCK_ELEMS", 10)
-    monkeypatch.setattr(kernel, "vandermonde", None)  # the plain path must not be taken
-    torch.testing.assert_close(ssm_kernel(A, B, C, dt, 300), K_plain, rtol=1e-10, atol=1e-12)
-
-
 def test_bidirectional_fft_conv_equals_a_double_loop():
     L, H = 9, 2
     u = torch.randn(1, L, H, dtype=torch.float64)

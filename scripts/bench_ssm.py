@@ -1,0 +1,199 @@
+"""Forward+backward time and peak memory of S4D, S5 and softmax attention layers.
+
+    python scripts/bench_ssm.py [--lengths 77 256 1024 4096] [--repeats 3] [--out runs/bench_ssm.json]
+
+Each layer maps (batch, L, H) -> (batch, L, H); the loss is the mean square of the output.
+Every (layer, L) runs in a fresh subprocess so that peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated, on CPU the growth of the peak resident set size over the
+process after the model and input were built. Time is the median of --repeats timed
+iterations after one warm-up; a configuration whose warm-up alone exceeds --max-seconds is
+reported from that single iteration ("runs" = 1). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modx.models.ssm import S4D, S5  # noqa: E402
+
+LAYERS = ("s4d", "s5", "attention")
+
+
+class Attention(nn.Module):
+    """Softmax self-attention (non-causal) with QKV and output projections."""
+
+    def __init__(self, d_model: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, H)
+        B, L, H = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, H/heads)
+        return self.out(y.transpose(1, 2).reshape(B, L, H))
+
+
+def build(layer: str, d_model: int, d_state: int) -> nn.Module:
+    if layer == "s4d":
+        return S4D(d_model, d_state)
+    if layer == "s5":
+        return S5(d_model, d_state)
+    if layer == "attention":
+        return Attention(d_model)
+    raise ValueError(f"unknown layer {layer!r}; choose from {LAYERS}")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(layer: str, L: int, args: argparse.Namespace) -> dict:
+    """One (layer, L) configuration in this process: time and peak memory of fwd+bwd."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build(layer, args.d_model, args.d_state).to(device)
+    x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
+    cuda = device.type == "cuda"
+
+    def step() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(x).square().mean().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        return time.perf_counter() - t
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    warm = step()
+    times = [warm] if warm > args.max_seconds else [step() for _ in range(args.repeats)]
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "layer": layer,
+        "L": L,
+        "ms": 1000 * statistics.median(times),
+        "runs": len(times),
+        "peak_mib": max(0, peak - base) / 2**20,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=LAYERS)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[77, 256, 1024, 4096])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--d-state", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--max-seconds", type=float, default=5.0, help="warm-up longer than this: report it alone"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_ssm.json"))
+    parser.add_argument("--worker", nargs=2, metavar=("LAYER", "L"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args)))
+        return []
+
+    passthrough = [
+        *(
+            "--d-model",
+            str(args.d_model),
+            "--d-state",
+            str(args.d_state),
+            "--batch",
+            str(args.batch),
+        ),
+        *(
+            "--repeats",
+            str(args.repeats),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--device",
+            args.device,
+        ),
+    ]
+    rows = []
+    print(f"{'layer':<10} {'L':>5} {'fwd+bwd ms':>11} {'runs':>4} {'peak MiB':>9}")
+    for L in args.lengths:
+        for layer in args.layers:
+            cmd = [sys.executable, __file__, "--worker", layer, str(L), *passthrough]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                row = {"layer": layer, "L": L, "error": proc.stderr.strip().splitlines()[-1:]}
+                print(f"{layer:<10} {L:>5}  failed: {row['error']}")
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(
+                    f"{layer:<10} {L:>5} {row['ms']:>11.1f} {row['runs']:>4} {row['peak_mib']:>9.1f}"
+                )
+            rows.append(row)
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "machine": machine(args.device),
+        "command": " ".join(
+            ["python", "scripts/bench_ssm.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
