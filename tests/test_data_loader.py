@@ -347,6 +347,22 @@ def test_all_shards_broken_ends_instead_of_hanging(tmp_path, resampled):
     assert set(loader.stats.reasons) == {"truncated_tar"}
 
 
+def test_endless_stream_of_unusable_samples_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr("modx.data.loader.MAX_BAD_RUN", 50)
+    # captions under an extension modx does not read: every sample is missing_caption
+    write_tar(
+        str(tmp_path / "u-000000.tar"),
+        [{"__key__": f"k{i}", "png": png(i), "caption": "x"} for i in range(5)],
+    )
+    loader = _loader(f"{tmp_path}/u-000000.tar", mode="train", budget_steps=5)
+    assert list(loader) == []
+    assert loader.stats.as_dict() == {
+        "samples": 0,
+        "skipped": 50,
+        "reasons": {"missing_caption": 50},
+    }
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_eval_and_train(tmp_path):
     make_shards(str(tmp_path), "q", 3, 5)

@@ -4,8 +4,8 @@ Each rank builds its own loader (never hand it to ``accelerator.prepare``). Insi
 DataLoader worker the pipeline is
 
     shard URLs (resampled, or split by rank and worker)
-      -> tar_samples -> dedupe -> decode_samples (+ preprocess) -> [mix sources]
-      -> shuffle buffer (train) -> batched + tokenizer
+      -> tar_samples -> dedupe -> [mix sources] -> shuffle buffer of raw bytes (train)
+      -> decode_samples (+ preprocess) -> batched + tokenizer
 
 and each batch carries the worker's skip counts to the main process (``loader.stats``).
 """
@@ -34,6 +34,7 @@ from modx.data.urls import DataError, Source, parse_sources, shard_sizes
 
 CAPTION_MODES = ("sample", "all", "first")
 log = logging.getLogger("modx.data")
+MAX_BAD_RUN = 10_000  # an endless stream stops after this many unusable samples in a row
 
 
 def dist_info() -> tuple[int, int]:
@@ -120,22 +121,22 @@ def _mix(
         yield sample
 
 
-def _stop_when_idle(shards: Iterable[dict], good: list[int], limit: int) -> Iterator[dict]:
-    """Pass shards through, but stop after ``limit`` shards in a row gave no good sample
+def _stop_when_idle(shards: Iterable[dict], read: list[int], limit: int) -> Iterator[dict]:
+    """Pass shards through, but stop after ``limit`` shards in a row gave no sample at all
     (every shard broken would otherwise loop forever in resampled or repeated mode)."""
-    idle, last = 0, good[0]
+    idle, last = 0, read[0]
     for shard in shards:
-        idle = idle + 1 if good[0] == last else 0
-        last = good[0]
+        idle = idle + 1 if read[0] == last else 0
+        last = read[0]
         if idle > limit:
-            log.warning("stopping: the last %d shards gave no usable sample", limit)
+            log.warning("stopping: the last %d shards gave no sample", limit)
             return
         yield shard
 
 
-def _count(samples: Iterable[dict], good: list[int]) -> Iterator[dict]:
+def _count(samples: Iterable[dict], read: list[int]) -> Iterator[dict]:
     for sample in samples:
-        good[0] += 1
+        read[0] += 1
         yield sample
 
 
@@ -145,31 +146,37 @@ class _StreamDataset(IterableDataset):
         self.plan = plan
         self.epoch = epoch  # multiprocessing.Value shared with persistent workers
 
-    def _samples(
-        self, shards: Iterable[dict], stats: SkipStats, rng: random.Random
-    ) -> Iterator[dict]:
+    def _raw(self, shards: Iterable[dict], stats: SkipStats) -> Iterator[dict]:
+        """Undecoded samples (bytes) of the shards: grouped, deduplicated, rank-split."""
         plan = self.plan
-        eval_mode = plan.mode == "eval"
         # With a sample-level split every rank reads the same shards, so shard-level
         # problems and duplicates are counted on rank 0 only.
         shared = stats if not plan.sample_split or plan.rank == 0 else SkipStats()
-        good = [0]
+        read = [0]
         limit = 2 * sum(len(src) for src in plan.sources) + 2
-        shards = _stop_when_idle(shards, good, limit)
-        samples = dedupe(tar_samples(shards, shared), shared, per_shard=not eval_mode)
+        samples = _count(tar_samples(_stop_when_idle(shards, read, limit), shared), read)
+        samples = dedupe(samples, shared, per_shard=plan.mode == "train")
         if plan.sample_split:
             samples = every(samples, plan.rank, plan.world_size)
-        captions = "first" if eval_mode and plan.captions == "sample" else plan.captions
-        return _count(decode_samples(samples, stats, plan.preprocess, captions, rng), good)
+        return samples
+
+    def _decode(
+        self, samples: Iterable[dict], stats: SkipStats, rng: random.Random, endless: bool
+    ) -> Iterator[dict]:
+        plan = self.plan
+        captions = "first" if plan.mode == "eval" and plan.captions == "sample" else plan.captions
+        max_bad_run = MAX_BAD_RUN if endless else None
+        return decode_samples(samples, stats, plan.preprocess, captions, rng, max_bad_run)
 
     def _pipeline(self, worker: int, epoch: int, stats: SkipStats) -> Iterator[dict]:
         plan = self.plan
         rng = random.Random(_seed(plan.seed, epoch, plan.rank, worker))
         if plan.mode == "eval":
             urls = plan.sources[0][worker :: plan.workers]
-            samples = self._samples(({"url": u} for u in urls), stats, rng)
+            samples = self._decode(self._raw(({"url": u} for u in urls), stats), stats, rng, False)
         elif plan.resampled:
-            samples = self._shuffle(self._resampled(worker, epoch, stats, rng), rng)
+            raw = self._shuffle(self._resampled(worker, epoch, stats, rng), rng)
+            samples = self._decode(raw, stats, rng, endless=True)
         else:
             samples = self._passes(worker, epoch, stats, rng)
         return self._batches(samples, stats)
@@ -177,7 +184,7 @@ class _StreamDataset(IterableDataset):
     def _resampled(
         self, worker: int, epoch: int, stats: SkipStats, rng: random.Random
     ) -> Iterator[dict]:
-        """Endless samples from shards drawn with replacement, seeded per rank and worker."""
+        """Endless raw samples from shards drawn with replacement, seeded per rank and worker."""
         plan = self.plan
         streams = []
         for i, src in enumerate(plan.sources):
@@ -187,7 +194,7 @@ class _StreamDataset(IterableDataset):
                 worker_seed=partial(_constant, _seed(plan.rank, worker)),
                 deterministic=True,
             )
-            streams.append(self._samples(iter(shards), stats, rng))
+            streams.append(self._raw(iter(shards), stats))
         if len(streams) == 1:
             return streams[0]
         return _mix(streams, plan.weights, rng)
@@ -200,8 +207,9 @@ class _StreamDataset(IterableDataset):
         plan = self.plan
         for n_pass in count():
             urls = _pass_shards(plan.sources[0], plan, epoch, n_pass, worker)
+            raw = self._shuffle(self._raw(({"url": u} for u in urls), stats), rng)
             delivered = 0
-            for sample in self._shuffle(self._samples(({"url": u} for u in urls), stats, rng), rng):
+            for sample in self._decode(raw, stats, rng, endless=False):
                 delivered += 1
                 yield sample
             if not plan.repeat or delivered == 0:

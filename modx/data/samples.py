@@ -139,31 +139,47 @@ def decode_samples(
     preprocess: Callable | None,
     captions: str,
     rng: random.Random,
+    max_bad_run: int | None = None,
 ) -> Iterator[dict]:
     """Check and decode samples into ``{"key", "image", "captions"}``.
 
     ``captions``: "all" keeps every caption, "sample" picks one at random (``rng``),
     "first" the first one. ``image`` is ``preprocess(PIL RGB image)``, or the PIL image.
+    An endless stream stops after ``max_bad_run`` unusable samples in a row (e.g. shards
+    whose captions all sit under another extension), instead of never yielding.
     """
+    bad_run = 0
     for sample in samples:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None:
-            stats.skip("missing_image")
+        item = _decode_one(sample, stats, preprocess)
+        if item is None:
+            bad_run += 1
+            if max_bad_run is not None and bad_run >= max_bad_run:
+                log.warning("stopping: the last %d samples were all unusable", bad_run)
+                return
             continue
-        caps = read_captions(sample)
-        if isinstance(caps, str):
-            stats.skip(caps)
-            continue
-        try:
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                image = img.convert("RGB")
-            if preprocess is not None:
-                image = preprocess(image)
-        except Exception:  # PIL raises many types for bad bytes
-            stats.skip("bad_image")
-            continue
+        bad_run = 0
         if captions == "sample":
-            caps = [rng.choice(caps)]
+            item["captions"] = [rng.choice(item["captions"])]
         elif captions == "first":
-            caps = caps[:1]
-        yield {"key": sample["__key__"], "image": image, "captions": caps}
+            item["captions"] = item["captions"][:1]
+        yield item
+
+
+def _decode_one(sample: dict, stats: SkipStats, preprocess: Callable | None) -> dict | None:
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        stats.skip("missing_image")
+        return None
+    caps = read_captions(sample)
+    if isinstance(caps, str):
+        stats.skip(caps)
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[ext])) as img:
+            image = img.convert("RGB")
+        if preprocess is not None:
+            image = preprocess(image)
+    except Exception:  # PIL raises many types for bad bytes
+        stats.skip("bad_image")
+        return None
+    return {"key": sample["__key__"], "image": image, "captions": caps}
