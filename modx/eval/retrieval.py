@@ -38,7 +38,7 @@ ArrayLike = np.ndarray | torch.Tensor
 
 _SCORE_CHUNK = 1 << 24  # float32 scores held at once by the torch backend (64 MiB)
 _FAISS_CHUNK = 16384  # queries per faiss search call
-_PAIR_CHUNK = 1 << 15  # (query, item) pairs rescored in float64 at once
+_PAIR_CHUNK = 1 << 12  # (query, item) pairs rescored in float64 at once
 _MARGIN = 8  # extra faiss candidates, so near-ties at the cut cannot change a rank
 
 
@@ -196,10 +196,15 @@ def _ranks_by_counting(
         hi = torch.from_numpy(pos[s:e] + tol[s:e]).float()[:, None]
         # float32 rounding of lo/hi: widen by one ulp so the band keeps its guarantee
         lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
-        ranks[s:e] = (scores > hi).sum(1).numpy()
-        r, c = torch.nonzero((scores >= lo) & (scores <= hi), as_tuple=True)
-        if len(r):
-            ranks[s:e] += _count_at_or_above(q, g, pos, is_pos, r.numpy(), c.numpy(), s, e)
+        above = (scores > hi).sum(1)  # (c,)
+        in_band = (scores >= lo).sum(1) - above  # (c,) usually all zero
+        ranks[s:e] = above.numpy()
+        rows = torch.nonzero(in_band, as_tuple=True)[0]
+        if len(rows):
+            sub = scores[rows]
+            r, c = torch.nonzero((sub >= lo[rows]) & (sub <= hi[rows]), as_tuple=True)
+            r = rows[r].numpy()
+            ranks[s:e] += _count_at_or_above(q, g, pos, is_pos, r, c.numpy(), s, e)
     return ranks
 
 
