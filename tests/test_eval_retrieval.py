@@ -93,7 +93,8 @@ def test_matches_open_clip_get_clip_metrics_on_one_caption_per_image():
 
 def test_backends_identical_and_equal_to_naive_with_many_exact_ties(monkeypatch):
     # small-integer embeddings: dot products are exact, ties are everywhere
-    monkeypatch.setattr(retrieval, "_SCORE_CHUNK", 50)  # several query chunks
+    monkeypatch.setattr(retrieval, "_SCORE_CHUNK", 50)  # several query and gallery tiles
+    monkeypatch.setattr(retrieval, "_QUERY_TILE", 7)
     monkeypatch.setattr(retrieval, "_FAISS_CHUNK", 7)
     rng = np.random.default_rng(2)
     img = rng.integers(-1, 2, size=(40, 4)).astype(np.float32)
@@ -148,6 +149,13 @@ def test_torch_tensors_accepted_and_approximate_index_close():
         (np.ones((2, 3)), np.ones((2, 3)), [0], {}, "one per text"),
         (np.ones((2, 3)), np.ones((2, 3)), [0, 1], {"ks": (0,)}, "positive"),
         (np.ones((2, 3)), np.ones((2, 3)), [0, 1], {"backend": "annoy"}, "backend"),
+        (
+            np.ones((2, 3)),
+            np.ones((2, 3)),
+            [0, 1],
+            {"backend": "torch", "approximate": True},
+            "faiss",
+        ),
         (np.full((2, 3), np.nan), np.ones((2, 3)), [0, 1], {}, "NaN"),
     ],
 )

@@ -19,10 +19,10 @@ float64 comparison below, which is why ``faiss`` and ``torch`` agree exactly:
   ``max(ks) + positives + margin`` items per query, then float64 rescoring of those.
   ``approximate=True`` uses an HNSW index instead (fast on huge galleries; then
   results may differ slightly from the exact ones).
-- ``torch``: chunked float32 scores against the whole gallery; items clearly above
+- ``torch``: float32 score tiles (queries x gallery blocks); items clearly above
   the match (by more than the float32 error bound) are counted, items within the
   bound are rescored in float64. This gives full ranks (mean / median rank).
-Memory is bounded by the query chunk (about 64 MiB of scores), never N x M.
+Memory is bounded by a score tile / query chunk (about 64 MiB), never N x M.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ Backend = Literal["faiss", "torch"]
 ArrayLike = np.ndarray | torch.Tensor
 
 _SCORE_CHUNK = 1 << 24  # float32 scores held at once by the torch backend (64 MiB)
+_QUERY_TILE = 1024  # queries per torch score tile (the gallery is tiled to fit the chunk)
 _FAISS_CHUNK = 16384  # queries per faiss search call
 _PAIR_CHUNK = 1 << 12  # (query, item) pairs rescored in float64 at once
 _MARGIN = 8  # extra faiss candidates, so near-ties at the cut cannot change a rank
@@ -62,6 +63,8 @@ def retrieval_metrics(
     ranks and are computed by the exact torch counting path whatever the backend.
     """
     img, txt, ids, ks = _validate(image_emb, text_emb, text_image_ids, ks, backend)
+    if approximate and backend != "faiss":
+        raise ValueError("approximate=True needs backend='faiss'")
     n_img = img.shape[0]
     # float64 score of each caption with its own image; both directions use it.
     pos_t2i = _dot64(txt, img, np.arange(len(ids)), ids)  # (M,)
@@ -179,8 +182,9 @@ def _ranks_by_counting(
     pos: np.ndarray,
     is_pos: Callable[[np.ndarray, np.ndarray], np.ndarray],
 ) -> np.ndarray:
-    """Exact ranks: chunked float32 scores; a score more than the float32 error bound
-    above the match is counted directly, one within the bound is rescored in float64.
+    """Exact ranks from float32 score tiles (query block x gallery block): a score more
+    than the float32 error bound above the match is counted directly, one within the
+    bound is rescored in float64.
     Bound: |fl32(<a,b>) - <a,b>| <= d u ||a|| ||b|| / (1 - d u), u = 2^-24."""
     d = q.shape[1]
     u = d * 2.0**-24
@@ -188,23 +192,25 @@ def _ranks_by_counting(
     g_norm_max = float(np.linalg.norm(g, axis=1).max())
     tol = 1.01 * u / (1 - u) * np.linalg.norm(q, axis=1) * g_norm_max + 1e-30  # (nq,)
     ranks = np.zeros(q.shape[0], dtype=np.int64)
-    chunk = max(1, _SCORE_CHUNK // g.shape[0])
-    for s in range(0, q.shape[0], chunk):
-        e = min(s + chunk, q.shape[0])
-        scores = qt[s:e] @ gt.T  # (c, n_gallery) float32
-        lo = torch.from_numpy(pos[s:e] - tol[s:e]).float()[:, None]
+    q_tile = min(_QUERY_TILE, q.shape[0])
+    g_tile = max(1, _SCORE_CHUNK // q_tile)
+    for s in range(0, q.shape[0], q_tile):
+        e = min(s + q_tile, q.shape[0])
+        lo = torch.from_numpy(pos[s:e] - tol[s:e]).float()[:, None]  # (c, 1)
         hi = torch.from_numpy(pos[s:e] + tol[s:e]).float()[:, None]
         # float32 rounding of lo/hi: widen by one ulp so the band keeps its guarantee
         lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
-        above = (scores > hi).sum(1)  # (c,)
-        in_band = (scores >= lo).sum(1) - above  # (c,) usually all zero
-        ranks[s:e] = above.numpy()
-        rows = torch.nonzero(in_band, as_tuple=True)[0]
-        if len(rows):
-            sub = scores[rows]
-            r, c = torch.nonzero((sub >= lo[rows]) & (sub <= hi[rows]), as_tuple=True)
-            r = rows[r].numpy()
-            ranks[s:e] += _count_at_or_above(q, g, pos, is_pos, r, c.numpy(), s, e)
+        for gs in range(0, g.shape[0], g_tile):
+            scores = qt[s:e] @ gt[gs : gs + g_tile].T  # (c, tile) float32
+            above = (scores > hi).sum(1)  # (c,)
+            in_band = (scores >= lo).sum(1) - above  # (c,) usually all zero
+            ranks[s:e] += above.numpy()
+            rows = torch.nonzero(in_band, as_tuple=True)[0]
+            if len(rows):
+                sub = scores[rows]
+                r, c = torch.nonzero((sub >= lo[rows]) & (sub <= hi[rows]), as_tuple=True)
+                r, c = rows[r].numpy(), c.numpy() + gs
+                ranks[s:e] += _count_at_or_above(q, g, pos, is_pos, r, c, s, e)
     return ranks
 
 
