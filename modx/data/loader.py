@@ -228,8 +228,11 @@ class _StreamDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        epoch = int(self.epoch.value)
+        if info is not None:  # random augmentations in preprocess: per rank, worker, epoch
+            torch.manual_seed(_seed(self.plan.seed, epoch, self.plan.rank, worker, 1))
         stats = SkipStats()
-        batches = self._pipeline(worker, int(self.epoch.value), stats)
+        batches = self._pipeline(worker, epoch, stats)
         if self.plan.quotas is not None:
             batches = islice(batches, self.plan.quotas[worker])
         for batch in batches:
