@@ -6,7 +6,8 @@
 Prints a Markdown table and writes JSON. Times are medians over --repeats steps after one
 warm-up step, wall clock, with torch.set_num_threads(--threads); images at the config's
 size, captions at its context length. The load average is recorded, since a busy machine
-slows every number.
+slows every number: the table also gives the process CPU seconds of a step (all threads)
+and the 1-minute load average after each model.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from open_clip.loss import ClipLoss
 from modx.models import create_model, list_models
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and process CPU seconds (all threads) of `fn` after a warm-up."""
+    fn()
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def bench(name: str, batch: int, repeats: int) -> dict:
@@ -55,6 +58,8 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).backward()
 
     model.train()
+    fwd_wall, fwd_cpu = _median_time(forward, repeats)
+    step_wall, step_cpu = _median_time(train_step, repeats)
     return {
         "model": name,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -62,8 +67,10 @@ def bench(name: str, batch: int, repeats: int) -> dict:
         "context_length": int(text.shape[1]),
         "batch": batch,
         "build_s": round(build_s, 2),
-        "forward_s": round(_median_time(forward, repeats), 3),
-        "fwd_bwd_s": round(_median_time(train_step, repeats), 3),
+        "forward_s": round(fwd_wall, 3),
+        "fwd_bwd_s": round(step_wall, 3),
+        "fwd_bwd_cpu_s": round(step_cpu, 3),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -81,8 +88,10 @@ def main() -> None:
     for name in args.models:
         rows.append(bench(name, args.batch, args.repeats))
         print(f"  measured {name}", flush=True)
-    header = ["model", "params (M)", "image", "ctx", "batch", "forward (s)", "fwd+bwd (s)"]
-    keys = ["model", "params_M", "image_size", "context_length", "batch", "forward_s", "fwd_bwd_s"]
+    header = ["model", "params (M)", "image", "ctx", "batch", "forward (s)", "fwd+bwd (s)",
+              "fwd+bwd CPU (s)", "load"]
+    keys = ["model", "params_M", "image_size", "context_length", "batch", "forward_s", "fwd_bwd_s",
+            "fwd_bwd_cpu_s", "load_avg_1m"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
