@@ -7,7 +7,8 @@ Every (layer, L) runs in a fresh subprocess so that peak memory is its own: on C
 torch.cuda.max_memory_allocated, on CPU the growth of the peak resident set size over the
 process after the model and input were built. Time is the median of --repeats timed
 iterations after one warm-up; a configuration whose warm-up alone exceeds --max-seconds is
-reported from that single iteration ("runs" = 1). Prints a table and writes JSON.
+reported from that single iteration ("runs" = 1). Prints a table and writes JSON, with the
+machine and its load average (CPU timings on a shared machine are only as good as its load).
 """
 
 from __future__ import annotations
@@ -105,6 +106,14 @@ def measure(layer: str, L: int, args: argparse.Namespace) -> dict:
     }
 
 
+def _loadavg() -> float | None:
+    """1-minute load average: other processes on the machine distort CPU timings."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def machine(device: str) -> dict:
     cpu = platform.processor()
     try:
@@ -140,32 +149,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--max-seconds", type=float, default=5.0, help="warm-up longer than this: report it alone"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_ssm.json"))
     parser.add_argument("--worker", nargs=2, metavar=("LAYER", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.worker:
         print(json.dumps(measure(args.worker[0], int(args.worker[1]), args)))
         return []
 
     passthrough = [
-        *(
-            "--d-model",
-            str(args.d_model),
-            "--d-state",
-            str(args.d_state),
-            "--batch",
-            str(args.batch),
-        ),
-        *(
-            "--repeats",
-            str(args.repeats),
-            "--max-seconds",
-            str(args.max_seconds),
-            "--device",
-            args.device,
-        ),
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("d_model", "d_state", "batch")
     ]
+    passthrough += [
+        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("repeats", "max_seconds", "device")
+    ]
+    if args.threads:
+        passthrough.append(f"--threads={args.threads}")
+    load_before = _loadavg()
     rows = []
     print(f"{'layer':<10} {'L':>5} {'fwd+bwd ms':>11} {'runs':>4} {'peak MiB':>9}")
     for L in args.lengths:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-        "machine": machine(args.device),
+        "machine": {**machine(args.device), "loadavg_1min_before_after": [load_before, _loadavg()]},
         "command": " ".join(
             ["python", "scripts/bench_ssm.py", *(argv if argv is not None else sys.argv[1:])]
         ),

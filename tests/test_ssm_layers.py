@@ -248,3 +248,13 @@ def test_real_part_transforms_start_at_the_init_and_stay_negative(transform):
         for value in (-5.0, 0.0, 5.0):  # any parameter value must give a decaying mode
             m.A_re.fill_(value)
             assert (m.ssm()[0].real < 0).all()
+
+
+@pytest.mark.parametrize("transform", ["exp", "relu", "softplus", "none"])
+def test_ptd_init_survives_every_transform(transform):
+    # PTD decay rates reach hundreds: the inverse transforms must not overflow
+    m = S4D(2, 16, init="ptd", transform=transform).double()
+    A, B, _, _ = m.ssm()
+    A_ref, B_ref = (torch.as_tensor(x) for x in diagonal_init("ptd", 16))
+    torch.testing.assert_close(A[0], A_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(B[1], B_ref, rtol=1e-6, atol=1e-6)

@@ -36,7 +36,7 @@ def _real_param(re: Tensor, transform: str) -> Tensor:
     if transform == "relu":
         return decay
     if transform == "softplus":
-        return torch.log(torch.expm1(decay))
+        return decay + torch.log(-torch.expm1(-decay))  # softplus^{-1}, overflow-free
     if transform == "none":
         return -decay
     raise ValueError(f"unknown real-part transform {transform!r}; choose one of {TRANSFORMS}")
@@ -85,6 +85,12 @@ class _SSMBase(nn.Module):
     def ssm_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters (dt, A, B) that want their own learning rate and no weight decay."""
         return (p for p in self.parameters() if getattr(p, "_modx_ssm", False))
+
+    def param_groups(
+        self, lr: float, weight_decay: float, ssm_lr: float | None = None
+    ) -> list[dict]:
+        """Optimiser groups of this layer; see `ssm_param_groups`."""
+        return ssm_param_groups(self, lr, weight_decay, ssm_lr)
 
 
 class S4D(_SSMBase):
