@@ -408,3 +408,25 @@ def test_small_and_base_configs_build(name):
         out = model(img, txt)
     assert out["image_features"].shape[0] == 2
     assert txt.shape == (2, 77)
+
+
+def test_tiny_s4d_training_step_is_cheap(tiny_models):
+    """The demo budget: forward + ClipLoss + backward on 64 images of 32x32 costs ~0.45
+    CPU-seconds on one thread here (CPU time, so a busy machine does not fail it)."""
+    import time
+
+    model, _, _, tok = tiny_models("modx-tiny-s4d")
+    images, text = torch.randn(64, 3, 32, 32), tok(["a photo of a red circle"] * 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        costs = []
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            t0 = time.process_time()
+            out = model(images, text)
+            ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+            costs.append(time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    assert min(costs) < 2.0
