@@ -112,7 +112,7 @@ def naive_reference(u, v, u2, v2):
     out["alignment_change_deg"] = sum(ang(u2[i], v2[i]) - ang(u[i], v[i]) for i in range(n)) / n
 
     def right(q, g, i):
-        return all(float(q[i] @ g[j]) < float(q[i] @ g[i]) for j in range(n) if j != i)
+        return all(float(q[i] @ g[j]) <= float(q[i] @ g[i]) for j in range(n) if j != i)
 
     for name, q, g, q2, g2 in (("i2t", u, v, u2, v2), ("t2i", v, u, v2, u2)):
         old = [i for i in range(n) if right(q, g, i)]

@@ -13,16 +13,16 @@ BACKENDS = ("faiss", "torch")
 
 def naive_ranks(img, txt, ids):
     """Reference: full float64 score matrix, loops; rank = non-matching items scoring
-    >= the best match."""
+    strictly above the best match."""
     s = img.astype(np.float64) @ txt.astype(np.float64).T  # (N, M)
     i2t = []
     for i in range(len(img)):
         caps = [j for j in range(len(txt)) if ids[j] == i]
         if caps:
             best = max(s[i, j] for j in caps)
-            i2t.append(sum(s[i, j] >= best for j in range(len(txt)) if ids[j] != i))
+            i2t.append(sum(s[i, j] > best for j in range(len(txt)) if ids[j] != i))
     t2i = [
-        sum(s[i, j] >= s[ids[j], j] for i in range(len(img)) if i != ids[j])
+        sum(s[i, j] > s[ids[j], j] for i in range(len(img)) if i != ids[j])
         for j in range(len(txt))
     ]
     return np.array(i2t), np.array(t2i)
@@ -48,25 +48,33 @@ def test_hand_made_several_captions_per_image(backend):
     txt = np.array([[1, 0], [0, 1], [0, 1], [0.8, 0.6]], np.float32)
     ids = [0, 0, 1, 2]
     m = retrieval_metrics(img, txt, ids, ks=(1, 2, 3, 10), backend=backend)
-    # i2t ranks: image0 0 (caption 0), image1 1 (caption 1 ties its caption 2), image2 0
-    assert m["i2t_R@1"] == pytest.approx(200 / 3)
-    assert m["i2t_R@2"] == m["i2t_R@3"] == 100.0
-    # t2i ranks: 0, 2 (caption 1 prefers image1 and image2), 0, 0
+    # i2t ranks: image0 0 (its caption 0 beats its caption 1 and the others), image1 0
+    # (caption 1 of image0 only ties its caption 2), image2 0
+    assert m["i2t_R@1"] == 100.0
+    # t2i ranks: 0, 2 (caption 1 prefers image1 and image2 to its image0), 0, 0
     assert m["t2i_R@1"] == m["t2i_R@2"] == 75.0
     assert m["t2i_R@3"] == 100.0
     assert m["i2t_R@10"] == m["t2i_R@10"] == 100.0  # K beyond the gallery
-    expected_mean = np.mean([200 / 3, 100, 100, 100, 75, 75, 100, 100])
+    expected_mean = np.mean([100, 100, 100, 100, 75, 75, 100, 100])
     assert m["mean_recall"] == pytest.approx(expected_mean)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tie_with_a_non_matching_item_counts_against_the_query(backend):
-    # every embedding equal: each query ties with all others, rank = gallery - 1
-    z = np.ones((6, 3), np.float32)
-    m = retrieval_metrics(z, z, np.arange(6), ks=(1, 5, 6), backend=backend, ranks=True)
-    assert m["i2t_R@1"] == m["t2i_R@5"] == 0.0
-    assert m["i2t_R@6"] == m["t2i_R@6"] == 100.0
-    assert m["i2t_mean_rank"] == m["t2i_median_rank"] == 6.0
+def test_exact_tie_with_a_non_matching_item_counts_for_the_query(backend):
+    # templated captions: images 0-2 are class A, 3-5 class B, and every image's
+    # caption is its class's one text, so it ties with the class mates' captions
+    a, b = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    img = np.array(
+        [[1, 0, 0.1], [1, 0, 0.2], [1, 0, 0.3], [0, 1, 0.1], [0, 1, 0.2], [0, 1, 0.3]], np.float32
+    )
+    txt = np.array([a, a, a, b, b, b], np.float32)
+    m = retrieval_metrics(img, txt, np.arange(6), ks=(1, 3, 4), backend=backend, ranks=True)
+    assert m["i2t_R@1"] == 100.0 and m["i2t_mean_rank"] == 1.0
+    # text -> image: caption "a" scores the three class-A images equally, ties again
+    assert m["t2i_R@1"] == 100.0
+    # the flip side, documented: all-equal embeddings tie everywhere and score 100
+    z = np.ones((5, 3), np.float32)
+    assert retrieval_metrics(z, z, np.arange(5), ks=(1,), backend=backend)["mean_recall"] == 100.0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

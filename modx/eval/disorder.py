@@ -40,7 +40,8 @@ def spatial_disorder(
     - alignment_flip_{i2t,t2i}: among pairs whose top-1 retrieval the old model gets
       right, the fraction the new model gets wrong (0 when the old model gets none
       right; ``n_correct_old_*`` gives the denominators). Top-1 "right" uses the
-      retrieval tie rule: no other item scores >= the match.
+      retrieval tie rule: no other item scores strictly above the match (scores
+      within float64 rounding of it count as ties).
     The Procrustes rotation is unique only when the probe spans all d dimensions
     (n >= d); otherwise a warning is issued and the relative rotation is one of many.
     """
@@ -123,16 +124,18 @@ def procrustes(z: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def top1_correct(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(n,) bool: query i's match g_i scores strictly above every other g_j
-    (the pessimistic tie rule of modx.eval.retrieval), in row blocks."""
-    n = q.shape[0]
+    """(n,) bool: no g_j scores above query i's match g_i (the tie rule of
+    modx.eval.retrieval); a difference within the float64 matmul error bound
+    d * 2^-52 (unit rows) is a tie, so duplicate rows tie exactly. In row blocks."""
+    n, d = q.shape
+    tol = d * 2.0**-52
     out = np.empty(n, dtype=bool)
     rows = max(1, _CHUNK_ELEMENTS // n)
     for s in range(0, n, rows):
         e = min(s + rows, n)
         scores = q[s:e] @ g.T  # (e-s, n)
         pos = scores[np.arange(e - s), np.arange(s, e)]
-        out[s:e] = (scores >= pos[:, None]).sum(1) == 1  # only the match itself
+        out[s:e] = ~(scores > pos[:, None] + tol).any(1)
     return out
 
 

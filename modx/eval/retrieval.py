@@ -5,13 +5,16 @@ Several captions may belong to one image: ``text_image_ids[j]`` is the row of
 caption j's image.
 
 Rank and tie rule (both backends, by construction):
-    rank(query) = number of *non-matching* gallery items whose score is >= the
-    best matching item's score, the scores compared in float64.
+    rank(query) = number of *non-matching* gallery items whose score is strictly
+    greater than the best matching item's score, the scores compared in float64.
     A query is a hit at K when rank < K.
-A tie with a non-matching item therefore counts against the query (pessimistic),
-so a collapsed model whose embeddings are all equal scores 0, not 100. For
-image -> text the best of the image's captions is the match ("any caption in the
-top K"); for text -> image the caption's one image is.
+An exact tie with a non-matching item therefore counts in the query's favour
+(optimistic, competition ranking). Exact ties come from identical inputs: templated
+captions shared by many images ("a photo of the digit 3") or duplicate images, where
+the tied item is as right as the match. The flip side: a degenerate model whose
+embeddings are all identical scores 100. For image -> text the best of the image's
+captions is the match ("any caption in the top K"); for text -> image the caption's
+one image is.
 
 Backends only choose *candidates*; the rank is always decided by the shared
 float64 comparison below, which is why ``faiss`` and ``torch`` agree exactly:
@@ -157,7 +160,7 @@ def _dot64(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> 
     return out
 
 
-def _count_at_or_above(
+def _count_above(
     q: np.ndarray,
     g: np.ndarray,
     pos: np.ndarray,
@@ -168,11 +171,11 @@ def _count_at_or_above(
     stop: int,
 ) -> np.ndarray:
     """For queries start..stop-1: the number of the given non-matching pairs
-    (start + rows, cols) with float64 score >= the query's best match score."""
+    (start + rows, cols) with float64 score > the query's best match score."""
     rows = rows + start
     keep = ~is_pos(rows, cols)
     rows, cols = rows[keep], cols[keep]
-    hit = _dot64(q, g, rows, cols) >= pos[rows]
+    hit = _dot64(q, g, rows, cols) > pos[rows]
     return np.bincount(rows[hit] - start, minlength=stop - start)
 
 
@@ -210,7 +213,7 @@ def _ranks_by_counting(
                 sub = scores[rows]
                 r, c = torch.nonzero((sub >= lo[rows]) & (sub <= hi[rows]), as_tuple=True)
                 r, c = rows[r].numpy(), c.numpy() + gs
-                ranks[s:e] += _count_at_or_above(q, g, pos, is_pos, r, c, s, e)
+                ranks[s:e] += _count_above(q, g, pos, is_pos, r, c, s, e)
     return ranks
 
 
@@ -239,5 +242,5 @@ def _ranks_from_candidates(
         e = min(s + _FAISS_CHUNK, q.shape[0])
         _, cand = index.search(q[s:e], k)  # (c, k), -1 where fewer results
         r, c = np.nonzero(cand >= 0)
-        ranks[s:e] = _count_at_or_above(q, g, pos, is_pos, r, cand[r, c], s, e)
+        ranks[s:e] = _count_above(q, g, pos, is_pos, r, cand[r, c], s, e)
     return ranks
