@@ -222,6 +222,8 @@ def swap_tower(model: nn.Module, tower: str, tower_cfg: dict) -> nn.Module:
     """
     if tower not in _TOWER_KEYS:
         raise ValueError(f"tower must be one of {sorted(_TOWER_KEYS)}, got {tower!r}")
+    if not hasattr(model, "modx_config"):
+        raise ValueError("swap_tower needs a model made by modx.models.create_model (modx_config)")
     key, prefix = _TOWER_KEYS[tower]
     config = deepcopy(model.modx_config)
     old = config["model_cfg"][key]
@@ -230,7 +232,8 @@ def swap_tower(model: nn.Module, tower: str, tower_cfg: dict) -> nn.Module:
     other_key = _TOWER_KEYS["text" if tower == "vision" else "vision"][0]
     config["model_cfg"][other_key].setdefault("backbone", "transformer")
     config["model_cfg"].pop("custom_text", None)
-    new_model = build_model(config["model_cfg"], load_hf_weights=True)
+    # a new HF text tower starts from its local weights; a kept one is overwritten anyway
+    new_model = build_model(config["model_cfg"], load_hf_weights=tower == "text")
     kept = {k: v for k, v in adapt_state_dict(new_model, dict(model.state_dict())).items()
             if not k.startswith(prefix)}
     missing, unexpected = new_model.load_state_dict(kept, strict=False)
