@@ -65,14 +65,21 @@ def find_latest(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_state(accelerator: Accelerator, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model, optimiser, scheduler and RNG; return (trainer_state, strategy_state)."""
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """{"phase", "phase_step", "global_step"} of a saved state."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore model, optimiser, scheduler and every RNG; return the strategy state.
+
+    Call it last before training goes on: anything that draws random numbers afterwards
+    (building a model, say) would move the RNG away from the saved run's.
+    """
     accelerator.load_state(str(path))
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
     own = path / f"strategy_{accelerator.process_index}.pt"
     strategy_file = own if own.is_file() else path / "strategy_0.pt"  # world size changed
-    strategy_state = torch.load(strategy_file, map_location="cpu", weights_only=False)
-    return trainer_state, strategy_state
+    return torch.load(strategy_file, map_location="cpu", weights_only=False)
 
 
 def export_phase(model: nn.Module, directory: Path) -> Path:

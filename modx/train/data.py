@@ -83,9 +83,12 @@ def data_seed(seed: int, global_step: int, rank: int) -> int:
 
 
 def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Callable, *,
-                 global_step: int, rank: int, world_size: int) -> Any:
-    """This process's training loader for `phase`, from the segment starting at `global_step`."""
+                 phase_step: int, global_step: int, rank: int, world_size: int) -> Any:
+    """This process's training loader for the rest of `phase` from `phase_step` (the
+    segment starting at `global_step`); one epoch covers it, EWC's Fisher batches included."""
     from modx.data import make_loader
+
+    batches = (phase.steps - phase_step) * cfg.train.grad_accum + cfg.strategy.ewc_batches
 
     return make_loader(
         phase.train,
@@ -99,6 +102,7 @@ def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Cal
         world_size=world_size,
         resampled=True,
         shuffle=cfg.train.shuffle,
+        budget_steps=batches,
     )
 
 
@@ -109,6 +113,7 @@ class TimedBatches:
         self.loader = loader
         self.device = device
         self.iterator: Iterator[dict[str, Any]] = iter(loader)
+        self.epoch = 0
         self.wait = 0.0  # seconds spent waiting for batches since the last `take_wait`
 
     def __iter__(self) -> TimedBatches:
@@ -118,7 +123,9 @@ class TimedBatches:
         start = time.perf_counter()
         try:
             batch = next(self.iterator)
-        except StopIteration:  # a finite stream: start it again
+        except StopIteration:  # the epoch is over: go on with the next one
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
             self.iterator = iter(self.loader)
             batch = next(self.iterator)
         self.wait += time.perf_counter() - start
@@ -129,5 +136,8 @@ class TimedBatches:
         return wait
 
     def stats(self) -> dict[str, Any]:
-        stats = getattr(self.loader, "stats", None)
-        return stats.as_dict() if stats is not None else {}
+        """The loader's skip counts: {"samples": N, "skipped": N, "reasons": {...}}."""
+        return self.loader.stats.as_dict()
+
+    def close(self) -> None:
+        self.loader.close()

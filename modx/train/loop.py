@@ -22,9 +22,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modx.config import Config, ConfigError, save_config, to_dict
-from modx.models import create_model, model_param_groups
+from modx.models import ModelLoadError, create_model, model_param_groups
 from modx.strategies import ReplayBuffer, build_strategy, replay_ratio
-from modx.train.checkpoint import export_phase, find_latest, load_state, save_state
+from modx.train.checkpoint import (
+    export_phase,
+    find_latest,
+    load_state,
+    read_trainer_state,
+    save_state,
+)
 from modx.train.data import Phase, TimedBatches, joint_phase, resolve_phases, train_loader
 from modx.train.evaluate import Evaluator
 
@@ -65,6 +71,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     accelerator = Accelerator(
+        cpu=not _has_accelerator(),  # several processes on a CPU-only machine: gloo (MULTI_CPU)
         mixed_precision=MIXED_PRECISION[t.precision],
         gradient_accumulation_steps=t.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
@@ -84,7 +91,10 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         phases = joint_phase(phases)
 
     set_seed(t.seed)  # the same initial weights on every process
-    model, preprocess_train, preprocess_eval, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+    try:
+        model, preprocess_train, preprocess_eval, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+    except ModelLoadError as err:
+        raise ConfigError("model.pretrained" if cfg.model.pretrained else "model.arch", str(err)) from None
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = torch.optim.AdamW(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr))
@@ -98,13 +108,14 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
     state_path = _resume_path(resume or t.resume, ckpt_dir)
     if state_path is not None:
-        trainer_state, strategy_state = load_state(accelerator, state_path)
+        trainer_state = read_trainer_state(state_path)
         start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
+        if start_phase > 0:  # the old model is the export that ended the previous phase
+            old_model = frozen_copy(create_model(str(ckpt_dir / f"phase-{start_phase - 1}"))[0]).to(accelerator.device)
+        strategy_state = load_state(accelerator, state_path)  # the RNG too: nothing random after it
         strategy.load_state_dict(strategy_state["strategy"])
         if replay is not None and strategy_state.get("replay"):
             replay.load_state_dict(strategy_state["replay"])
-        if start_phase > 0:  # the old model is the export that ended the previous phase
-            old_model = frozen_copy(create_model(str(ckpt_dir / f"phase-{start_phase - 1}"))[0]).to(accelerator.device)
         accelerator.print(f"resuming {state_path} at phase {start_phase} step {start_step} (global step {global_step})")
         if main:
             evaluator.forget_from(start_phase)
@@ -127,7 +138,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
-        batches = _segment(cfg, phase, preprocess_train, tokenizer, global_step, accelerator)
+        batches = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator)
         sums: dict[str, float] = {}  # loss terms summed since the last log line
         logged, seen, tick = 0, 0, time.perf_counter()  # steps, samples, time since then
 
@@ -168,16 +179,20 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                     phase=phase.index,
                 )
                 accelerator.log(logs, step=global_step)
+                if not t.progress:
+                    accelerator.print(f"step {global_step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 progress.set_postfix(phase=phase.name, loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.0f}")
                 sums, logged, seen, tick = {}, 0, 0, time.perf_counter()
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, strategy, replay, t.keep_checkpoints)
-                batches = _segment(cfg, phase, preprocess_train, tokenizer, global_step, accelerator)
+                batches.close()
+                batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator)
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
+        batches.close()
         net = accelerator.unwrap_model(model)
         if main:
             export_phase(net, ckpt_dir / f"phase-{phase.index}")
@@ -196,11 +211,13 @@ def run(cfg: Config, resume: str | None = None) -> Path:
 
 
 def _segment(
-    cfg: Config, phase: Phase, preprocess: object, tokenizer: object, global_step: int, accelerator: Accelerator
+    cfg: Config, phase: Phase, phase_step: int, global_step: int, preprocess: object, tokenizer: object,
+    accelerator: Accelerator,
 ) -> TimedBatches:
+    """This process's batches from `phase_step` of `phase` on (a stream segment)."""
     loader = train_loader(
-        cfg, phase, preprocess, tokenizer,
-        global_step=global_step, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        cfg, phase, preprocess, tokenizer, phase_step=phase_step, global_step=global_step,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     return TimedBatches(loader, accelerator.device)
 
@@ -218,6 +235,11 @@ def _checkpoint(
     trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": global_step}
     strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or (mps is not None and mps.is_available())
 
 
 def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:

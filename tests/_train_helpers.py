@@ -1,0 +1,162 @@
+"""Helpers for tests/test_train*.py: tiny configs, a deterministic fake data stream, and a
+script entry point that `accelerate launch` runs with that stream.
+
+    python tests/_train_helpers.py OUT_DIR [KEY=VALUE ...]       # 1 process
+    accelerate launch --multi_gpu --num_processes 2 tests/_train_helpers.py OUT_DIR ...
+
+The fake stream draws the GLOBAL batch of every micro-step from a generator seeded by
+(step, micro-step) and gives each process its slice, so any number of processes sees the
+same global batches; evaluation is skipped. The script writes OUT_DIR/losses.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+MICRO_MODEL = {  # a smaller sibling of modx-tiny-transformer: tests stay fast
+    "embed_dim": 32,
+    "vision_cfg": {"backbone": "transformer", "image_size": 32, "patch_size": 8, "width": 32,
+                   "layers": 1, "head_width": 16, "mlp_ratio": 2.0, "pool_type": "avg"},
+    "text_cfg": {"backbone": "transformer", "context_length": 16, "vocab_size": 49408, "width": 32,
+                 "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+def micro_model(directory: Path) -> str:
+    """Write the micro model config to `directory`; returns the path for model.arch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "modx-micro.json"
+    path.write_text(json.dumps(MICRO_MODEL))
+    return str(path)
+
+
+def tiny_overrides(run_dir: Path, data_root: Path, **extra: Any) -> list[str]:
+    """A two-phase built-in stream (digits twice), small batches, no trackers, no bars."""
+    base = {
+        "model.arch": micro_model(data_root),
+        "stream.data_root": str(data_root),
+        "stream.phases": "[{name: a, builtin: digits, steps: 3}, {name: b, builtin: digits, steps: 3}]",
+        "train.batch_size": 8,
+        "train.workers": 0,
+        "train.shuffle": 16,
+        "train.output_dir": str(run_dir),
+        "train.tracker": "none",
+        "train.progress": False,
+        "train.log_every": 1,
+        "train.ckpt_every": 2,
+        "eval.probe": 50,
+        "eval.report": False,
+        "eval.backend": "torch",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+class FakeLoader:
+    """The loader interface the loop uses (iter, stats, set_epoch, close) over fixed data."""
+
+    def __init__(self, global_batch: int, rank: int, world: int, tokenizer: Any, seed: int):
+        self.global_batch, self.rank, self.world = global_batch, rank, world
+        self.tokenizer, self.seed = tokenizer, seed
+        self.stats = SimpleNamespace(as_dict=lambda: {"samples": 0, "skipped": 0, "reasons": {}})
+
+    def __iter__(self):
+        b = self.global_batch // self.world
+        for i in range(10**6):
+            g = torch.Generator().manual_seed(self.seed * 100_003 + i)
+            image = torch.randn(self.global_batch, 3, 32, 32, generator=g)
+            words = torch.randint(0, 10, (self.global_batch, 3), generator=g).tolist()
+            text = self.tokenizer([" ".join(f"w{w}" for w in ws) for ws in words])
+            part = slice(self.rank * b, (self.rank + 1) * b)
+            yield {"image": image[part], "text": text[part], "key": [str(k) for k in range(part.start, part.stop)]}
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class NullEvaluator:
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict:
+        return {}
+
+    def forget_from(self, phase: int) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def finish(self, *args: Any, **kwargs: Any) -> dict:
+        return {}
+
+
+def install_fake_stream(losses: list[float], setattr: Any = setattr) -> None:
+    """Patch modx.train.loop: fake data (reseeded by global step), no evaluation, and
+    record every micro-step's loss (`setattr`: pytest's monkeypatch.setattr in-process)."""
+    import modx.train.loop as loop
+
+    def fake_loader(cfg, phase, preprocess, tokenizer, *, phase_step, global_step, rank, world_size):
+        return FakeLoader(cfg.train.batch_size, rank, world_size, tokenizer, global_step)
+
+    real_build = loop.build_strategy
+
+    def recording_build(cfg, accelerator):
+        strategy = real_build(cfg, accelerator)
+        real_loss = strategy.loss
+
+        def loss(*args, **kwargs):
+            value, terms = real_loss(*args, **kwargs)
+            losses.append(value.item())
+            return value, terms
+
+        strategy.loss = loss
+        return strategy
+
+    setattr(loop, "train_loader", fake_loader)
+    setattr(loop, "Evaluator", NullEvaluator)
+    setattr(loop, "build_strategy", recording_build)
+
+
+def fake_stream_overrides(out: Path, *extra: str) -> list[str]:
+    """Two phases of 2 steps over the fake stream (the URLs only need to exist)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shard = out / "fake.tar"
+    shard.touch()
+    return [
+        f"model.arch={micro_model(out)}",
+        f"stream.phases=[{{name: a, train: {shard}, eval: {shard}, steps: 2}}, "
+        f"{{name: b, train: {shard}, eval: {shard}, steps: 2}}]",
+        f"train.output_dir={out}", "train.tracker=none", "train.progress=false", "train.batch_size=8",
+        "train.log_every=1", "train.ckpt_every=100", *extra,
+    ]
+
+
+def main(argv: list[str]) -> None:
+    from accelerate import PartialState
+
+    from modx.config import load_config
+    from modx.train import run
+
+    out = Path(argv[0])
+    losses: list[float] = []
+    install_fake_stream(losses)
+    run(load_config(None, fake_stream_overrides(out, *argv[1:])))
+    if PartialState().is_main_process:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,191 @@
+"""modx.train: the Accelerate loop end to end on tiny setups (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modx.config import load_config
+from modx.models import create_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_helpers import ROOT, fake_stream_overrides, install_fake_stream, tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run() builds its own Accelerator; forget the previous one's singleton state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoints" / name / "model.safetensors")
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["strategy.name=finetune"],
+        ["strategy.name=modx"],
+        ["strategy.name=distill"],
+        ["strategy.name=ewc", "strategy.ewc_batches=2"],
+        ["strategy.name=replay"],
+        ["strategy.name=wiseft"],
+        ["strategy.name=joint"],
+        ["strategy.name=modx", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
+    ],
+    ids=lambda e: "+".join(x.split("=")[1] for x in e),
+)
+def test_each_strategy_trains_a_few_steps(tmp_path, monkeypatch, extra):
+    from modx.train import run
+
+    losses: list[float] = []
+    install_fake_stream(losses, monkeypatch.setattr)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run", *extra)))
+    accum = 2 if "train.grad_accum=2" in extra else 1
+    assert len(losses) == 4 * accum and all(torch.isfinite(torch.tensor(losses)))
+    phases = 1 if "strategy.name=joint" in extra else 2
+    assert (run_dir / f"checkpoints/phase-{phases - 1}/model.safetensors").is_file()
+    assert not (run_dir / f"checkpoints/phase-{phases}").exists()
+    final = weights(run_dir, f"phase-{phases - 1}")
+    assert any(not torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
+
+
+def test_exported_phase_model_is_usable_by_create_model(tmp_path, monkeypatch):
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run")))
+    model = create_model(str(run_dir / "checkpoints" / "phase-1"))[0]
+    state = weights(run_dir, "phase-1")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """Global-batch semantics: 2 x 4 samples on 2 processes == 8 samples on 1 process,
+    for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b)."""
+    script = str(ROOT / "tests" / "_train_helpers.py")
+    args = ["strategy.name=modx", "train.grad_accum=2", "train.workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *args],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port())]
+    two = subprocess.run([*launch, script, str(tmp_path / "two"), *args],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    loss_one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    loss_two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert len(loss_one) == len(loss_two) == 8
+    assert loss_one == pytest.approx(loss_two, rel=1e-5, abs=1e-6)
+    w_one, w_two = weights(tmp_path / "one", "phase-1"), weights(tmp_path / "two", "phase-1")
+    assert any(not torch.equal(w_one[k], v) for k, v in weights(tmp_path / "one", "initial").items())
+    for k in w_one:
+        a, b = w_one[k], w_two[k]
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias has zero true gradient (softmax is shift invariant): AdamW turns
+            # its rounding noise into +-lr steps, so only the query and value parts compare.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch):
+    """Kill the run mid-phase b (right after its first checkpoint), resume: the final
+    weights, optimiser path, replay buffer and old model match an uninterrupted run."""
+    import modx.train.loop as loop
+    from modx.train import run
+
+    extra = {"strategy.name": "modx", "strategy.replay.ratio": 0.25}
+    whole = run(load_config(None, tiny_overrides(tmp_path / "whole", data_root, **extra)))
+
+    real_save, calls = loop.save_state, []
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == 3:  # step-2 state, end of phase a, then step 4 = phase b step 1
+            raise KeyboardInterrupt("killed")
+        return path
+
+    monkeypatch.setattr(loop, "save_state", save_then_die)
+    cfg = load_config(None, tiny_overrides(tmp_path / "killed", data_root, **extra))
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert calls[-1].name == "state-00000004"
+    monkeypatch.setattr(loop, "save_state", real_save)
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = run(cfg, resume="latest")
+
+    w_whole, w_resumed = weights(whole, "phase-1"), weights(resumed, "phase-1")
+    for k in w_whole:
+        torch.testing.assert_close(w_resumed[k], w_whole[k], rtol=0, atol=1e-6, msg=k)
+    rows = records(resumed / "results.jsonl")
+    assert sorted({(r["phase"], r["eval_set"]) for r in rows}) == sorted((r["phase"], r["eval_set"]) for r in rows)
+    assert {r["phase"] for r in rows} == {-1, 0, 1}
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["n_phases"] == 2 and summary["forgetting"] is not None
+
+
+def test_run_directory_holds_config_results_disorder_and_summary(tmp_path, data_root):
+    from modx.train import run
+
+    run_dir = run(load_config(None, tiny_overrides(tmp_path / "run", data_root, **{"eval.report": True})))
+    assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
+    rows = records(run_dir / "results.jsonl")
+    assert [(r["phase"], r["eval_index"]) for r in rows] == [(-1, 0), (-1, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert rows[0]["phase_name"] == "initial" and "i2t_R@1" in rows[0]["metrics"]
+    assert rows[0]["metrics"]["n_images"] > 0 and rows[0]["metrics"]["n_texts"] >= rows[0]["metrics"]["n_images"]
+    disorder = records(run_dir / "disorder.jsonl")
+    assert {(d["phase"], d["reference"]) for d in disorder} == {(0, "previous"), (0, "initial"), (1, "previous"), (1, "initial")}
+    assert "rotation_image_deg" in disorder[0]["metrics"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(summary["matrix"]) == 2 and len(summary["initial"]) == 2
+    assert (run_dir / "report.md").is_file()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "state-00000006"
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    """`accelerate launch train_modx.py` with no config: the built-in demo (minutes)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_modx.py"),
+           f"train.output_dir={tmp_path / 'demo'}", f"stream.data_root={tmp_path / 'data'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recall matrix" in proc.stdout and "forgetting" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["n_phases"] == 3 and summary["strategy"] == "modx"
