@@ -7,7 +7,8 @@ Every (layer, L) runs in a fresh subprocess so that peak memory is its own: on C
 torch.cuda.max_memory_allocated, on CPU the growth of the peak resident set size over the
 process after the model and input were built. Time is the median of --repeats timed
 iterations after one warm-up; a configuration whose warm-up alone exceeds --max-seconds is
-reported from that single iteration ("runs" = 1). Prints a table and writes JSON, with the
+reported from that single iteration ("runs" = 1). Workers run with OMP_WAIT_POLICY=PASSIVE
+unless the environment sets it (spinning threads make shared-machine timings meaningless). Prints a table and writes JSON, with the
 machine and its load average (CPU timings on a shared machine are only as good as its load).
 """
 
@@ -171,12 +172,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         passthrough.append(f"--threads={args.threads}")
     load_before = _loadavg()
+    # spinning OpenMP threads collapse on a shared machine (10x slower at load 10 on 2 cores);
+    # passive waiting costs little on an idle one. An explicit setting in the environment wins.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     rows = []
     print(f"{'layer':<10} {'L':>5} {'fwd+bwd ms':>11} {'runs':>4} {'peak MiB':>9}")
     for L in args.lengths:
         for layer in args.layers:
             cmd = [sys.executable, __file__, "--worker", layer, str(L), *passthrough]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
                 row = {"layer": layer, "L": L, "error": proc.stderr.strip().splitlines()[-1:]}
                 print(f"{layer:<10} {L:>5}  failed: {row['error']}")
@@ -188,7 +192,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-        "machine": {**machine(args.device), "loadavg_1min_before_after": [load_before, _loadavg()]},
+        "machine": {
+            **machine(args.device),
+            "loadavg_1min_before_after": [load_before, _loadavg()],
+            "OMP_WAIT_POLICY": env["OMP_WAIT_POLICY"],
+        },
         "command": " ".join(
             ["python", "scripts/bench_ssm.py", *(argv if argv is not None else sys.argv[1:])]
         ),
