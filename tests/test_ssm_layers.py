@@ -2,6 +2,7 @@
 float64 references (PAPERS.md sections 3-5)."""
 
 import cmath
+import copy
 import math
 
 import pytest
@@ -237,6 +238,15 @@ def test_ssm_parameters_are_tagged_and_get_their_own_group(cls):
     # layer 0 asked for lr=1e-4; layer 2 gets the default min(lr, 1e-3)
     assert sorted(g["lr"] for g in ssm_groups) == [1e-4, 5e-4]
     assert [(g["lr"], g["weight_decay"]) for g in other] == [(5e-4, 0.1)]
+
+
+@pytest.mark.parametrize("cls", [S4D, S5])
+def test_ssm_tags_survive_deepcopy_and_dtype_conversion(cls):
+    # the Mod-X old model and EMA copies are deep copies; Parameter.__deepcopy__ drops attributes
+    copied = copy.deepcopy(cls(8, 8, lr=1e-4)).double()
+    tagged = [p for p in copied.parameters() if getattr(p, "_modx_ssm", False)]
+    assert len(tagged) == 4 and all(p._modx_ssm_lr == 1e-4 for p in tagged)
+    assert {id(p) for p in tagged} == {id(p) for p in copied.ssm_parameters()}
 
 
 @pytest.mark.parametrize("transform", ["exp", "relu", "softplus", "none"])

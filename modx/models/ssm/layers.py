@@ -6,7 +6,7 @@ them their own learning rate and no weight decay (`ssm_param_groups`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,13 +19,6 @@ from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
 
 TRANSFORMS = ("exp", "relu", "softplus", "none")
 _MIN_DECAY = 1e-4
-
-
-def _tag(p: nn.Parameter, lr: float | None) -> nn.Parameter:
-    p._modx_ssm = True
-    if lr is not None:
-        p._modx_ssm_lr = lr
-    return p
 
 
 def _real_param(re: Tensor, transform: str) -> Tensor:
@@ -82,9 +75,33 @@ def _output(name: str, H: int) -> nn.Module:
 
 
 class _SSMBase(nn.Module):
+    """Keeps the `_modx_ssm` (and `_modx_ssm_lr`) tags on the SSM parameters, also through
+    deepcopy / pickling and `.to()` conversions that create new Parameter objects."""
+
+    def _register_ssm(self, names: tuple[str, ...], lr: float | None) -> None:
+        self._ssm_tags = dict.fromkeys(names, lr)
+        self._retag()
+
+    def _retag(self) -> None:
+        for name, lr in getattr(self, "_ssm_tags", {}).items():
+            p = getattr(self, name)
+            p._modx_ssm = True
+            if lr is not None:
+                p._modx_ssm_lr = lr
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._retag()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+        out = super()._apply(fn, recurse)
+        self._retag()
+        return out
+
     def ssm_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters (dt, A, B) that want their own learning rate and no weight decay."""
-        return (p for p in self.parameters() if getattr(p, "_modx_ssm", False))
+        self._retag()
+        return (getattr(self, name) for name in self._ssm_tags)
 
     def param_groups(
         self, lr: float, weight_decay: float, ssm_lr: float | None = None
@@ -133,13 +150,14 @@ class S4D(_SSMBase):
         A, B = (torch.as_tensor(x) for x in _diagonal_init(init, d_state))  # (N',) complex128
         A, B = A.repeat(H, 1), B.repeat(H, 1)  # (H, N')
         n_modes = A.shape[-1]
-        self.log_dt = _tag(nn.Parameter(_log_uniform(H, dt_min, dt_max)), lr)  # (H,)
+        self.log_dt = nn.Parameter(_log_uniform(H, dt_min, dt_max))  # (H,)
         if init == "dss":
-            self.A_re = _tag(nn.Parameter(A.real.float()), lr)  # raw real parts, no transform
+            self.A_re = nn.Parameter(A.real.float())  # raw real parts, no transform
         else:
-            self.A_re = _tag(nn.Parameter(_real_param(A.real, self.transform).float()), lr)
-        self.A_im = _tag(nn.Parameter(A.imag.float()), lr)  # (H, N')
-        self.B = _tag(nn.Parameter(torch.view_as_real(B).float()), lr)  # (H, N', 2)
+            self.A_re = nn.Parameter(_real_param(A.real, self.transform).float())
+        self.A_im = nn.Parameter(A.imag.float())  # (H, N')
+        self.B = nn.Parameter(torch.view_as_real(B).float())  # (H, N', 2)
+        self._register_ssm(("log_dt", "A_re", "A_im", "B"), lr)
         n_dir = 2 if bidirectional else 1
         C = torch.randn(n_dir, H, n_modes, dtype=torch.complex64)  # E|C|^2 = 1
         self.C = nn.Parameter(torch.view_as_real(C))  # (dirs, H, N', 2)
@@ -262,12 +280,11 @@ class S5(_SSMBase):
         B = torch.randn(P, H, dtype=torch.float64) / math.sqrt(H)  # lecun normal
         n_dir = 2 if bidirectional else 1
         C = torch.randn(n_dir, H, P, dtype=torch.float64) / math.sqrt(P)
-        self.Lambda_re = _tag(nn.Parameter(_real_param(Lam.real, transform).float()), lr)  # (P',)
-        self.Lambda_im = _tag(nn.Parameter(Lam.imag.float()), lr)
-        self.log_dt = _tag(nn.Parameter(_log_uniform(n_modes, dt_min, dt_max)), lr)  # (P',)
-        self.B = _tag(
-            nn.Parameter(torch.view_as_real(Vinv @ B.to(Vinv.dtype)).float()), lr
-        )  # (P', H, 2)
+        self.Lambda_re = nn.Parameter(_real_param(Lam.real, transform).float())  # (P',)
+        self.Lambda_im = nn.Parameter(Lam.imag.float())
+        self.log_dt = nn.Parameter(_log_uniform(n_modes, dt_min, dt_max))  # (P',)
+        self.B = nn.Parameter(torch.view_as_real(Vinv @ B.to(Vinv.dtype)).float())  # (P', H, 2)
+        self._register_ssm(("Lambda_re", "Lambda_im", "log_dt", "B"), lr)
         self.C = nn.Parameter(torch.view_as_real(C.to(V.dtype) @ V).float())  # (dirs, H, P', 2)
         self.D = nn.Parameter(torch.randn(H))
         self.activation = _activation(activation)
