@@ -188,9 +188,12 @@ class S4D(_SSMBase):
 
     def forward(self, u: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            K = self.kernel(u.shape[1])  # (dirs, H, L)
-            D = self.D.to(K.dtype)
-            y = fft_conv(u.to(K.dtype), K if self.bidirectional else K[0], D)  # (B, L, H)
+            L = u.shape[1]
+            K = self.kernel(L)  # (dirs, H, L)
+            # the skip D u is the lag-0 tap of the causal kernel: one convolution does both
+            K_fwd = K[0] + nn.functional.pad(self.D.to(K.dtype)[:, None], (0, L - 1))
+            K = torch.stack([K_fwd, K[1]]) if self.bidirectional else K_fwd
+            y = fft_conv(u.to(K.dtype), K)  # (B, L, H)
         y = self.dropout(self.activation(y.to(u.dtype)))
         return self.output(y)
 
