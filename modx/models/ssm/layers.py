@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .hippo import nplr
-from .init import INITS, ptd_init
-from .init import diagonal_init as _diagonal_init
+from .init import INITS, diagonal_init, ptd_init
 from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
 
 TRANSFORMS = ("exp", "relu", "softplus", "none")
@@ -147,7 +146,7 @@ class S4D(_SSMBase):
         self.bidirectional = bidirectional
         self.conj_sym = not init.startswith("ptd")
         self.transform = "none" if init == "dss" else transform
-        A, B = (torch.as_tensor(x) for x in _diagonal_init(init, d_state))  # (N',) complex128
+        A, B = (torch.as_tensor(x) for x in diagonal_init(init, d_state))  # (N',) complex128
         A, B = A.repeat(H, 1), B.repeat(H, 1)  # (H, N')
         n_modes = A.shape[-1]
         self.log_dt = nn.Parameter(_log_uniform(H, dt_min, dt_max))  # (H,)
