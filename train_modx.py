@@ -23,8 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once in files and pipes
 
     from modx.config import ConfigError, load_config, to_dict
+    from modx.data.urls import DataError
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from modx.train import run
 
         run(cfg, resume="latest" if args.resume else None)
-    except ConfigError as err:
+    except (ConfigError, DataError) as err:
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 2
     return 0

@@ -82,6 +82,13 @@ def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     return torch.load(strategy_file, map_location="cpu", weights_only=False)
 
 
+def forget_states(root: Path) -> None:
+    """Remove the resumable states (and probe embeddings) of an earlier run in `root`."""
+    for path in [*root.glob(f"{STATE_PREFIX}*"), *root.glob(f".tmp-{STATE_PREFIX}*"), root / "probe"]:
+        shutil.rmtree(path, ignore_errors=True)
+    (root / "latest").unlink(missing_ok=True)
+
+
 def export_phase(model: nn.Module, directory: Path) -> Path:
     """Export a usable model (modx.models.export_model) atomically to `directory`."""
     from modx.models import export_model

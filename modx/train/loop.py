@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,6 +27,7 @@ from modx.strategies import ReplayBuffer, build_strategy, replay_ratio
 from modx.train.checkpoint import (
     export_phase,
     find_latest,
+    forget_states,
     load_state,
     read_trainer_state,
     save_state,
@@ -78,6 +79,8 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         log_with=None if t.tracker == "none" else t.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+    if t.tracker == "wandb" and not is_wandb_available():
+        raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if t.batch_size % world:
         raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes")
@@ -122,6 +125,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     elif main:
         if find_latest(ckpt_dir) is not None:
             print(f"note: {run_dir} holds an earlier run; starting over (pass --resume to continue it)")
+        forget_states(ckpt_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         evaluator.reset()
         save_config(cfg, run_dir / "config.yaml")
@@ -196,9 +200,11 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         net = accelerator.unwrap_model(model)
         if main:
             export_phase(net, ckpt_dir / f"phase-{phase.index}")
+            start = time.perf_counter()
             row = evaluator.evaluate(net, phase.index, phase.name, global_step)
             progress.write(f"after phase {phase.index} ({phase.name}): " + "  ".join(
-                f"{name} {m['mean_recall']:.1f}" for name, m in row.items()) + "  (mean recall, %)")
+                f"{name} {m['mean_recall']:.1f}" for name, m in row.items())
+                + f"  (mean recall, %; evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
         old_model = frozen_copy(net)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, strategy, replay, t.keep_checkpoints)
