@@ -154,7 +154,8 @@ def test_export_round_trip_both_ways(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"model.safetensors", "model_config.json"}
     img, txt = _inputs(tok)
     want = _features(model, img, txt)
-    for again in (create_model(tmp_path)[0], create_model("modx-tiny-transformer", pretrained=tmp_path)[0]):
+    for again in (create_model(tmp_path)[0], create_model(f"local-dir:{tmp_path}")[0],
+                  create_model("modx-tiny-transformer", pretrained=tmp_path)[0]):
         torch.testing.assert_close(_features(again, img, txt), want, rtol=0, atol=0)
 
 
@@ -190,6 +191,9 @@ def test_hf_text_tower_from_local_minilm():
     bert = AutoModel.from_pretrained(path)  # the local weights were loaded, not a random init
     torch.testing.assert_close(model.text.transformer.embeddings.word_embeddings.weight,
                                bert.embeddings.word_embeddings.weight)
+    model.set_grad_checkpointing(True)
+    model.encode_text(txt).sum().backward()
+    assert model.text.transformer.encoder.layer[0].attention.self.query.weight.grad is not None
 
 
 def test_timm_vision_tower_builds():
