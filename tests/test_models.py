@@ -81,6 +81,17 @@ def test_open_clip_name_with_overrides():
     assert model.modx_config["preprocess_cfg"]["size"] == [64, 64]
 
 
+@pytest.mark.parametrize("name,overrides,cls", [
+    ("RN50", {"vision_cfg": {"layers": [1, 1, 1, 1]}}, "CLIP"),
+    ("coca_ViT-B-32", {"vision_cfg": {"layers": 1}, "multimodal_cfg": {"layers": 1}}, "CoCa"),
+])
+def test_other_open_clip_families(name, overrides, cls):
+    model, _, _, tok = create_model(name, text_cfg={"layers": 1}, **overrides)
+    assert type(model).__name__ == cls
+    out = model(*_inputs(tok, 2, 224))
+    assert out["image_features"].shape == out["text_features"].shape
+
+
 def _save_open_clip(model, path, fmt):
     sd = model.state_dict()
     if fmt == "train_checkpoint":  # open_clip_train: DDP "module." prefix inside "state_dict"

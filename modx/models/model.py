@@ -108,5 +108,6 @@ def build_model(model_cfg: dict, load_hf_weights: bool = True) -> nn.Module:
         return ModxCLIP(**cfg, output_dict=True)
     text_cfg = cfg.get("text_cfg", {})
     custom_text = cfg.pop("custom_text", False) or bool(text_cfg.get("hf_model_name"))
-    model_class = (CoCa if "multimodal_cfg" in cfg else CustomTextCLIP) if custom_text else CLIP
-    return model_class(**cfg, output_dict=True)
+    if custom_text and "multimodal_cfg" in cfg:
+        return CoCa(**cfg)  # CoCa always returns a dict
+    return (CustomTextCLIP if custom_text else CLIP)(**cfg, output_dict=True)
