@@ -18,6 +18,7 @@ from modx.models import (  # noqa: E402
     ModelLoadError,
     create_model,
     export_model,
+    get_model_config,
     list_models,
     model_param_groups,
     swap_tower,
@@ -60,6 +61,18 @@ def test_bundled_configs_are_registered():
     for name in ("modx-tiny-s4d", "modx-tiny-s5", "modx-tiny-transformer", "modx-tiny-hybrid",
                  "modx-tiny-ptd"):
         assert name in names
+
+
+def test_user_configs_register_by_file_stem(tmp_path):
+    from modx.models import add_model_config
+
+    cfg = get_model_config("modx-tiny-s4d")
+    cfg["text_cfg"]["context_length"] = 12
+    (tmp_path / "my-tiny.json").write_text(json.dumps(cfg))
+    add_model_config(tmp_path)
+    assert "my-tiny" in list_models()
+    _, _, _, tok = create_model("my-tiny")
+    assert tok(["x"]).shape == (1, 12)
 
 
 def test_open_clip_config_builds_open_clips_own_class():
@@ -413,7 +426,6 @@ def test_unknown_tower_keys_are_named():
 
 
 def test_every_bundled_config_validates():
-    from modx.models import get_model_config
     from modx.models.towers import SSMTextCfg, SSMVisionCfg, parse_backbone
 
     for name in list_models():

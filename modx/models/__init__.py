@@ -5,6 +5,7 @@
 
 from modx.models.checkpoint import ModelLoadError, export_model, load_weights, read_state_dict
 from modx.models.factory import (
+    add_model_config,
     create_model,
     get_model_config,
     get_tokenizer,
@@ -17,6 +18,7 @@ from modx.models.optim import is_ssm_parameter, model_param_groups
 __all__ = [
     "ModelLoadError",
     "ModxCLIP",
+    "add_model_config",
     "build_model",
     "create_model",
     "export_model",

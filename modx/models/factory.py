@@ -32,18 +32,29 @@ from modx.models.checkpoint import (
 from modx.models.model import build_model
 
 _log = logging.getLogger(__name__)
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_CONFIG_PATHS = [Path(__file__).parent / "model_configs"]
 _MODX_CONFIGS: dict[str, dict] = {}
 LOCAL_DIR_PREFIX = "local-dir:"
 
 
 def _scan_configs() -> None:
     _MODX_CONFIGS.clear()
-    for path in sorted(_CONFIG_DIR.glob("*.json")):
-        _MODX_CONFIGS[path.stem] = json.loads(path.read_text())
+    for root in _CONFIG_PATHS:
+        paths = sorted(root.glob("*.json")) if root.is_dir() else [root] if root.is_file() else []
+        for path in paths:
+            _MODX_CONFIGS[path.stem] = json.loads(path.read_text())
 
 
 _scan_configs()
+
+
+def add_model_config(path: str | Path) -> None:
+    """Register a JSON model config, or a directory of them, by file stem (as open_clip does)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model config path not found: {path}")
+    _CONFIG_PATHS.append(path)
+    _scan_configs()
 
 
 def list_models() -> list[str]:
