@@ -53,16 +53,16 @@ class EWC(Strategy):
         fisher = {n: torch.zeros_like(p) for n, p in params.items()}
         n_batches = 0
         for batch in islice(batches, self.cfg.ewc_batches):
-            net.zero_grad(set_to_none=True)
-            with self.accelerator.autocast():
-                out = net(batch["image"], batch["text"])
+            model.zero_grad(set_to_none=True)
+            with self.accelerator.no_sync(model), self.accelerator.autocast():  # local gradients
+                out = model(batch["image"], batch["text"])
                 loss = self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
-            loss.backward()
+                loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
                     fisher[n] += p.grad.detach().float() ** 2
             n_batches += 1
-        net.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         flat = torch.cat([f.flatten() for f in fisher.values()]) / max(n_batches, 1)
         flat = self.accelerator.reduce(flat, reduction="mean")
         flat = flat / flat.mean().clamp_min(1e-30)

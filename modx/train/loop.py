@@ -13,11 +13,17 @@ from __future__ import annotations
 import copy
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    is_wandb_available,
+    set_seed,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -59,6 +65,34 @@ class PhaseSchedule:
         return self.scales[k] * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class Meter:
+    """Loss terms, steps, samples and time since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.samples, self.start = 0, 0, time.perf_counter()
+
+    def add(self, terms: dict[str, float], weight: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v * weight
+
+    def step(self, samples: int) -> None:
+        self.steps, self.samples = self.steps + 1, self.samples + samples
+
+    def flush(self, batches: TimedBatches) -> dict[str, float]:
+        """Mean loss terms per step, global samples/s, the share of time spent waiting for
+        data and the loader's skipped-sample count; then start a new interval."""
+        elapsed = time.perf_counter() - self.start
+        logs = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+        logs.update(
+            samples_per_s=self.samples / elapsed,
+            data_wait=batches.take_wait() / elapsed,
+            skipped=batches.stats().get("skipped", 0),
+        )
+        self.__init__()
+        return logs
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """The old model: a copy that is never optimised (eval mode, no gradients)."""
     old = copy.deepcopy(model).eval()
@@ -78,6 +112,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
         log_with=None if t.tracker == "none" else t.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # ranks wait for evaluation
     )
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
@@ -143,8 +178,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
         batches = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator)
-        sums: dict[str, float] = {}  # loss terms summed since the last log line
-        logged, seen, tick = 0, 0, time.perf_counter()  # steps, samples, time since then
+        meter = Meter()
 
         for step in range(first_step, phase.steps):
             # ---- one optimiser step = grad_accum micro-batches of the global batch
@@ -161,32 +195,25 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                         accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                for k, v in {"loss": loss.item(), **terms}.items():
-                    sums[k] = sums.get(k, 0.0) + v / t.grad_accum
+                meter.add({"loss": loss.item(), **terms}, weight=1 / t.grad_accum)
             scheduler.step()
             with torch.no_grad():
                 accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             global_step += 1
-            logged, seen = logged + 1, seen + t.batch_size * t.grad_accum
+            meter.step(samples=t.batch_size * t.grad_accum)
             progress.update(1)
 
             # ---- log
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
-                elapsed = time.perf_counter() - tick
-                logs = {k: v / logged for k, v in sums.items()}
-                logs.update(
-                    lr=scheduler.get_last_lr()[0],
-                    logit_scale=accelerator.unwrap_model(model).logit_scale.exp().item(),
-                    samples_per_s=seen / elapsed,
-                    data_wait=batches.take_wait() / elapsed,
-                    skipped=batches.stats().get("skipped", 0),
-                    phase=phase.index,
-                )
+                logs = meter.flush(batches) | {
+                    "lr": scheduler.get_last_lr()[0],
+                    "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
+                    "phase": phase.index,
+                }
                 accelerator.log(logs, step=global_step)
                 if not t.progress:
                     accelerator.print(f"step {global_step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 progress.set_postfix(phase=phase.name, loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.0f}")
-                sums, logged, seen, tick = {}, 0, 0, time.perf_counter()
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:

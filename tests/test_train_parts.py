@@ -1,0 +1,69 @@
+"""modx.train building blocks: the LR schedule, probe pairs, checkpoint files, summaries."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from modx.train.checkpoint import find_latest, forget_states
+from modx.train.data import Phase, data_seed, joint_phase
+from modx.train.evaluate import format_summary, probe_pairs
+from modx.train.loop import PhaseSchedule
+
+
+def phases() -> list[Phase]:
+    return [Phase(0, "a", "a.tar", "ae.tar", 10, 1e-3), Phase(1, "b", "b.tar", "be.tar", 20, 5e-4)]
+
+
+def test_schedule_warms_up_then_decays_to_zero_in_every_phase():
+    f = PhaseSchedule(phases(), base_lr=1e-3, warmup=0.2)
+    assert [f(s) for s in range(2)] == pytest.approx([0.5, 1.0])  # 2 warm-up steps in phase a
+    assert f(9) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert f(10) == pytest.approx(0.5 * 0.25)  # phase b restarts warm-up at its own lr (0.5x)
+    assert f(13) == pytest.approx(0.5)
+    assert f(29) < 0.01 and all(0 <= f(s) <= 1 for s in range(30))
+
+
+def test_joint_phase_joins_every_training_set_and_budget():
+    (joint,) = joint_phase(phases())
+    assert joint.train == "a.tar::b.tar" and joint.steps == 30 and joint.name == "joint"
+
+
+def test_data_seed_differs_per_rank_and_segment():
+    seeds = {data_seed(0, step, rank) for step in (0, 50, 100) for rank in range(4)}
+    assert len(seeds) == 12 and data_seed(1, 0, 0) != data_seed(0, 0, 0)
+
+
+def test_probe_takes_each_image_with_its_first_caption():
+    image = torch.eye(4)
+    text = torch.arange(24, dtype=torch.float).view(6, 4)
+    ids = torch.tensor([2, 0, 0, 1, 2, 3])  # image 0's first caption is row 1, image 2's row 0
+    img, txt = probe_pairs(image, text, ids, n=3)
+    assert torch.equal(img, image[:3])
+    assert torch.equal(txt, text[[1, 3, 0]])
+
+
+def test_latest_state_needs_a_complete_directory(tmp_path):
+    (tmp_path / "state-00000002").mkdir()
+    (tmp_path / "state-00000002" / "trainer_state.json").write_text("{}")
+    (tmp_path / "state-00000004").mkdir()  # incomplete (no trainer_state.json)
+    assert find_latest(tmp_path).name == "state-00000002"
+    (tmp_path / "latest").write_text("state-00000002")
+    forget_states(tmp_path)
+    assert find_latest(tmp_path) is None and not (tmp_path / "latest").exists()
+
+
+def test_summary_prints_matrix_forgetting_and_disorder():
+    summary = {
+        "metric": "mean_recall", "eval_sets": ["digits", "shapes"], "phases": ["digits", "shapes"],
+        "initial": [1.0, 2.0], "matrix": [[30.0, 2.5], [12.5, 40.0]], "average_recall": 26.25,
+        "forgetting": 17.5, "backward_transfer": -17.5, "forward_transfer": 0.5,
+        "disorder": {"initial": {"shapes": {"digits": {"rotation_image_deg": 40.0, "rotation_text_deg": 35.0,
+                                                        "deviation_async_deg": 5.0, "alignment_change_deg": 3.0,
+                                                        "alignment_flip_i2t": 0.25}}}},
+    }
+    text = format_summary(json.loads(json.dumps(summary)))
+    assert "12.50" in text and "forgetting 17.50" in text and "rotation img 40.00" in text
