@@ -165,3 +165,29 @@ def test_ptd_diagonal_init_keeps_n_stable_modes_and_projects_b():
     assert Lam.shape == Bt.shape == (32,) and np.all(Lam.real < 0)
     np.testing.assert_allclose(Bt, Vinv @ transition("legs", 32)[1])
     np.testing.assert_array_equal(Bt, Bt_cached)
+
+
+def _zoh_kernels(N, dt=0.1, L=100):
+    """First LegS basis kernel (C = e_0): dense S4-LegS vs its S4D diagonal restriction."""
+    import scipy.linalg
+
+    A, B = transition("legs", N)
+    _, V, _, _ = nplr("legs", N)
+    Lam, Bt = diagonal_init("legs", N)
+    dA = scipy.linalg.expm(dt * A)
+    x = np.linalg.solve(A, (dA - np.eye(N)) @ B)
+    dense = []
+    for _ in range(L):
+        dense.append(x[0])
+        x = dA @ x
+    z = np.exp(dt * Lam)
+    diag = 2 * np.real((V[0] * (z - 1) / Lam * Bt) @ (z[:, None] ** np.arange(L)))
+    return np.array(dense), diag
+
+
+def test_s4d_legs_kernel_approaches_the_s4_legs_kernel_as_n_grows():
+    errors = []
+    for N in (16, 64):
+        dense, diag = _zoh_kernels(N)
+        errors.append(np.linalg.norm(diag - dense) / np.linalg.norm(dense))
+    assert errors[1] < 0.1 and errors[1] < errors[0] / 2.5  # ~1/N (docs/ssm.md, fidelity a)
