@@ -179,7 +179,8 @@ def test_export_round_trip_both_ways(tmp_path):
     img, txt = _inputs(tok)
     want = _features(model, img, txt)
     for again in (create_model(tmp_path)[0], create_model(f"local-dir:{tmp_path}")[0],
-                  create_model("modx-tiny-transformer", pretrained=tmp_path)[0]):
+                  create_model("modx-tiny-transformer", pretrained=tmp_path)[0],
+                  create_model("modx-tiny-s4d", pretrained=tmp_path / "model.safetensors")[0]):
         torch.testing.assert_close(_features(again, img, txt), want, rtol=0, atol=0)
 
 

@@ -178,8 +178,9 @@ def create_model(
         if not pretrained.exists():
             raise ModelLoadError(f"pretrained checkpoint not found: {pretrained} (modx loads local "
                                  "files only; open_clip tags such as 'openai' would need a download)")
-        if pretrained.is_dir() and (pretrained / CONFIG_FILE).is_file():
-            exported = _spec_from_dir(pretrained)  # a modx export defines its own architecture
+        export_dir = pretrained if pretrained.is_dir() else pretrained.parent
+        if (export_dir / CONFIG_FILE).is_file():
+            exported = _spec_from_dir(export_dir)  # a modx export defines its own architecture
             if exported["model_cfg"] != spec["model_cfg"]:
                 _log.warning("%s: using the architecture saved with the checkpoint, not %s's",
                              pretrained, spec["name"])
