@@ -22,14 +22,10 @@ from open_clip.transformer import LayerNorm, LayerScale, ResidualAttentionBlock,
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from modx.models.ssm import S4D, S5
 
-def _ssm_layer_classes() -> dict[str, Callable[..., nn.Module]]:
-    from modx.models.ssm import S4D, S5
-
-    return {"s4d": S4D, "s5": S5}
-
-
-SSM_KINDS = ("s4d", "s5")
+SSM_LAYERS: dict[str, Callable[..., nn.Module]] = {"s4d": S4D, "s5": S5}
+SSM_KINDS = tuple(SSM_LAYERS)
 
 
 def parse_backbone(backbone: str, layers: int | None, ssm_layer: str) -> list[str]:
@@ -131,14 +127,13 @@ class SequenceBackbone(nn.Module):
         self.kinds = parse_backbone(cfg.backbone, cfg.layers, cfg.ssm_layer)
         self.layers = len(self.kinds)
         self.grad_checkpointing = False
-        layer_classes = _ssm_layer_classes() if set(self.kinds) - {"attn"} else {}
         blocks = []
         for kind in self.kinds:
             if kind == "attn":
                 blocks.append(ResidualAttentionBlock(
                     cfg.width, cfg.heads, cfg.mlp_ratio or 4.0, ls_init_value=cfg.ls_init_value))
             else:
-                ssm = layer_classes[kind](cfg.width, bidirectional=bidirectional, **cfg.ssm)
+                ssm = SSM_LAYERS[kind](cfg.width, bidirectional=bidirectional, **cfg.ssm)
                 blocks.append(SSMBlock(cfg.width, ssm, cfg.mlp_ratio, cfg.ls_init_value))
         self.resblocks = nn.ModuleList(blocks)
         self._init_attention()
