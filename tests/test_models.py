@@ -112,12 +112,14 @@ def _save_open_clip(model, path, fmt):
                     "optimizer": {}}, path)
     elif fmt == "state_dict":
         torch.save(sd, path)
+    elif fmt == "torchscript":  # how OpenAI released CLIP
+        torch.jit.script(model).save(str(path))
     else:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
 
 @pytest.mark.parametrize("fmt,suffix", [("train_checkpoint", ".pt"), ("state_dict", ".bin"),
-                                        ("safetensors", ".safetensors")])
+                                        ("safetensors", ".safetensors"), ("torchscript", ".pt")])
 def test_open_clip_checkpoints_load(tmp_path, fmt, suffix):
     torch.manual_seed(1)
     ref = open_clip.model.CLIP(**TINY_OPEN_CLIP, output_dict=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -49,11 +51,20 @@ def find_checkpoint(directory: Path) -> Path:
     return candidates[0]
 
 
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive: a zip whose records include constants.pkl."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("/constants.pkl") for name in zf.namelist())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file or directory, unwrapped from a training checkpoint.
 
     Accepts a plain state dict, a training checkpoint `{"state_dict": ..., "epoch": ...}`
-    (open_clip_train's format, `module.` prefixes from DDP), or safetensors.
+    (open_clip_train's format, `module.` prefixes from DDP), safetensors, or a TorchScript
+    archive (OpenAI's CLIP releases; TorchScript, not pickle, so no arbitrary code).
     """
     path = Path(path)
     if path.is_dir():
@@ -63,6 +74,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             obj = load_file(str(path), device="cpu")
+        elif _is_torchscript(path):  # OpenAI's original CLIP checkpoints
+            with warnings.catch_warnings():  # torch.jit.load's deprecation notice
+                warnings.simplefilter("ignore", FutureWarning)
+                obj = torch.jit.load(path, map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                obj.pop(key, None)
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, EOFError) as e:
@@ -98,6 +115,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a checkpoint into `model`; every key must match (else ModelLoadError naming them)."""
     sd = adapt_state_dict(model, read_state_dict(path))
     expected = model.state_dict()
+    for name, _ in model.named_buffers():  # non-persistent buffers (e.g. attn_mask) are rebuilt
+        if name not in expected:
+            sd.pop(name, None)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     wrong_shape = sorted(k for k in set(sd) & set(expected) if sd[k].shape != expected[k].shape)
