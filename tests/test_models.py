@@ -467,3 +467,14 @@ def test_tiny_s4d_training_step_is_cheap(tiny_models):
         ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
         costs.append(time.process_time() - t0)
     assert min(costs) < 2.0
+
+
+def test_swap_vision_tower_keeps_text_weights():
+    torch.manual_seed(4)
+    model, _, _, tok = create_model(TINY_OPEN_CLIP)  # open_clip's CLIP (flat text keys)
+    new = swap_tower(model, "vision", {"backbone": "s5", "width": 32, "layers": 1,
+                                       "ssm": {"d_state": 8}})
+    assert type(new.visual).__name__ == "SSMVisionTower" and new.visual.image_size == (32, 32)
+    img, txt = _inputs(tok)
+    torch.testing.assert_close(new.encode_text(txt), model.encode_text(txt), rtol=0, atol=0)
+    assert new(img, txt)["image_features"].shape == (4, 32)
