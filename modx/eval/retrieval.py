@@ -88,7 +88,14 @@ def retrieval_metrics(
     out: dict[str, float] = {}
     full: dict[str, np.ndarray] = {}
     for name, q, g, pos, is_pos, n_pos in (
-        ("i2t", img[queries_i2t], txt, pos_i2t, is_pos_i2t, captions_per_image),
+        (
+            "i2t",
+            img if has_caption.all() else img[queries_i2t],
+            txt,
+            pos_i2t,
+            is_pos_i2t,
+            captions_per_image,
+        ),
         ("t2i", txt, img, pos_t2i, is_pos_t2i, 1),
     ):
         if backend == "torch" or ranks:
@@ -144,7 +151,7 @@ def _as_f32(x: ArrayLike, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {x.shape}")
-    if not np.isfinite(x).all():
+    if not np.isfinite(x.sum(axis=1)).all():  # NaN / inf propagate; no (n, d) temporary
         raise ValueError(f"{name} contains NaN or inf")
     return x
 
@@ -192,8 +199,9 @@ def _ranks_by_counting(
     d = q.shape[1]
     u = d * 2.0**-24
     qt, gt = torch.from_numpy(q), torch.from_numpy(g)
-    g_norm_max = float(np.linalg.norm(g, axis=1).max())
-    tol = 1.01 * u / (1 - u) * np.linalg.norm(q, axis=1) * g_norm_max + 1e-30  # (nq,)
+    g_norm_max = float(np.sqrt(np.einsum("ij,ij->i", g, g).max()))  # no (n, d) temporary
+    q_norm = np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64))  # (nq,)
+    tol = 1.01 * u / (1 - u) * q_norm * g_norm_max + 1e-30  # (nq,)
     ranks = np.zeros(q.shape[0], dtype=np.int64)
     q_tile = min(_QUERY_TILE, q.shape[0])
     g_tile = max(1, _SCORE_CHUNK // q_tile)
