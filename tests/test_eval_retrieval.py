@@ -22,8 +22,7 @@ def naive_ranks(img, txt, ids):
             best = max(s[i, j] for j in caps)
             i2t.append(sum(s[i, j] > best for j in range(len(txt)) if ids[j] != i))
     t2i = [
-        sum(s[i, j] > s[ids[j], j] for i in range(len(img)) if i != ids[j])
-        for j in range(len(txt))
+        sum(s[i, j] > s[ids[j], j] for i in range(len(img)) if i != ids[j]) for j in range(len(txt))
     ]
     return np.array(i2t), np.array(t2i)
 
