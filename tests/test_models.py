@@ -452,23 +452,6 @@ def test_small_and_base_configs_build(name):
     assert txt.shape == (2, 77)
 
 
-def test_tiny_s4d_training_step_is_cheap(tiny_models):
-    """The demo budget: forward + ClipLoss + backward on 64 images of 32x32 costs ~0.45
-    CPU-seconds on one thread here (CPU time, so a busy machine does not fail it)."""
-    import time
-
-    model, _, _, tok = tiny_models("modx-tiny-s4d")
-    images, text = torch.randn(64, 3, 32, 32), tok(["a photo of a red circle"] * 64)
-    costs = []
-    for _ in range(3):  # one thread (the module fixture)
-        model.zero_grad(set_to_none=True)
-        t0 = time.process_time()
-        out = model(images, text)
-        ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"]).backward()
-        costs.append(time.process_time() - t0)
-    assert min(costs) < 2.0
-
-
 def test_swap_vision_tower_keeps_text_weights():
     torch.manual_seed(4)
     model, _, _, tok = create_model(TINY_OPEN_CLIP)  # open_clip's CLIP (flat text keys)
