@@ -1,5 +1,6 @@
 """modx.eval.disorder: spatial disorder against rotations and a naive float64 reference."""
 
+import itertools
 import math
 import warnings
 
@@ -111,12 +112,21 @@ def naive_reference(u, v, u2, v2):
     )
     out["alignment_change_deg"] = sum(ang(u2[i], v2[i]) - ang(u[i], v[i]) for i in range(n)) / n
 
-    def right(q, g, i):
-        return all(float(q[i] @ g[j]) <= float(q[i] @ g[i]) for j in range(n) if j != i)
+    def above_and_tied(q, g, i):
+        s = [float(q[i] @ g[j]) for j in range(n)]
+        tied = {j for j in range(n) if j != i and abs(s[j] - s[i]) <= 1e-12}
+        return any(x > s[i] + 1e-12 for x in s), tied
 
     for name, q, g, q2, g2 in (("i2t", u, v, u2, v2), ("t2i", v, u, v2, u2)):
-        old = [i for i in range(n) if right(q, g, i)]
-        out[f"alignment_flip_{name}"] = sum(not right(q2, g2, i) for i in old) / len(old)
+        right_old = right_both = 0.0  # expected counts, one random tie order for both
+        for i in range(n):
+            above_old, tied_old = above_and_tied(q, g, i)
+            above_new, tied_new = above_and_tied(q2, g2, i)
+            if not above_old:
+                right_old += 1 / (len(tied_old) + 1)
+                if not above_new:
+                    right_both += 1 / (len(tied_old | tied_new) + 1)
+        out[f"alignment_flip_{name}"] = (right_old - right_both) / right_old
     return out
 
 
@@ -132,6 +142,57 @@ def test_every_quantity_matches_a_naive_float64_reference(monkeypatch):
     for key in MAIN_KEYS:
         assert m[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-9), key
     assert 0 < m["rigid_fraction_image"] < 1 and 0 < m["alignment_flip_t2i"] < 1
+
+
+def enumerated_flips(u, v, u2, v2):
+    """Brute force: every order of the probe items as the shared tie-breaker (sort by
+    score rounded to 1e-9, ties by the order); flips / right-old summed over orders."""
+    u, v, u2, v2 = (unit(np.asarray(x, np.float64)) for x in (u, v, u2, v2))
+    n = u.shape[0]
+    perms = np.array(list(itertools.permutations(range(n))))  # (P, n)
+    out = {}
+    for name, q, g, q2, g2 in (("i2t", u, v, u2, v2), ("t2i", v, u, v2, u2)):
+        right = []
+        for a, b in ((q, g), (q2, g2)):
+            scores = np.round(a @ b.T, 9)  # (n, n)
+            top = [
+                np.lexsort((perms, np.broadcast_to(-scores[i], perms.shape)), axis=-1)[:, 0] == i
+                for i in range(n)
+            ]
+            right.append(np.array(top))  # (n, P)
+        out[f"alignment_flip_{name}"] = (right[0] & ~right[1]).sum() / right[0].sum()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flips_with_ties_equal_enumeration_of_shared_tie_orders(seed):
+    # integer directions with repeats: duplicate rows and exact score ties everywhere
+    rng = np.random.default_rng(seed)
+    rows = np.array([r for r in itertools.product((-1, 0, 1), repeat=3) if any(r)], float)
+    u = rows[rng.integers(0, 4, size=6)]  # 6 pairs, at most 4 distinct rows
+    v = u.copy()
+    v[5] = rows[rng.integers(0, 26)]  # one caption moves
+    u2, v2 = u.copy(), v.copy()
+    u2[3:], v2[4:] = rows[rng.integers(0, 26, size=3)], rows[rng.integers(0, 26, size=2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rank-deficient probe: Procrustes not unique
+        m = spatial_disorder(u, v, u2, v2)
+    ref = enumerated_flips(u, v, u2, v2)
+    for key, value in ref.items():
+        assert m[key] == pytest.approx(value, rel=0, abs=1e-12), key
+        assert 0.0 <= m[key] <= 1.0
+
+
+def test_unchanged_model_with_duplicate_rows_flips_nothing():
+    # duplicated pairs (templated captions of identical images): pairs 0-2 tie three
+    # ways, each right with probability 1/3; one random tie order serves both models,
+    # so an unchanged (here: rotated) model flips nothing
+    u, v = probe(n=30, d=6, noise=0.05)
+    u[1:3], v[1:3] = u[0], v[0]
+    q = isoclinic(6, 40.0)
+    m = spatial_disorder(u, v, u @ q, v @ q)
+    assert m["n_correct_old_i2t"] == m["n_correct_old_t2i"] == pytest.approx(27 + 3 * (1 / 3))
+    assert m["alignment_flip_i2t"] == m["alignment_flip_t2i"] == 0.0
 
 
 def test_unchanged_model_and_torch_inputs():

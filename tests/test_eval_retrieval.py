@@ -1,4 +1,9 @@
-"""modx.eval.retrieval: recall at K with several captions per image, ties, backends."""
+"""modx.eval.retrieval: recall at K with several captions per image, random-tie
+expectation, backends."""
+
+import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -11,29 +16,68 @@ from modx.eval.retrieval import retrieval_metrics
 BACKENDS = ("faiss", "torch")
 
 
-def naive_ranks(img, txt, ids):
-    """Reference: full float64 score matrix, loops; rank = non-matching items scoring
-    strictly above the best match."""
+def naive_counts(img, txt, ids):
+    """Reference: full float64 score matrix, loops; per query (a, t, q) = non-matching
+    items strictly above / tied with the best match score, matching items tied with it."""
     s = img.astype(np.float64) @ txt.astype(np.float64).T  # (N, M)
-    i2t = []
+    i2t, t2i = [], []
     for i in range(len(img)):
         caps = [j for j in range(len(txt)) if ids[j] == i]
         if caps:
             best = max(s[i, j] for j in caps)
-            i2t.append(sum(s[i, j] > best for j in range(len(txt)) if ids[j] != i))
-    t2i = [
-        sum(s[i, j] > s[ids[j], j] for i in range(len(img)) if i != ids[j]) for j in range(len(txt))
-    ]
-    return np.array(i2t), np.array(t2i)
+            wrong = [s[i, j] for j in range(len(txt)) if ids[j] != i]
+            q = sum(s[i, j] == best for j in caps)
+            i2t.append((sum(x > best for x in wrong), sum(x == best for x in wrong), q))
+    for j in range(len(txt)):
+        best = s[ids[j], j]
+        wrong = [s[i, j] for i in range(len(img)) if i != ids[j]]
+        t2i.append((sum(x > best for x in wrong), sum(x == best for x in wrong), 1))
+    return i2t, t2i
 
 
-def naive_metrics(img, txt, ids, ks):
-    i2t, t2i = naive_ranks(img, txt, ids)
+def exact_hit(a, t, q, k):
+    """P(hit at k) as an exact fraction: 1 - C(t, r) / C(t + q, r), r = k - a."""
+    r = k - a
+    if r <= 0:
+        return Fraction(0)
+    if r > t:
+        return Fraction(1)
+    return 1 - Fraction(math.comb(t, r), math.comb(t + q, r))
+
+
+def naive_metrics(img, txt, ids, ks, ranks=False):
     out = {}
-    for name, r in (("i2t", i2t), ("t2i", t2i)):
+    for name, counts in zip(("i2t", "t2i"), naive_counts(img, txt, ids)):
         for k in ks:
-            out[f"{name}_R@{k}"] = 100.0 * np.mean(r < k)
-    out["mean_recall"] = np.mean(list(out.values()))
+            out[f"{name}_R@{k}"] = float(100 * sum(exact_hit(*c, k) for c in counts) / len(counts))
+        if ranks:
+            expected = [a + Fraction(t, q + 1) for a, t, q in counts]
+            out[f"{name}_mean_rank"] = float(sum(expected) / len(expected) + 1)
+            out[f"{name}_median_rank"] = float(math.floor(np.median(np.array(expected, float))) + 1)
+    out["mean_recall"] = np.mean([v for key, v in out.items() if "R@" in key])
+    return out
+
+
+def enumerated_metrics(img, txt, ids, ks):
+    """Brute force: average over every order of the gallery used as tie-breaker (sort by
+    score, ties by the order): hit at K and 1-based rank of the first matching item."""
+    s = img.astype(np.float64) @ txt.astype(np.float64).T  # (N, M)
+    out = {}
+    for name, scores, match in (
+        ("i2t", s, ids[None, :] == np.arange(len(img))[:, None]),
+        ("t2i", s.T, ids[:, None] == np.arange(len(img))[None, :]),
+    ):
+        keep = match.any(1)
+        scores, match = scores[keep], match[keep]
+        perms = np.array(list(itertools.permutations(range(scores.shape[1]))))  # (P, G)
+        first = []  # (queries, P) 0-based position of the first matching item
+        for row, m in zip(scores, match):
+            order = np.lexsort((perms, np.broadcast_to(-row, perms.shape)), axis=-1)
+            first.append(m[order].argmax(1))
+        first = np.array(first)
+        for k in ks:
+            out[f"{name}_R@{k}"] = 100 * (first < k).mean(1).mean()
+        out[f"{name}_mean_rank"] = first.mean() + 1
     return out
 
 
@@ -47,19 +91,20 @@ def test_hand_made_several_captions_per_image(backend):
     txt = np.array([[1, 0], [0, 1], [0, 1], [0.8, 0.6]], np.float32)
     ids = [0, 0, 1, 2]
     m = retrieval_metrics(img, txt, ids, ks=(1, 2, 3, 10), backend=backend)
-    # i2t ranks: image0 0 (its caption 0 beats its caption 1 and the others), image1 0
-    # (caption 1 of image0 only ties its caption 2), image2 0
-    assert m["i2t_R@1"] == 100.0
+    # i2t: image0 rank 0 (its caption 0 beats its caption 1 and the others), image2 0;
+    # image1's caption 2 ties with caption 1 of image0: a coin flip at K = 1
+    assert m["i2t_R@1"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
+    assert m["i2t_R@2"] == 100.0
     # t2i ranks: 0, 2 (caption 1 prefers image1 and image2 to its image0), 0, 0
     assert m["t2i_R@1"] == m["t2i_R@2"] == 75.0
     assert m["t2i_R@3"] == 100.0
     assert m["i2t_R@10"] == m["t2i_R@10"] == 100.0  # K beyond the gallery
-    expected_mean = np.mean([100, 100, 100, 100, 75, 75, 100, 100])
+    expected_mean = np.mean([250 / 3, 100, 100, 100, 75, 75, 100, 100])
     assert m["mean_recall"] == pytest.approx(expected_mean)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_tie_with_a_non_matching_item_counts_for_the_query(backend):
+def test_exact_ties_share_the_credit(backend):
     # templated captions: images 0-2 are class A, 3-5 class B, and every image's
     # caption is its class's one text, so it ties with the class mates' captions
     a, b = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
@@ -67,13 +112,80 @@ def test_exact_tie_with_a_non_matching_item_counts_for_the_query(backend):
         [[1, 0, 0.1], [1, 0, 0.2], [1, 0, 0.3], [0, 1, 0.1], [0, 1, 0.2], [0, 1, 0.3]], np.float32
     )
     txt = np.array([a, a, a, b, b, b], np.float32)
-    m = retrieval_metrics(img, txt, np.arange(6), ks=(1, 3, 4), backend=backend, ranks=True)
-    assert m["i2t_R@1"] == 100.0 and m["i2t_mean_rank"] == 1.0
+    m = retrieval_metrics(img, txt, np.arange(6), ks=(1, 2, 3), backend=backend, ranks=True)
+    # image -> text: 2 wrong captions tie with the right one: P(top 1) = 1/3, top 2 = 2/3
+    assert m["i2t_R@1"] == pytest.approx(100 / 3) and m["i2t_R@2"] == pytest.approx(200 / 3)
+    assert m["i2t_R@3"] == 100.0 and m["i2t_mean_rank"] == 2.0
     # text -> image: caption "a" scores the three class-A images equally, ties again
-    assert m["t2i_R@1"] == 100.0
-    # the flip side, documented: all-equal embeddings tie everywhere and score 100
-    z = np.ones((5, 3), np.float32)
-    assert retrieval_metrics(z, z, np.arange(5), ks=(1,), backend=backend)["mean_recall"] == 100.0
+    assert m["t2i_R@1"] == pytest.approx(100 / 3) and m["t2i_median_rank"] == 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_collapsed_model_scores_chance(backend):
+    # all embeddings equal: every query ties with the whole gallery (300 items, far more
+    # than the faiss candidate list), so recall is K / gallery and the rank the middle
+    z = np.ones((300, 4), np.float32)
+    m = retrieval_metrics(z, z, np.arange(300), ks=(1, 5, 10), backend=backend, ranks=True)
+    for name in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            assert m[f"{name}_R@{k}"] == pytest.approx(100 * k / 300, rel=1e-12)
+        assert m[f"{name}_mean_rank"] == 150.5
+    assert retrieval_metrics(z, z, np.arange(300), ks=(400,), backend=backend)["mean_recall"] == 100
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(8))
+def test_closed_form_equals_enumeration_of_every_tie_order(backend, seed):
+    # tiny integer embeddings (exact scores, ties everywhere); image 0's first two
+    # captions are identical, so image -> text has several matching items tied (q > 1)
+    rng = np.random.default_rng(seed)
+    img = rng.integers(-1, 2, size=(4, 2)).astype(np.float32)
+    ids = np.array([0, 0, 0, 1, 1, 2, 3])
+    txt = rng.integers(-1, 2, size=(7, 2)).astype(np.float32)
+    txt[1] = txt[0]
+    ks = (1, 2, 3, 4, 5, 6, 7)
+    m = retrieval_metrics(img, txt, ids, ks=ks, backend=backend, ranks=True)
+    ref = enumerated_metrics(img, txt, ids, ks)
+    for key, value in ref.items():
+        assert m[key] == pytest.approx(value, rel=0, abs=1e-12), key
+
+
+def test_the_enumerated_cases_have_ties_with_several_tied_matches():
+    i2t = []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        img = rng.integers(-1, 2, size=(4, 2)).astype(np.float32)
+        txt = rng.integers(-1, 2, size=(7, 2)).astype(np.float32)
+        txt[1] = txt[0]
+        i2t += naive_counts(img, txt, np.array([0, 0, 0, 1, 1, 2, 3]))[0]
+    assert any(t > 0 and q > 1 for _, t, q in i2t) and any(a > 0 and t > 0 for a, t, _ in i2t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_tie_groups_are_exact(backend):
+    # image 0 has 3 captions, tied with 2000 captions of images 1..2000 (t = 2000,
+    # q = 3); images 1..2000 score every caption 0 (t = 2002, q = 1)
+    img = np.zeros((2001, 2), np.float32)
+    img[0, 0], img[1:, 1] = 1, 1
+    txt = np.tile(np.array([[1, 0]], np.float32), (2003, 1))
+    ids = np.concatenate([[0, 0, 0], np.arange(1, 2001)])
+    ks = (1, 5, 10)
+    m = retrieval_metrics(img, txt, ids, ks=ks, backend=backend)
+    for k in ks:
+        i2t = (exact_hit(0, 2000, 3, k) + 2000 * exact_hit(0, 2002, 1, k)) / 2001
+        # text -> image: image 0's captions hit; the others have image 0 above
+        t2i = (3 + 2000 * exact_hit(1, 1999, 1, k)) / 2003
+        assert m[f"i2t_R@{k}"] == pytest.approx(float(100 * i2t), rel=1e-12)
+        assert m[f"t2i_R@{k}"] == pytest.approx(float(100 * t2i), rel=1e-12)
+
+
+def test_hit_probability_is_stable_for_thousands_of_ties():
+    t = np.array([5000, 5000, 3000, 7])
+    q = np.array([4, 1, 50, 2])
+    for k in (1, 10, 100):
+        p = retrieval.hit_probability(np.zeros(4, np.int64), t, q, k)
+        for i in range(4):
+            assert p[i] == pytest.approx(float(exact_hit(0, t[i], q[i], k)), rel=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,11 +221,27 @@ def test_backends_identical_and_equal_to_naive_with_many_exact_ties(monkeypatch)
     txt = img[ids] + rng.integers(-1, 2, size=(90, 4)).astype(np.float32)
     img[0] = 0.0  # a zero vector ties with everything
     ks = (1, 3, 5, 10)
-    ref = naive_metrics(img, txt, ids, ks)
+    ref = naive_metrics(img, txt, ids, ks, ranks=True)
+    faiss_m = retrieval_metrics(img, txt, ids, ks, backend="faiss", ranks=True)
+    torch_m = retrieval_metrics(img, txt, ids, ks, backend="torch", ranks=True)
+    assert faiss_m == torch_m
+    assert faiss_m == pytest.approx(ref, rel=1e-12)
+
+
+def test_faiss_recounts_tie_groups_beyond_its_candidate_list(monkeypatch):
+    monkeypatch.setattr(retrieval, "_FAISS_CHUNK", 64)
+    rng = np.random.default_rng(7)
+    img = rng.integers(-1, 2, size=(300, 2)).astype(np.float32)  # 9 distinct rows
+    ids = np.concatenate([np.arange(300), rng.integers(0, 300, size=60)])
+    txt = rng.integers(-1, 2, size=(360, 2)).astype(np.float32)
+    ks = (1, 5, 10)
+    i2t, t2i = naive_counts(img, txt, ids)
+    n_cand = max(ks) + 1 + retrieval._MARGIN  # the t2i candidate list
+    assert max(a + t for a, t, _ in t2i if a < max(ks)) > n_cand
     faiss_m = retrieval_metrics(img, txt, ids, ks, backend="faiss")
     torch_m = retrieval_metrics(img, txt, ids, ks, backend="torch")
     assert faiss_m == torch_m
-    assert faiss_m == pytest.approx(ref)
+    assert faiss_m == pytest.approx(naive_metrics(img, txt, ids, ks), rel=1e-12)
 
 
 def test_backends_identical_on_random_float_embeddings_and_duplicates():
@@ -126,9 +254,7 @@ def test_backends_identical_on_random_float_embeddings_and_duplicates():
     a = retrieval_metrics(img, txt, ids, backend="faiss", ranks=True)
     b = retrieval_metrics(img, txt, ids, backend="torch", ranks=True)
     assert a == b
-    assert {k: v for k, v in a.items() if "rank" not in k} == pytest.approx(
-        naive_metrics(img, txt, ids, (1, 5, 10))
-    )
+    assert a == pytest.approx(naive_metrics(img, txt, ids, (1, 5, 10), ranks=True), rel=1e-12)
 
 
 def test_images_without_captions_are_not_i2t_queries():

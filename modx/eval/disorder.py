@@ -39,9 +39,14 @@ def spatial_disorder(
     - alignment_change_deg: mean_i (phi'_i - phi_i), phi_i = arccos(<u_i, v_i>).
     - alignment_flip_{i2t,t2i}: among pairs whose top-1 retrieval the old model gets
       right, the fraction the new model gets wrong (0 when the old model gets none
-      right; ``n_correct_old_*`` gives the denominators). Top-1 "right" uses the
-      retrieval tie rule: no other item scores strictly above the match (scores
-      within float64 rounding of it count as ties).
+      right; ``n_correct_old_*``, the expected number right, gives the denominators).
+      Ties follow the retrieval tie rule, broken at random in expectation: a pair with
+      no item above its match and t items tied with it (scores within float64
+      rounding) is right with probability 1 / (t + 1). One random order breaks the
+      ties of both models, so the flip fraction is
+      sum_i (P(right_old_i) - P(right_old_i and right_new_i)) / sum_i P(right_old_i),
+      with P(both) = 1 / (|T_old u T_new| + 1) when neither model has an item above
+      the match (T: the tied items); an unchanged model flips nothing, ties or not.
     The Procrustes rotation is unique only when the probe spans all d dimensions
     (n >= d); otherwise a warning is issued and the relative rotation is one of many.
     """
@@ -81,11 +86,11 @@ def spatial_disorder(
     out["alignment_new_deg"] = float(phi_new.mean())
     out["alignment_change_deg"] = float((phi_new - phi_old).mean())
     for name, q, g, q2, g2 in (("i2t", u, v, u2, v2), ("t2i", v, u, v2, u2)):
-        right_old, right_new = top1_correct(q, g), top1_correct(q2, g2)
-        n_right = int(right_old.sum())
+        right_old, right_both = top1_right_probability(q, g, q2, g2)
+        n_right = float(right_old.sum())
         out[f"n_correct_old_{name}"] = n_right
-        flips = int((right_old & ~right_new).sum())
-        out[f"alignment_flip_{name}"] = flips / n_right if n_right else 0.0
+        flips = float((right_old - right_both).sum())
+        out[f"alignment_flip_{name}"] = flips / n_right if n_right > 0 else 0.0
     return out
 
 
@@ -123,20 +128,35 @@ def procrustes(z: np.ndarray, z2: np.ndarray) -> tuple[np.ndarray, float]:
     return r, float(np.clip(1.0 - resid / denom, 0.0, 1.0))
 
 
-def top1_correct(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """(n,) bool: no g_j scores above query i's match g_i (the tie rule of
-    modx.eval.retrieval); a difference within the float64 matmul error bound
-    d * 2^-52 (unit rows) is a tie, so duplicate rows tie exactly. In row blocks."""
+def top1_right_probability(
+    q: np.ndarray, g: np.ndarray, q2: np.ndarray, g2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n,) P(query i's match g_i is top 1 under the old model (q, g)) and P(top 1 under
+    both the old and the new model (q2, g2)), ties broken by one uniformly random order
+    of the items shared by both models (the retrieval tie rule of modx.eval.retrieval).
+    Old: 0 if some g_j scores above the match, else 1 / (t + 1) with t items tied;
+    both: 0 if either model has an item above, else 1 / (|T_old u T_new| + 1). A
+    difference within the float64 matmul error bound d * 2^-52 (unit rows) is a tie,
+    so duplicate rows tie exactly. In row blocks."""
     n, d = q.shape
     tol = d * 2.0**-52
-    out = np.empty(n, dtype=bool)
+    right_old, right_both = np.empty(n), np.empty(n)
     rows = max(1, _CHUNK_ELEMENTS // n)
     for s in range(0, n, rows):
         e = min(s + rows, n)
-        scores = q[s:e] @ g.T  # (e-s, n)
-        pos = scores[np.arange(e - s), np.arange(s, e)]
-        out[s:e] = ~(scores > pos[:, None] + tol).any(1)
-    return out
+        diag = (np.arange(e - s), np.arange(s, e))
+        above, tied = [], []
+        for a, b in ((q, g), (q2, g2)):
+            scores = a[s:e] @ b.T  # (e-s, n)
+            pos = scores[diag][:, None]
+            above.append((scores > pos + tol).any(1))
+            tie = np.abs(scores - pos) <= tol
+            tie[diag] = False  # the match itself
+            tied.append(tie)
+        right_old[s:e] = np.where(above[0], 0.0, 1.0 / (tied[0].sum(1) + 1))
+        both = 1.0 / ((tied[0] | tied[1]).sum(1) + 1)
+        right_both[s:e] = np.where(above[0] | above[1], 0.0, both)
+    return right_old, right_both
 
 
 def _unit64(x: ArrayLike, name: str) -> np.ndarray:

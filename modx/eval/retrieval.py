@@ -4,24 +4,33 @@ Scores are inner products (pass L2-normalised embeddings for cosine similarity).
 Several captions may belong to one image: ``text_image_ids[j]`` is the row of
 caption j's image.
 
-Rank and tie rule (both backends, by construction):
-    rank(query) = number of *non-matching* gallery items whose score is strictly
-    greater than the best matching item's score, the scores compared in float64.
-    A query is a hit at K when rank < K.
-An exact tie with a non-matching item therefore counts in the query's favour
-(optimistic, competition ranking). Exact ties come from identical inputs: templated
-captions shared by many images ("a photo of the digit 3") or duplicate images, where
-the tied item is as right as the match. The flip side: a degenerate model whose
-embeddings are all identical scores 100. For image -> text the best of the image's
-captions is the match ("any caption in the top K"); for text -> image the caption's
-one image is.
+Tie rule (both backends, by construction): exact score ties are broken uniformly at
+random, and the metrics are the *expected* values over that random order (computed in
+closed form, so they are deterministic). For one query, with s* the best matching
+item's score (scores compared in float64):
+    a = non-matching items scoring strictly above s*,
+    t = non-matching items scoring exactly s*,
+    q = matching items scoring exactly s* (q >= 1; image -> text: the image's
+        captions, a hit when any is in the top K; text -> image: q = 1).
+The t + q tied items fill positions a+1 .. a+t+q in random order, so with r = K - a
+    P(hit at K) = 0 if r <= 0, 1 if r > t, else 1 - C(t, r) / C(t + q, r)
+               (= r / (t + 1) when q = 1),
+and R@K = 100 * mean P(hit at K). The expected 1-based rank is a + 1 + t / (q + 1).
+Without ties this is the usual recall; a collapsed model (all embeddings equal) scores
+chance, K / gallery size; identical templated captions share the credit. Exact ties
+come from identical inputs (captions such as "a handwritten digit 7" shared by many
+images, duplicate images), so neither a rule that counts a tie for the query (a
+collapsed model scores 100) nor one that counts it against (image -> text recall 0 for
+every model on templated data) is fair.
 
-Backends only choose *candidates*; the rank is always decided by the shared
+Backends only choose *candidates*; a, t and q are always decided by the shared
 float64 comparison below, which is why ``faiss`` and ``torch`` agree exactly:
 - ``faiss``: exact inner-product search (``IndexFlatIP``) of the top
   ``max(ks) + positives + margin`` items per query, then float64 rescoring of those.
-  ``approximate=True`` uses an HNSW index instead (fast on huge galleries; then
-  results may differ slightly from the exact ones).
+  A query whose last candidate may still score s* or more (within the float32 error
+  bound), so that part of its tie group may lie beyond the list, is recounted by the
+  torch path. ``approximate=True`` uses an HNSW index instead (fast on huge galleries;
+  then results may differ slightly from the exact ones).
 - ``torch``: float32 score tiles (queries x gallery blocks); items clearly above
   the match (by more than the float32 error bound) are counted, items within the
   bound are rescored in float64. This gives full ranks (mean / median rank).
@@ -56,14 +65,16 @@ def retrieval_metrics(
     ranks: bool = False,
     approximate: bool = False,
 ) -> dict[str, float]:
-    """Recall@K (percent) in both directions and their mean.
+    """Recall@K (percent) in both directions and their mean, ties broken at random
+    in expectation (module docstring).
 
     image_emb (N, d), text_emb (M, d), text_image_ids (M,) with values in [0, N).
     Returns ``i2t_R@K`` and ``t2i_R@K`` for each K in ``ks`` and ``mean_recall``
     (mean of all of them). i2t averages over the images that have a caption.
     ``ranks=True`` adds ``i2t_mean_rank``, ``i2t_median_rank``, ``t2i_mean_rank``,
-    ``t2i_median_rank`` (1-based; median floored as in open_clip); they need full
-    ranks and are computed by the exact torch counting path whatever the backend.
+    ``t2i_median_rank``: mean and median over queries of the expected 1-based rank
+    a + 1 + t / (q + 1) (median floored as in open_clip); they need full ranks and
+    are computed by the exact torch counting path whatever the backend.
     """
     img, txt, ids, ks = _validate(image_emb, text_emb, text_image_ids, ks, backend)
     if approximate and backend != "faiss":
@@ -73,9 +84,11 @@ def retrieval_metrics(
     pos_t2i = _dot64(txt, img, np.arange(len(ids)), ids)  # (M,)
     has_caption = np.bincount(ids, minlength=n_img) > 0
     queries_i2t = np.flatnonzero(has_caption)
-    pos_i2t = np.full(n_img, -np.inf)
-    np.maximum.at(pos_i2t, ids, pos_t2i)
-    pos_i2t = pos_i2t[queries_i2t]
+    pos_img = np.full(n_img, -np.inf)
+    np.maximum.at(pos_img, ids, pos_t2i)
+    pos_i2t = pos_img[queries_i2t]
+    # q: matching items tied at the best match score (an image's best captions)
+    q_i2t = np.bincount(ids[pos_t2i == pos_img[ids]], minlength=n_img)[queries_i2t]
     captions_per_image = int(np.bincount(ids).max())
 
     def is_pos_t2i(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -87,7 +100,7 @@ def retrieval_metrics(
     kmax = max(ks)
     out: dict[str, float] = {}
     full: dict[str, np.ndarray] = {}
-    for name, q, g, pos, is_pos, n_pos in (
+    for name, q, g, pos, is_pos, n_pos, n_match in (
         (
             "i2t",
             img if has_caption.all() else img[queries_i2t],
@@ -95,22 +108,43 @@ def retrieval_metrics(
             pos_i2t,
             is_pos_i2t,
             captions_per_image,
+            q_i2t,
         ),
-        ("t2i", txt, img, pos_t2i, is_pos_t2i, 1),
+        ("t2i", txt, img, pos_t2i, is_pos_t2i, 1, np.ones(len(ids), dtype=np.int64)),
     ):
         if backend == "torch" or ranks:
-            rank = _ranks_by_counting(q, g, pos, is_pos)
-            full[name] = rank
+            above, tied = _counts_by_counting(q, g, pos, is_pos)
+            full[name] = above + tied / (n_match + 1)  # expected 0-based rank
         if backend == "faiss":
-            rank = _ranks_from_candidates(q, g, pos, is_pos, kmax + n_pos + _MARGIN, approximate)
+            n_cand = kmax + n_pos + _MARGIN
+            above, tied = _counts_from_candidates(q, g, pos, is_pos, n_cand, kmax, approximate)
         for k in ks:
-            out[f"{name}_R@{k}"] = 100.0 * int((rank < k).sum()) / len(rank)
+            hit = hit_probability(above, tied, n_match, k)
+            out[f"{name}_R@{k}"] = 100.0 * float(hit.sum()) / len(hit)
     out["mean_recall"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
     if ranks:
         for name, rank in full.items():
             out[f"{name}_mean_rank"] = float(rank.mean() + 1)
             out[f"{name}_median_rank"] = float(np.floor(np.median(rank)) + 1)
     return out
+
+
+def hit_probability(above: np.ndarray, tied: np.ndarray, n_match: np.ndarray, k: int) -> np.ndarray:
+    """P(some matching item is in the top k) per query when ties are broken uniformly at
+    random: a = above, t = tied wrong items, q = n_match tied matching items, r = k - a;
+    0 if r <= 0, 1 if r > t, else 1 - C(t, r) / C(t + q, r), the ratio taken as the
+    product prod_{i<r} (t - i) / (t + q - i) (stable for large t); r / (t + 1) if q = 1."""
+    r = k - above
+    p = (r > tied).astype(np.float64)
+    m = np.flatnonzero((r > 0) & (r <= tied))
+    if len(m):
+        t, q, r = tied[m].astype(np.float64), n_match[m].astype(np.float64), r[m]
+        miss = np.ones(len(m))
+        for i in range(int(r.max())):
+            live = i < r
+            miss[live] *= (t[live] - i) / (t[live] + q[live] - i)
+        p[m] = np.where(q == 1, r / (t + 1), 1.0 - miss)  # q = 1: the exact r / (t + 1)
+    return p
 
 
 def _validate(
@@ -167,7 +201,7 @@ def _dot64(a: np.ndarray, b: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> 
     return out
 
 
-def _count_above(
+def _count_above_and_tied(
     q: np.ndarray,
     g: np.ndarray,
     pos: np.ndarray,
@@ -176,33 +210,44 @@ def _count_above(
     cols: np.ndarray,
     start: int,
     stop: int,
-) -> np.ndarray:
-    """For queries start..stop-1: the number of the given non-matching pairs
-    (start + rows, cols) with float64 score > the query's best match score."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """For queries start..stop-1: how many of the given non-matching pairs
+    (start + rows, cols) have float64 score > and == the query's best match score."""
     rows = rows + start
     keep = ~is_pos(rows, cols)
-    rows, cols = rows[keep], cols[keep]
-    hit = _dot64(q, g, rows, cols) > pos[rows]
-    return np.bincount(rows[hit] - start, minlength=stop - start)
+    rows, cols = rows[keep] - start, cols[keep]
+    scores = _dot64(q, g, rows + start, cols)
+    best = pos[rows + start]
+    n = stop - start
+    return (
+        np.bincount(rows[scores > best], minlength=n),
+        np.bincount(rows[scores == best], minlength=n),
+    )
 
 
-def _ranks_by_counting(
+def _f32_error_bound(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(nq,) bound on |fl32(<q_i, g_j>) - <q_i, g_j>| over all j, with a 1% margin that
+    also covers the float64 rounding: d u ||q_i|| max_j ||g_j|| / (1 - d u), u = 2^-24."""
+    u = q.shape[1] * 2.0**-24
+    g_norm_max = float(np.sqrt(np.einsum("ij,ij->i", g, g).max()))  # no (n, d) temporary
+    q_norm = np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64))  # (nq,)
+    return 1.01 * u / (1 - u) * q_norm * g_norm_max + 1e-30
+
+
+def _counts_by_counting(
     q: np.ndarray,
     g: np.ndarray,
     pos: np.ndarray,
     is_pos: Callable[[np.ndarray, np.ndarray], np.ndarray],
-) -> np.ndarray:
-    """Exact ranks from float32 score tiles (query block x gallery block): a score more
-    than the float32 error bound above the match is counted directly, one within the
-    bound is rescored in float64.
-    Bound: |fl32(<a,b>) - <a,b>| <= d u ||a|| ||b|| / (1 - d u), u = 2^-24."""
-    d = q.shape[1]
-    u = d * 2.0**-24
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (above, tied) counts of non-matching items per query from float32 score
+    tiles (query block x gallery block): a score more than the float32 error bound
+    above the match is counted as above directly, one within the bound is rescored in
+    float64 (ties always fall within the bound)."""
+    tol = _f32_error_bound(q, g)
     qt, gt = torch.from_numpy(q), torch.from_numpy(g)
-    g_norm_max = float(np.sqrt(np.einsum("ij,ij->i", g, g).max()))  # no (n, d) temporary
-    q_norm = np.sqrt(np.einsum("ij,ij->i", q, q).astype(np.float64))  # (nq,)
-    tol = 1.01 * u / (1 - u) * q_norm * g_norm_max + 1e-30  # (nq,)
-    ranks = np.zeros(q.shape[0], dtype=np.int64)
+    above = np.zeros(q.shape[0], dtype=np.int64)
+    tied = np.zeros(q.shape[0], dtype=np.int64)
     q_tile = min(_QUERY_TILE, q.shape[0])
     g_tile = max(1, _SCORE_CHUNK // q_tile)
     for s in range(0, q.shape[0], q_tile):
@@ -213,29 +258,35 @@ def _ranks_by_counting(
         lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
         for gs in range(0, g.shape[0], g_tile):
             scores = qt[s:e] @ gt[gs : gs + g_tile].T  # (c, tile) float32
-            above = (scores > hi).sum(1)  # (c,)
-            in_band = (scores >= lo).sum(1) - above  # (c,) usually all zero
-            ranks[s:e] += above.numpy()
+            clear = (scores > hi).sum(1)  # (c,)
+            in_band = (scores >= lo).sum(1) - clear  # (c,) usually all zero
+            above[s:e] += clear.numpy()
             rows = torch.nonzero(in_band, as_tuple=True)[0]
             if len(rows):
                 sub = scores[rows]
                 r, c = torch.nonzero((sub >= lo[rows]) & (sub <= hi[rows]), as_tuple=True)
                 r, c = rows[r].numpy(), c.numpy() + gs
-                ranks[s:e] += _count_above(q, g, pos, is_pos, r, c, s, e)
-    return ranks
+                a, t = _count_above_and_tied(q, g, pos, is_pos, r, c, s, e)
+                above[s:e] += a
+                tied[s:e] += t
+    return above, tied
 
 
-def _ranks_from_candidates(
+def _counts_from_candidates(
     q: np.ndarray,
     g: np.ndarray,
     pos: np.ndarray,
     is_pos: Callable[[np.ndarray, np.ndarray], np.ndarray],
     k: int,
+    kmax: int,
     approximate: bool,
-) -> np.ndarray:
-    """Ranks from a faiss top-k candidate list, rescored in float64. Exact for ranks
-    below k - positives - margin, which covers every K asked for; larger ranks are
-    lower bounds (they only ever mean 'miss')."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(above, tied) from a faiss top-k candidate list, rescored in float64. Exact when
+    every item scoring s* or more is a candidate: that holds when the last candidate
+    scores below s* by more than twice the float32 error bound (faiss's score of an
+    item left out is at most the last one's). Queries where it may not hold and whose
+    count above is below kmax (so the recall depends on it) are recounted exactly by
+    the torch path; otherwise (above >= kmax) every K is a miss anyway."""
     import faiss
 
     k = min(k, g.shape[0])
@@ -245,10 +296,21 @@ def _ranks_from_candidates(
     else:
         index = faiss.IndexFlatIP(g.shape[1])
     index.add(g)
-    ranks = np.zeros(q.shape[0], dtype=np.int64)
+    above = np.zeros(q.shape[0], dtype=np.int64)
+    tied = np.zeros(q.shape[0], dtype=np.int64)
+    last = np.full(q.shape[0], np.inf)  # float64 score of the last candidate
     for s in range(0, q.shape[0], _FAISS_CHUNK):
         e = min(s + _FAISS_CHUNK, q.shape[0])
         _, cand = index.search(q[s:e], k)  # (c, k), -1 where fewer results
         r, c = np.nonzero(cand >= 0)
-        ranks[s:e] = _count_above(q, g, pos, is_pos, r, cand[r, c], s, e)
-    return ranks
+        above[s:e], tied[s:e] = _count_above_and_tied(q, g, pos, is_pos, r, cand[r, c], s, e)
+        complete = cand[:, -1] >= 0
+        rows = np.arange(s, e)[complete]
+        last[rows] = _dot64(q, g, rows, cand[complete, -1])
+    if k < g.shape[0]:
+        unsure = np.flatnonzero((above < kmax) & (last >= pos - 2 * _f32_error_bound(q, g)))
+        if len(unsure):
+            above[unsure], tied[unsure] = _counts_by_counting(
+                q[unsure], g, pos[unsure], lambda r, c: is_pos(unsure[r], c)
+            )
+    return above, tied
