@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
+from functools import cache
 from itertools import islice
 
 import numpy as np
@@ -14,9 +16,23 @@ from PIL import Image
 from scipy import ndimage
 
 from modx.data import BUILTINS, STREAM, ensure_builtin, make_loader, shard_sizes
-from modx.data.builtin import builtin_samples, defect_place
+from modx.data.builtin import (
+    VERSION,
+    build_builtin,
+    builtin_samples,
+    defect_place,
+    digit_features,
+    tercile_levels,
+    textile_features,
+)
 from modx.data.cli import shards_main
+from modx.data.sources import split_of
 from modx.data.urls import parse_sources
+
+
+@cache
+def _test_split(name: str) -> tuple[dict, ...]:
+    return tuple(s for s in builtin_samples(name) if split_of(s["__key__"], 0.1, 0) == "test")
 
 
 def test_three_domains_in_stream_order():
@@ -39,7 +55,7 @@ def test_captions_name_the_content():
         meta = s["json"]
         assert all(meta["shape"] in c and meta["colour"] in c for c in meta["captions"])
     by_class: dict[str, set[str]] = {}
-    for s in islice(builtin_samples("textiles"), 0, None, 40):
+    for s in _test_split("textiles"):
         by_class.setdefault(s["json"]["class"], set()).update(s["json"]["captions"])
     assert sorted(by_class) == ["global", "local", "nominal"]
     nominal, local, global_ = by_class["nominal"], by_class["local"], by_class["global"]
@@ -60,7 +76,7 @@ def test_textiles_come_from_the_package_with_three_classes():
         ]
     }
     assert counts == {"nominal": 1000, "local": 500, "global": 500}
-    first = next(builtin_samples("textiles"))
+    first = _test_split("textiles")[0]
     assert first["json"]["class"] == "nominal" and "no defect" in first["txt"]
 
 
@@ -128,3 +144,99 @@ def test_defect_place_finds_a_spot_in_texture(y, x, place):
     texture[y - 5 : y + 5, x - 5 : x + 5] = rng.integers(0, 255, (10, 10))  # speckled flaw
     assert defect_place(texture) == place
     assert defect_place(ndimage.gaussian_filter(rng.normal(128, 40, (250, 250)), 2)) is None
+
+
+@pytest.mark.parametrize("name, least", [("digits", 0.6), ("textiles", 0.6), ("shapes", 0.6)])
+def test_most_test_images_have_their_own_caption(name, least):
+    test = _test_split(name)
+    distinct = len({s["txt"] for s in test}) / len(test)
+    print(f"{name}: {distinct:.0%} distinct first captions among {len(test)} test images")
+    assert distinct >= least  # measured: digits 72 %, textiles 77 %, shapes 75 %
+
+
+def test_captions_carry_the_computed_attributes():
+    for s in _test_split("digits")[:40]:
+        meta = s["json"]
+        for attr in ("weight", "slant", "position"):
+            assert meta[attr] in s["txt"] and meta[attr] in meta["captions"][3]
+    for s in _test_split("textiles")[:40]:
+        meta = s["json"]
+        for attr in ("brightness", "contrast", "grain", "darkest"):
+            assert meta[attr] in s["txt"]
+    for s in _test_split("shapes")[:40]:
+        meta = s["json"]
+        assert all(meta[a] in c for a in ("size", "place", "background") for c in meta["captions"])
+
+
+def _members(path) -> list | bytes:
+    if path.suffix != ".tar":
+        return path.read_bytes()
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_builtin_shards_are_deterministic(tmp_path):
+    a = build_builtin("digits", str(tmp_path / "a"), num_shards=2)
+    b = build_builtin("digits", str(tmp_path / "b"), num_shards=2)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 5
+    for n in names:  # same members, same bytes (the tar headers differ only in mtime)
+        assert _members(tmp_path / "a" / n) == _members(tmp_path / "b" / n), n
+    assert a[0].replace("/a/", "/b/") == b[0]
+    again = [s for s in builtin_samples("textiles") if split_of(s["__key__"], 0.1, 0) == "test"]
+    assert [s["json"] for s in again] == [s["json"] for s in _test_split("textiles")]
+
+
+def test_tercile_levels_split_each_group_in_thirds():
+    values = [5, 1, 3, 2, 6, 4, 30, 10, 20]
+    assert tercile_levels(values[:6]).tolist() == [2, 0, 1, 0, 2, 1]
+    groups = ["a"] * 6 + ["b"] * 3  # "b" is compared with itself only
+    assert tercile_levels(values, groups).tolist() == [2, 0, 1, 0, 2, 1, 2, 0, 1]
+
+
+def _stroke(width: int, shear: float = 0.0, shift: int = 0) -> np.ndarray:
+    """An 8x8 vertical bar of ``width`` px, its top moved ``shear`` px per row to the right."""
+    img = np.zeros((8, 8))
+    for y in range(1, 7):
+        x0 = 3 + shift + round(shear * (3.5 - y)) - width // 2
+        img[y, max(0, x0) : x0 + width] = 16
+    return img
+
+
+def test_digit_features_tell_weight_slant_and_position():
+    thin, bold = digit_features(_stroke(1)), digit_features(_stroke(3))
+    assert bold["ink"] > 2 * thin["ink"]
+    assert abs(thin["slant"]) < 1e-9 and abs(bold["slant"]) < 1e-9
+    right, left = digit_features(_stroke(1, shear=0.6)), digit_features(_stroke(1, shear=-0.6))
+    assert right["slant"] > 0.3 and left["slant"] < -0.3
+    assert digit_features(_stroke(1, shift=-2))["x"] < -0.2
+    assert digit_features(_stroke(1, shift=2))["x"] > 0.2
+    levels = tercile_levels([digit_features(_stroke(w))["ink"] for w in (2, 1, 3)])
+    assert levels.tolist() == [1, 0, 2]  # regular, thin, bold
+
+
+def test_textile_features_tell_brightness_contrast_grain_and_shading():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 1, (64, 64))
+    dark, light = textile_features(80 + 20 * noise), textile_features(180 + 20 * noise)
+    assert dark["brightness"] < 90 < 170 < light["brightness"]
+    assert textile_features(128 + 5 * noise)["contrast"] < 10
+    assert textile_features(128 + 40 * noise)["contrast"] > 30
+    coarse = ndimage.gaussian_filter(noise, 3)
+    coarse *= 20 / coarse.std()
+    assert textile_features(128 + coarse)["grain"] < 0.2 < 0.6 < dark["grain"]
+    shaded = 128 + 20 * noise
+    shaded[32:, 32:] -= 15
+    assert textile_features(shaded)["darkest"] == "bottom right"
+
+
+def test_ensure_builtin_rebuilds_shards_of_an_older_data_version(tmp_path):
+    ensure_builtin("shapes", root=str(tmp_path), num_shards=1)
+    marker = tmp_path / "shapes" / "builtin.json"
+    info = json.loads(marker.read_text())
+    info["options"]["version"] = VERSION - 1
+    marker.write_text(json.dumps(info))
+    (tmp_path / "shapes" / "stale").write_text("")
+    ensure_builtin("shapes", root=str(tmp_path), num_shards=1)
+    assert json.loads(marker.read_text())["options"]["version"] == VERSION
+    assert not (tmp_path / "shapes" / "stale").exists()

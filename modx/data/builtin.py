@@ -5,8 +5,11 @@
   (nominal / local defect / global defect; where a local defect lies), 64 px.
 - ``shapes``: procedurally drawn coloured shapes (shape x colour x size x position), 32 px.
 
-Every image has several caption templates that all name its content (class, defect type,
-shape and colour); all go to ``KEY.json`` ``"captions"``, the first to ``KEY.txt``.
+Every image has 4-5 caption templates that all name its class and the attributes computed
+from its own pixels (digits: stroke weight, slant, horizontal position; textiles: brightness,
+contrast, grain, darkest quarter, where a local defect lies; shapes: size, colour, position,
+background), so that most images get a caption of their own. All go to ``KEY.json``
+``"captions"``, the first to ``KEY.txt``.
 Read in this order they make a continual stream: handwriting, industrial textures,
 synthetic scenes.
 """
@@ -30,51 +33,92 @@ from tqdm import tqdm
 from modx.data.sources import split_of
 from modx.data.writer import write_shards
 
-VERSION = 3  # bump when the generated data changes; ensure_builtin then rebuilds
+VERSION = 4  # bump when the generated data changes; ensure_builtin then rebuilds
 
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 Item = tuple[str, Image.Image, list[str], dict]  # key, image, captions, metadata
 
 
+def tercile_levels(values: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """0 / 1 / 2 for the lower / middle / upper third of ``values`` (each group's own
+    thirds when ``groups`` is given, e.g. stroke weight compared within one digit class)."""
+    values = np.asarray(values, dtype=np.float64)
+    groups = np.zeros(len(values), int) if groups is None else np.asarray(groups)
+    levels = np.zeros(len(values), dtype=np.int64)
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        ranks = np.argsort(np.argsort(values[idx], kind="stable"), kind="stable")  # 0..n-1
+        levels[idx] = 3 * ranks // len(idx)
+    return levels
+
+
+def digit_features(pixels: np.ndarray) -> dict[str, float]:
+    """Ink mass, slant and horizontal centre of one digit image (ink bright, any size).
+
+    ``ink`` is the pixel sum; ``slant`` is the shear -mu11 / mu02 of the central second
+    moments (y down, so > 0 when the top leans right); ``x`` is the ink centroid's column
+    relative to the image centre, in fractions of the width (< 0 left of centre)."""
+    a = np.asarray(pixels, dtype=np.float64)  # (H, W)
+    ys, xs = np.mgrid[0 : a.shape[0], 0 : a.shape[1]]
+    mass = a.sum()
+    cx, cy = (a * xs).sum() / mass, (a * ys).sum() / mass
+    mu11 = (a * (xs - cx) * (ys - cy)).sum() / mass
+    mu02 = (a * (ys - cy) ** 2).sum() / mass
+    return {
+        "ink": float(mass),
+        "slant": float(-mu11 / max(mu02, 1e-9)),
+        "x": float(cx / (a.shape[1] - 1) - 0.5),
+    }
+
+
+_WEIGHT = (("thin", "thin strokes"), ("regular", "regular strokes"), ("bold", "thick bold strokes"))
+_SLANT = (
+    ("left-leaning", "slanted to the left"),
+    ("upright", "standing upright"),
+    ("right-leaning", "slanted to the right"),
+)
+_XPOS = (
+    ("left of centre", "shifted to the left"),
+    ("centred", "in the middle"),
+    ("right of centre", "shifted to the right"),
+)
+
+
+def _digit_captions(n: int, weight: int, slant: int, xpos: int) -> list[str]:
+    word = _WORDS[n]
+    (w, ws), (s, ss), (p, ps) = _WEIGHT[weight], _SLANT[slant], _XPOS[xpos]
+    return [
+        f"a {w} {s} handwritten digit {n}, {p}",
+        f"the number {word} in {ws}, {ss}, {ps}",
+        f"a low resolution scan of {'an' if s == 'upright' else 'a'} {s} handwritten {word}"
+        f" with {ws}, {p}",
+        f"the digit {word} ({n}) written by hand: {w}, {s}, {p}",
+        f"a white {word} on a black background, {ss}, {w}, {ps}",
+    ]
+
+
 def _digits(seed: int) -> Iterator[Item]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    for i, (pixels, label) in enumerate(zip(data.images, data.target)):
+    labels = np.asarray(data.target)
+    feats = [digit_features(p) for p in data.images]
+    # each attribute in thirds within the digit's class: a bold 1 has less ink than a thin 8
+    weight, slant, xpos = (
+        tercile_levels([f[k] for f in feats], labels) for k in ("ink", "slant", "x")
+    )
+    for i, (pixels, label) in enumerate(zip(data.images, labels)):
         gray = (np.asarray(pixels) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         img = Image.fromarray(gray, "L").resize((32, 32), Image.BILINEAR).convert("RGB")
-        n, word = int(label), _WORDS[int(label)]
-        captions = [
-            f"a handwritten digit {n}",
-            f"the number {word}",
-            f"a low resolution scan of a handwritten {word}",
-            f"the digit {word} ({n}) written by hand",
-            f"a white {word} on a black background",
-        ]
-        yield f"digit{i:05d}", img, captions, {"label": n, "class": word}
-
-
-_TEXTILE_CAPTIONS = {
-    "nominal": [
-        "a nominal textile with no defect",
-        "a photo of defect-free fabric",
-        "a clean woven textile surface without flaws",
-        "fabric in good condition, no defect",
-    ],
-    "local": [
-        "a textile with a local defect",
-        "fabric with one small localized flaw",
-        "a woven textile surface with a small defect spot",
-        "a textile with a local defect in one place",
-    ],
-    "global": [
-        "a textile with a global defect",
-        "fabric with a defect spread over the whole surface",
-        "a woven textile with a global distortion of its texture",
-        "a textile whose entire surface is defective",
-    ],
-}
+        n = int(label)
+        attrs = {
+            "weight": _WEIGHT[weight[i]][0],
+            "slant": _SLANT[slant[i]][0],
+            "position": _XPOS[xpos[i]][0],
+        }
+        captions = _digit_captions(n, weight[i], slant[i], xpos[i])
+        yield f"digit{i:05d}", img, captions, {"label": n, "class": _WORDS[n], **attrs}
 
 
 _PLACE_NAMES = {
@@ -100,22 +144,67 @@ def defect_place(gray: np.ndarray, margin: int = 12) -> str | None:
     return _PLACE_NAMES[row, col]
 
 
-def _textile_captions(cls: str, place: str | None) -> list[str]:
-    if cls != "local" or place is None:
-        return list(_TEXTILE_CAPTIONS[cls])
+_QUARTERS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def textile_features(gray: np.ndarray) -> dict:
+    """Brightness (mean), contrast (standard deviation), grain and darkest quarter of a
+    grey textile image.
+
+    ``grain`` is the share of the variance left after a 3 px box blur: high for a fine,
+    pixel-level texture, low for coarse streaks and blotches. ``darkest`` names the
+    quarter with the lowest mean ("top left", ...)."""
+    a = np.asarray(gray, dtype=np.float32)  # (H, W)
+    high = a - ndimage.uniform_filter(a, 3, mode="reflect")
+    h, w = a.shape[0] // 2, a.shape[1] // 2
+    quarters = [a[:h, :w].mean(), a[:h, w:].mean(), a[h:, :w].mean(), a[h:, w:].mean()]
+    return {
+        "brightness": float(a.mean()),
+        "contrast": float(a.std()),
+        "grain": float((high * high).mean() / max(float(a.var()), 1e-9)),
+        "darkest": _QUARTERS[int(np.argmin(quarters))],
+    }
+
+
+_SHADE = (("dark", "dark grey"), ("mid-grey", "mid grey"), ("light", "light grey"))
+_CONTRAST = (
+    ("low-contrast", "faint streaks"),
+    ("medium-contrast", "moderate streaks"),
+    ("high-contrast", "strong streaks"),
+)
+_GRAIN = ("coarse", "medium", "fine")
+_DEFECT = {
+    "nominal": ("with no defect", "defect-free", "without flaws"),
+    "local": ("with a local defect", "with one small localized flaw", "with a small defect spot"),
+    "global": (
+        "with a global defect",
+        "with a defect spread over the whole surface",
+        "with a global distortion of its texture",
+    ),
+}
+
+
+def _textile_captions(
+    cls: str, place: str | None, shade: int, contrast: int, grain: int, darkest: str
+) -> list[str]:
+    (s, sg), (c, cs), g = _SHADE[shade], _CONTRAST[contrast], _GRAIN[grain]
+    d1, d2, d3 = _DEFECT[cls]
+    if cls == "local" and place is not None:
+        d1, d2, d3 = (f"{d} at the {place}" for d in (d1, d2, d3))
+    first = "a nominal" if cls == "nominal" else "a"
     return [
-        f"a textile with a local defect at the {place}",
-        f"fabric with one small flaw at the {place}",
-        f"a woven textile surface with a small defect spot at the {place}",
-        "a textile with a local defect",
+        f"{first} {s} {c} textile {d1}, {g} grain, darkest at the {darkest}",
+        f"a photo of {sg} fabric with {cs} and a {g} grain, {d2}, shaded towards the {darkest}",
+        f"a {g}-grained woven textile surface, {s} and {c}, darker at the {darkest}, {d3}",
+        f"{sg} fabric {d1}: {c}, {g} grain, its {darkest} quarter darkest",
     ]
 
 
-def _textiles(seed: int) -> Iterator[Item]:
+def _textile_images() -> Iterator[tuple[str, str, Image.Image, str | None]]:
     import conformal_clip_data as ccd
 
     dirs = {"nominal": ccd.nominal_dir(), "local": ccd.local_dir(), "global": ccd.global_dir()}
-    for label, (cls, directory) in enumerate(dirs.items()):
+    for cls, directory in dirs.items():
         for name in sorted(os.listdir(directory)):
             if not name.lower().endswith((".jpg", ".jpeg", ".png")):
                 continue
@@ -128,9 +217,31 @@ def _textiles(seed: int) -> Iterator[Item]:
                     img.draft("RGB", (64, 64))  # JPEG: decode at reduced scale
                     img = img.convert("RGB")
                 img = img.resize((64, 64), Image.BILINEAR)
-            key = f"{cls}{os.path.splitext(name)[0].split('_')[-1]}"
-            meta = {"label": label, "class": cls, "place": place}
-            yield key, img, _textile_captions(cls, place), meta
+            yield f"{cls}{os.path.splitext(name)[0].split('_')[-1]}", cls, img, place
+
+
+def _textiles(seed: int) -> Iterator[Item]:
+    items = list(_textile_images())
+    classes = np.array([cls for _, cls, _, _ in items])
+    feats = [textile_features(np.asarray(img.convert("L"))) for _, _, img, _ in items]
+    # brightness in thirds of the whole set; contrast and grain within the class, since
+    # global defects are fainter and finer than nominal fabric as a whole
+    shade = tercile_levels([f["brightness"] for f in feats])
+    contrast = tercile_levels([f["contrast"] for f in feats], classes)
+    grain = tercile_levels([f["grain"] for f in feats], classes)
+    labels = {"nominal": 0, "local": 1, "global": 2}
+    for i, (key, cls, img, place) in enumerate(items):
+        meta = {
+            "label": labels[cls],
+            "class": cls,
+            "place": place,
+            "brightness": _SHADE[shade[i]][0],
+            "contrast": _CONTRAST[contrast[i]][0],
+            "grain": _GRAIN[grain[i]],
+            "darkest": feats[i]["darkest"],
+        }
+        captions = _textile_captions(cls, place, shade[i], contrast[i], grain[i], meta["darkest"])
+        yield key, img, captions, meta
 
 
 _COLOURS = {
@@ -200,13 +311,20 @@ def _shapes(seed: int, n: int = 4000) -> Iterator[Item]:
             "gray" if colour in ("white", "yellow", "cyan") else rng.choice(list(_BACKGROUNDS))
         )
         captions = [
-            f"a {colour} {shape}",
-            f"a {size} {colour} {shape} on a {background} background",
-            f"a drawing of a {colour} {shape} at the {place}",
-            f"a picture of one {size} {shape}, coloured {colour}",
-            f"{shape}, {colour}, {size}, {place}",
+            f"a {size} {colour} {shape} at the {place} on a {background} background",
+            f"a drawing of a {colour} {shape}, {size}, at the {place}, {background} background",
+            f"a picture of one {size} {shape}, coloured {colour}, at the {place} over {background}",
+            f"{shape}, {colour}, {size}, {place}, {background} background",
+            f"a {background} picture with a {colour} {shape} ({size}) at the {place}",
         ]
-        meta = {"shape": shape, "colour": colour, "size": size, "place": place, "class": shape}
+        meta = {
+            "shape": shape,
+            "colour": colour,
+            "size": size,
+            "place": place,
+            "background": background,
+            "class": shape,
+        }
         yield f"shape{i:05d}", draw_shape(shape, colour, size, place, background), captions, meta
 
 
