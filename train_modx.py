@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
+        from modx.train.launch import relaunch_on_cpu, requested_cpu_processes
+
+        nprocs = requested_cpu_processes()  # `accelerate launch --cpu --num_processes N`
+        if nprocs > 1:
+            return relaunch_on_cpu(__file__, sys.argv[1:] if argv is None else argv, nprocs)
         from modx.train import run
 
         run(cfg, resume="latest" if args.resume else None)
