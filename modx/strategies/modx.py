@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modx.losses import gather_features, modx_kl
+from modx.losses import clip_loss, gather_features, modx_kl
 from modx.strategies.base import Batch, Strategy
 
 
@@ -24,12 +24,12 @@ class ModX(Strategy):
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.forward(model, batch)
-        clip = self.contrastive(out)
+        img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
+        clip = clip_loss(img.float(), txt.float(), out["logit_scale"])  # = self.contrastive(out)
         if old_model is None:
             return clip, {"loss_clip": clip.item()}
         with torch.no_grad():
             old = old_model(batch["image"], batch["text"])
-        img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
         img_old, txt_old = gather_features(
             old["image_features"], old["text_features"], gather_with_grad=False
         )
