@@ -196,6 +196,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add({"loss": loss.item(), **terms}, weight=1 / t.grad_accum)
+            lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
             with torch.no_grad():
                 accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -206,7 +207,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             # ---- log
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
                 logs = meter.flush(batches) | {
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
                     "phase": phase.index,
                 }
