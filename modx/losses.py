@@ -30,6 +30,13 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    _, world = world_info()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
 class _AllGatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums the gradients of all ranks for the local rows.
 
@@ -39,11 +46,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: (b, d) -> (world * b, d)
-        rank, world = world_info()
-        ctx.rank, ctx.batch = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=0)
+        ctx.rank, ctx.batch = world_info()[0], x.shape[0]
+        return _all_gather_no_grad(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -51,13 +55,6 @@ class _AllGatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = ctx.rank * ctx.batch
         return grad[start : start + ctx.batch]
-
-
-def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    _, world = world_info()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    return torch.cat(parts, dim=0)
 
 
 def gather_features(
