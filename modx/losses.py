@@ -13,6 +13,7 @@ exactly dL/dtheta of the one-process run with the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -20,7 +21,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClipLoss", "clip_loss", "gather_features", "modx_kl", "world_info"]
+__all__ = ["ClipLoss", "clip_loss", "full_precision", "gather_features", "modx_kl", "world_info"]
+
+
+def full_precision(*tensors: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A block where autocast is off for the tensors' device, so that a loss computed on
+    ``.float()`` inputs stays float32 (autocast would run its matmuls in bf16/fp16 again)."""
+    types = {t.device.type for t in tensors if isinstance(t, torch.Tensor)} or {"cpu"}
+    stack = contextlib.ExitStack()
+    for device_type in types:
+        if device_type in ("cpu", "cuda", "xpu", "mps", "hpu"):
+            stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+    return stack
 
 
 def world_info() -> tuple[int, int]:
@@ -86,10 +98,19 @@ def clip_loss(
     """Symmetric InfoNCE (Radford et al. 2021): (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2.
 
     Features are expected L2-normalised, ``logit_scale`` already exponentiated.
+    Computed in float32 (float64 stays float64) with autocast off, whatever the caller's.
     """
-    logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
-    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+    with full_precision(image_features):
+        image_features, text_features = _at_least_fp32(image_features), _at_least_fp32(text_features)
+        if isinstance(logit_scale, torch.Tensor):
+            logit_scale = _at_least_fp32(logit_scale)
+        logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+        labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
 
 
 class ClipLoss(nn.Module):
@@ -112,7 +133,7 @@ class ClipLoss(nn.Module):
         image_all, text_all = gather_features(
             image_features, text_features, gather_with_grad=self.gather_with_grad
         )
-        return clip_loss(image_all.float(), text_all.float(), logit_scale)
+        return clip_loss(image_all, text_all, logit_scale)
 
 
 def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -157,16 +178,17 @@ def modx_kl(
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if not temperature > 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    img_new, txt_new = F.normalize(img_new.float(), dim=-1), F.normalize(txt_new.float(), dim=-1)
-    img_old = F.normalize(img_old.detach().float(), dim=-1)
-    txt_old = F.normalize(txt_old.detach().float(), dim=-1)
+    with full_precision(img_new, img_old):
+        img_new, txt_new = F.normalize(img_new.float(), dim=-1), F.normalize(txt_new.float(), dim=-1)
+        img_old = F.normalize(img_old.detach().float(), dim=-1)
+        txt_old = F.normalize(txt_old.detach().float(), dim=-1)
 
-    sim_new = img_new @ txt_new.T  # (B, B), rows: image -> texts
-    sim_old = img_old @ txt_old.T  # (B, B)
-    old_i2t, old_t2i = sim_old, sim_old.T
-    if cognition_align:
-        old_i2t = _cognition_align(old_i2t, sim_new)
-        old_t2i = _cognition_align(old_t2i, sim_new.T)
-    kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction)
-    kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction)
-    return (kl_i2t + kl_t2i) / 2
+        sim_new = img_new @ txt_new.T  # (B, B), rows: image -> texts
+        sim_old = img_old @ txt_old.T  # (B, B)
+        old_i2t, old_t2i = sim_old, sim_old.T
+        if cognition_align:
+            old_i2t = _cognition_align(old_i2t, sim_new)
+            old_t2i = _cognition_align(old_t2i, sim_new.T)
+        kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction)
+        kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction)
+        return (kl_i2t + kl_t2i) / 2

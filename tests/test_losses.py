@@ -173,3 +173,39 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-10)
         torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-9, atol=1e-12)
+
+
+# ---- float32 semantics under autocast
+
+
+def _bf16_case(seed: int = 11, n: int = 128, d: int = 256):
+    g = torch.Generator().manual_seed(seed)
+    img_o, txt_o = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    img = img_o + 0.05 * torch.randn(n, d, generator=g)  # a slightly moved "new model"
+    txt = txt_o + 0.05 * torch.randn(n, d, generator=g)
+    return img, txt, img_o, txt_o
+
+
+def _value_and_grad(fn, img, txt, autocast: bool):
+    img, txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = fn(img, txt)
+    value.backward()
+    return value.detach(), torch.cat([img.grad.flatten(), txt.grad.flatten()])
+
+
+@pytest.mark.parametrize("loss", ["modx_kl", "clip_loss"])
+def test_losses_keep_fp32_value_and_gradient_under_bf16_autocast(loss):
+    img, txt, img_o, txt_o = _bf16_case()
+    if loss == "modx_kl":
+        def fn(i, t):
+            return modx_kl(i, t, img_o, txt_o, cognition_align=False)
+    else:
+        def fn(i, t):
+            return clip_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), torch.tensor(50.0))
+    ref_value, ref_grad = _value_and_grad(fn, img, txt, autocast=False)
+    got_value, got_grad = _value_and_grad(fn, img, txt, autocast=True)
+    assert got_value.dtype == torch.float32
+    assert got_value.item() == pytest.approx(ref_value.item(), rel=1e-5)
+    assert F.cosine_similarity(got_grad, ref_grad, dim=0).item() > 0.9999
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-7)

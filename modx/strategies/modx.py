@@ -25,7 +25,7 @@ class ModX(Strategy):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.forward(model, batch)
         img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
-        clip = clip_loss(img.float(), txt.float(), out["logit_scale"])  # = self.contrastive(out)
+        clip = clip_loss(img, txt, out["logit_scale"])  # = self.contrastive(out)
         if old_model is None:
             return clip, {"loss_clip": clip.item()}
         with torch.no_grad():
