@@ -52,6 +52,9 @@ class StrategyConfig:
     temperature: float = 1.0  # tau inside the KL (1 = raw cosine similarities, as the reference)
     cognition_align: bool = True  # Mod-X selective alignment of the old model's wrong rows
     reduction: str = "sum"  # KL summed over the batch (reference script) or averaged
+    kl_diagonal: bool = True  # KL over whole rows (paper); false: over the other samples only
+    align_initial: bool | str = "auto"  # phase 0 aligns with the initial model (auto: when
+    #                                      its weights were loaded, as the authors' script)
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
     ewc_batches: int = 10  # batches used to estimate the diagonal Fisher at each phase end
     wiseft_alpha: float = 0.5  # weight of the new model when interpolating at a phase end
@@ -198,9 +201,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        if len(args) < len(typing.get_args(tp)) and (
+            value is None or (isinstance(value, str) and value.lower() in ("null", "none"))
+        ):
             return None
-        return _coerce(args[0], value, key)
+        for arg in args[:-1]:  # the first type that fits, e.g. bool | str
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError:
+                pass
+        return _coerce(args[-1], value, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin is list:
@@ -250,6 +260,7 @@ def validate(cfg: Config) -> None:
     check(s.alpha >= 0, "strategy.alpha", "must be >= 0")
     check(s.temperature > 0, "strategy.temperature", "must be > 0")
     check(s.reduction in REDUCTIONS, "strategy.reduction", f"choose one of {list(REDUCTIONS)}")
+    check(s.align_initial in (True, False, "auto"), "strategy.align_initial", "choose auto, true or false")
     check(s.ewc_batches > 0, "strategy.ewc_batches", "must be > 0")
     check(0.0 <= s.wiseft_alpha <= 1.0, "strategy.wiseft_alpha", "must be in [0, 1]")
     ratio = s.replay.ratio

@@ -136,8 +136,15 @@ class ClipLoss(nn.Module):
         return clip_loss(image_all, text_all, logit_scale)
 
 
-def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, reduction: str) -> torch.Tensor:
-    """sum_i KL(softmax(old_i) || softmax(new_i)) over rows i, or its mean over rows."""
+def _row_kl(
+    old_logits: torch.Tensor, new_logits: torch.Tensor, reduction: str, diagonal: bool = True
+) -> torch.Tensor:
+    """sum_i KL(softmax(old_i) || softmax(new_i)) over rows i, or its mean over rows.
+    Without the diagonal, both rows are distributions over the other samples (j != i)."""
+    if not diagonal:  # (B, B) -> (B, B - 1): row i without column i
+        n = old_logits.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool, device=old_logits.device)
+        old_logits, new_logits = old_logits[off].view(n, n - 1), new_logits[off].view(n, n - 1)
     log_p_old = F.log_softmax(old_logits, dim=-1)  # (B, B)
     log_p_new = F.log_softmax(new_logits, dim=-1)  # (B, B)
     kl_rows = (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)  # (B,)
@@ -160,6 +167,7 @@ def modx_kl(
     temperature: float = 1.0,
     cognition_align: bool = True,
     reduction: str = "sum",
+    diagonal: bool = True,
 ) -> torch.Tensor:
     """Mod-X off-diagonal alignment term (Ni et al. 2023, PAPERS.md section 1).
 
@@ -172,7 +180,9 @@ def modx_kl(
         return (KL_i2t + KL_t2i) / 2
 
     ``reduction="sum"`` sums over the batch rows (the reference script);
-    ``"mean"`` averages them. Computed in float32 whatever the input dtype.
+    ``"mean"`` averages them. ``diagonal=False`` (a modx option, not the paper's) compares
+    each row's distribution over the *other* samples only, so the KL leaves the matched
+    pair's similarity to the CLIP loss. Computed in float32 whatever the input dtype.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -189,6 +199,6 @@ def modx_kl(
         if cognition_align:
             old_i2t = _cognition_align(old_i2t, sim_new)
             old_t2i = _cognition_align(old_t2i, sim_new.T)
-        kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction)
-        kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction)
+        kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction, diagonal)
+        kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction, diagonal)
         return (kl_i2t + kl_t2i) / 2

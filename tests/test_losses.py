@@ -47,7 +47,7 @@ def naive_clip_loss(img, txt, scale: float) -> float:
     return total / (2 * n)
 
 
-def naive_modx_kl(img, txt, img_o, txt_o, tau=1.0, align=True, reduction="sum") -> float:
+def naive_modx_kl(img, txt, img_o, txt_o, tau=1.0, align=True, reduction="sum", diagonal=True) -> float:
     i, t, io, to = map(_unit_rows, (img, txt, img_o, txt_o))
     n = len(i)
     s = [[_dot(i[a], t[b]) for b in range(n)] for a in range(n)]
@@ -58,8 +58,9 @@ def naive_modx_kl(img, txt, img_o, txt_o, tau=1.0, align=True, reduction="sum") 
         for r in range(n):
             if align and max(range(n), key=lambda j: old[r][j]) != r:
                 continue  # old model wrong on this row: replaced by the new row, KL 0
-            p = _softmax([v / tau for v in old[r]])
-            q = _softmax([v / tau for v in new[r]])
+            cols = [j for j in range(n) if diagonal or j != r]
+            p = _softmax([old[r][j] / tau for j in cols])
+            q = _softmax([new[r][j] / tau for j in cols])
             kl += sum(pj * (math.log(pj) - math.log(qj)) for pj, qj in zip(p, q))
         halves.append(kl if reduction == "sum" else kl / n)
     return (halves[0] + halves[1]) / 2
@@ -80,10 +81,12 @@ def test_clip_loss_matches_naive_loop(scale):
 @pytest.mark.parametrize("tau", [1.0, 0.07, 2.5])
 @pytest.mark.parametrize("align", [True, False])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_modx_kl_matches_naive_loop(tau, align, reduction):
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_modx_kl_matches_naive_loop(tau, align, reduction, diagonal):
     img, txt, img_o, txt_o = _features(1, n=7)
-    got = modx_kl(img, txt, img_o, txt_o, temperature=tau, cognition_align=align, reduction=reduction)
-    want = naive_modx_kl(img, txt, img_o, txt_o, tau, align, reduction)
+    got = modx_kl(img, txt, img_o, txt_o, temperature=tau, cognition_align=align, reduction=reduction,
+                  diagonal=diagonal)
+    want = naive_modx_kl(img, txt, img_o, txt_o, tau, align, reduction, diagonal)
     assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-7)
 
 
@@ -209,3 +212,13 @@ def test_losses_keep_fp32_value_and_gradient_under_bf16_autocast(loss):
     assert got_value.item() == pytest.approx(ref_value.item(), rel=1e-5)
     assert F.cosine_similarity(got_grad, ref_grad, dim=0).item() > 0.9999
     torch.testing.assert_close(got_grad, ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_off_diagonal_kl_ignores_the_matched_pairs_similarity():
+    """diagonal=False: raising only the matched pairs' similarities costs nothing."""
+    from modx.losses import _row_kl
+
+    old = torch.randn(6, 6, dtype=torch.float64)
+    new = old + torch.diag(torch.rand(6, dtype=torch.float64) + 0.5)
+    assert _row_kl(old, new, "sum", diagonal=False).item() == pytest.approx(0.0, abs=1e-12)
+    assert _row_kl(old, new, "sum", diagonal=True).item() > 1e-3

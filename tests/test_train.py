@@ -189,3 +189,43 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "recall matrix" in proc.stdout and "forgetting" in proc.stdout
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["n_phases"] == 3 and summary["strategy"] == "modx"
+
+
+@pytest.mark.parametrize(
+    "start, setting, aligned",
+    [("export", "auto", True), ("export", "false", False), ("random", "auto", False), ("random", "true", True)],
+)
+def test_align_initial_gives_phase_0_the_initial_model_as_old_model(tmp_path, monkeypatch, start, setting, aligned):
+    """As the authors' script: a pretrained start is protected from the first phase on."""
+    from _train_helpers import micro_model
+
+    import modx.train.loop as loop
+    from modx.models import export_model
+    from modx.train import run
+
+    arch = micro_model(tmp_path)
+    if start == "export":  # a model whose weights are loaded: an exported directory
+        export_model(create_model(arch)[0], tmp_path / "start")
+        arch = str(tmp_path / "start")
+    install_fake_stream([], monkeypatch.setattr)
+    recording_build, calls = loop.build_strategy, []
+
+    def build(cfg, accelerator):
+        strategy = recording_build(cfg, accelerator)
+        inner = strategy.loss
+
+        def loss(model, batch, old_model):
+            value, terms = inner(model, batch, old_model)
+            calls.append((old_model is not None, terms.get("loss_kl")))
+            return value, terms
+
+        strategy.loss = loss
+        return strategy
+
+    monkeypatch.setattr(loop, "build_strategy", build)
+    overrides = fake_stream_overrides(tmp_path / "run", f"model.arch={arch}", "strategy.name=modx",
+                                      f"strategy.align_initial={setting}")
+    run(load_config(None, overrides))
+    assert [has_old for has_old, _ in calls] == [aligned, aligned, True, True]
+    if aligned:  # the first step's model is the old model: nothing to align yet
+        assert calls[0][1] == pytest.approx(0.0, abs=1e-6)

@@ -103,7 +103,13 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(runs, metric)
-    blocks = _blocks(runs, metric, [name for name, _ in figures])
+    return render_report(_blocks(runs, metric, [name for name, _ in figures]), figures, out)
+
+
+def render_report(blocks: list[tuple], figures: list[tuple[str, bytes]], out: Path) -> tuple[Path, Path]:
+    """Write `blocks` (("h1" | "h2" | "h3" | "p", text), ("table", head, rows), ("img", name,
+    caption)) as out/report.md with the PNGs beside it and as a self-contained out/report.html."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, png in figures:
         (out / name).write_bytes(png)
     md_path, html_path = out / "report.md", out / "report.html"
@@ -317,7 +323,7 @@ def _figures(runs: list[Run], metric: str) -> list[tuple[str, bytes]]:
     return figs
 
 
-def _png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -325,7 +331,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -344,7 +350,7 @@ def _phase_axis(runs: list[Run]) -> tuple[list[int], list[str]]:
 
 
 def _plot_matrix(runs: list[Run], metric: str) -> bytes:
-    fig = _new_figure(1.2 + 3.6 * len(runs), 3.4)
+    fig = new_figure(1.2 + 3.6 * len(runs), 3.4)
     axes = fig.subplots(1, len(runs), squeeze=False)[0]
     vmax = max(float(np.nanmax(np.asarray(r.matrix.values, float))) for r in runs)
     vmax = vmax if math.isfinite(vmax) and vmax > 0 else 100.0
@@ -364,14 +370,14 @@ def _plot_matrix(runs: list[Run], metric: str) -> bytes:
         ax.set_ylabel("model after phase")
         ax.set_title(f"{r.label} ({r.strategy})", fontsize=10)
     fig.colorbar(im, ax=list(axes), label=f"{metric} (%)")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _plot_curves(runs: list[Run], metric: str) -> bytes:
     sets = list(dict.fromkeys(s for r in runs for s in r.matrix.eval_sets))
     cols = min(len(sets), 4)
     nrows = math.ceil(len(sets) / cols)
-    fig = _new_figure(3.3 * cols, 2.8 * nrows)
+    fig = new_figure(3.3 * cols, 2.8 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     xs, labels = _phase_axis(runs)
     for j, (ax, name) in enumerate(zip(axes, sets)):
@@ -393,11 +399,11 @@ def _plot_curves(runs: list[Run], metric: str) -> bytes:
     for ax in axes[len(sets) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _plot_rotation_hist(runs: list[Run]) -> bytes:
-    fig = _new_figure(1.0 + 3.6 * len(runs), 5.0)
+    fig = new_figure(1.0 + 3.6 * len(runs), 5.0)
     axes = fig.subplots(2, len(runs), squeeze=False, sharex=True)
     top = 1.0
     for c, r in enumerate(runs):
@@ -425,11 +431,11 @@ def _plot_rotation_hist(runs: list[Run]) -> bytes:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, title="phase", title_fontsize=7)
     axes[0, 0].set_xlim(0, min(180.0, top + 2.0))
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _plot_deviation(runs: list[Run]) -> bytes:
-    fig = _new_figure(3.2 * len(DEVIATION_KEYS), 5.2)
+    fig = new_figure(3.2 * len(DEVIATION_KEYS), 5.2)
     axes = fig.subplots(2, len(DEVIATION_KEYS), squeeze=False, sharex=True)
     xs, labels = _phase_axis(runs)
     xs, labels = [x for x in xs if x >= 0], [n for x, n in zip(xs, labels) if x >= 0]
@@ -449,7 +455,7 @@ def _plot_deviation(runs: list[Run]) -> bytes:
             ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 if __name__ == "__main__":

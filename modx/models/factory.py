@@ -168,7 +168,8 @@ def create_model(
     overrides: merged into the model config, e.g. `text_cfg={"context_length": 16}`.
 
     The model is open_clip's `CLIP` / `CustomTextCLIP` (or the subclass `ModxCLIP`) with
-    output_dict=True; `model.modx_config` holds the resolved config for `export_model`.
+    output_dict=True; `model.modx_config` holds the resolved config for `export_model`, and
+    `model.modx_weights` the weights file loaded (None: randomly initialised).
     """
     spec = resolve_spec(cfg_or_name)
     swap = {**spec["model_cfg"].pop("swap", {}), **(swap or {})}
@@ -196,6 +197,7 @@ def create_model(
         load_weights(model, weights)
     model.modx_config = {"name": spec["name"], "model_cfg": model_cfg,
                          "preprocess_cfg": spec["preprocess_cfg"]}
+    model.modx_weights = None if weights is None else str(weights)
     _set_preprocess(model)
     for tower, tower_cfg in swap.items():
         model = swap_tower(model, tower, tower_cfg)

@@ -33,6 +33,14 @@ class Strategy:
     name = "finetune"
     default_replay_ratio = 0.0
     joint = False  # train once on every phase's data (the upper bound)
+    uses_old_model = False  # the loss runs the old model at every step (one more forward)
+
+    @classmethod
+    def plain_phases(cls, cfg: StrategyConfig, align_initial: bool) -> int | None:
+        """How many leading phases this strategy trains exactly as plain fine-tuning and
+        leaves no state of its own after (None: all). modx-bench trains those phases once
+        for every strategy that shares them. `align_initial`: phase 0 has an old model."""
+        return None
 
     def __init__(self, cfg: StrategyConfig, accelerator: Accelerator):
         self.cfg = cfg

@@ -22,6 +22,10 @@ from modx.strategies.base import Batch, Strategy
 class EWC(Strategy):
     name = "ewc"
 
+    @classmethod
+    def plain_phases(cls, cfg, align_initial: bool) -> int | None:
+        return 0  # its Fisher of every phase is state of its own
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.fisher: dict[str, torch.Tensor] = {}

@@ -10,3 +10,7 @@ from modx.strategies.base import Strategy
 class Joint(Strategy):
     name = "joint"
     joint = True
+
+    @classmethod
+    def plain_phases(cls, cfg, align_initial: bool) -> int | None:
+        return 0  # one phase over all the data

@@ -19,6 +19,11 @@ from modx.strategies.base import Batch, Strategy
 
 class ModX(Strategy):
     name = "modx"
+    uses_old_model = True
+
+    @classmethod
+    def plain_phases(cls, cfg, align_initial: bool) -> int | None:
+        return 0 if align_initial else 1  # without an old model, phase 0 is plain CLIP
 
     def loss(
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
@@ -41,6 +46,7 @@ class ModX(Strategy):
             temperature=self.cfg.temperature,
             cognition_align=self.cognition_align,
             reduction=self.cfg.reduction,
+            diagonal=self.cfg.kl_diagonal,
         )
         total = clip + self.cfg.alpha * kl
         return total, {"loss_clip": clip.item(), "loss_kl": kl.item()}

@@ -21,6 +21,10 @@ class Replay(Strategy):
     name = "replay"
     default_replay_ratio = 0.5
 
+    @classmethod
+    def plain_phases(cls, cfg, align_initial: bool) -> int | None:
+        return 0  # its buffer fills from the first step
+
 
 class ReplayBuffer:
     def __init__(self, capacity: int, ratio: float, seed: int = 0):

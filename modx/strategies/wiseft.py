@@ -16,6 +16,10 @@ from modx.strategies.base import Batch, Strategy
 class WiseFT(Strategy):
     name = "wiseft"
 
+    @classmethod
+    def plain_phases(cls, cfg, align_initial: bool) -> int | None:
+        return 0 if align_initial else 1  # phase 0 ends without an old model to mix with
+
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]
     ) -> None:

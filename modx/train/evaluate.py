@@ -111,8 +111,9 @@ class Evaluator:
         for path in (self.results, self.disorder, self.summary):
             path.unlink(missing_ok=True)
 
-    def finish(self, metric: str = "mean_recall") -> dict[str, Any]:
-        """Write summary.json (continual metrics of the recall matrix), the report; print them."""
+    def finish(self, metric: str = "mean_recall", cost: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write summary.json (continual metrics of the recall matrix, the training `cost`),
+        the report; print them."""
         from modx.eval.continual import continual_metrics, recall_matrix
 
         records = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
@@ -121,7 +122,7 @@ class Evaluator:
         summary.update(
             metric=metric, strategy=self.cfg.strategy.name, phases=matrix.phases,
             eval_sets=matrix.eval_sets, matrix=matrix.values, initial=matrix.initial,
-            disorder=disorder_summary(self.disorder),
+            disorder=disorder_summary(self.disorder), cost=cost or {},
         )
         self.summary.write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
         print(format_summary(summary))

@@ -100,8 +100,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return old
 
 
-def run(cfg: Config, resume: str | None = None) -> Path:
-    """Train `cfg`'s stream; `resume` = "latest" or a state directory. Returns the run dir."""
+def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) -> Path:
+    """Train `cfg`'s stream; `resume` = "latest" or a state directory. Returns the run dir.
+
+    `until_phase`: stop after that phase (its export, evaluation and resumable state
+    written, no summary): modx-bench trains the phases several strategies share this way
+    and continues each strategy from the state with `resume`."""
     t = cfg.train
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -135,6 +139,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         raise ConfigError("model.pretrained" if cfg.model.pretrained else "model.arch", str(err)) from None
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    align_initial = _align_initial(cfg, model)
     optimizer = torch.optim.AdamW(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -144,12 +149,15 @@ def run(cfg: Config, resume: str | None = None) -> Path:
 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
+    train_seconds = 0.0  # time in training steps (data waits included, evaluation not)
     state_path = _resume_path(resume or t.resume, ckpt_dir)
     if state_path is not None:
         trainer_state = read_trainer_state(state_path)
         start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
-        if start_phase > 0:  # the old model is the export that ended the previous phase
-            old_model = frozen_copy(create_model(str(ckpt_dir / f"phase-{start_phase - 1}"))[0]).to(accelerator.device)
+        train_seconds = trainer_state.get("train_seconds", 0.0)
+        if start_phase > 0 or align_initial:  # the export that ended the previous phase
+            previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
+            old_model = frozen_copy(create_model(str(ckpt_dir / previous))[0]).to(accelerator.device)
         strategy_state = load_state(accelerator, state_path)  # the RNG too: nothing random after it
         strategy.load_state_dict(strategy_state["strategy"])
         if replay is not None and strategy_state.get("replay"):
@@ -167,12 +175,14 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         if cfg.eval.initial:
             evaluator.evaluate(accelerator.unwrap_model(model), -1, "initial", 0)
         export_phase(accelerator.unwrap_model(model), ckpt_dir / "initial")
+    if state_path is None and align_initial:  # phase 0 aligns with the (pretrained) start
+        old_model = frozen_copy(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     accelerator.init_trackers(t.project, config=_flat_hparams(to_dict(cfg)))
 
     total_steps = sum(p.steps for p in phases)
     progress = tqdm(total=total_steps, initial=global_step, disable=not (main and t.progress), desc="train")
-    for phase in phases[start_phase:]:
+    for phase in phases[start_phase : None if until_phase is None else until_phase + 1]:
         first_step = start_step if phase.index == start_phase else 0
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
@@ -181,6 +191,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
         meter = Meter()
 
         for step in range(first_step, phase.steps):
+            step_start = time.perf_counter()
             # ---- one optimiser step = grad_accum micro-batches of the global batch
             for _ in range(t.grad_accum):
                 batch = next(batches)
@@ -201,6 +212,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
             with torch.no_grad():
                 accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             global_step += 1
+            train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum)
             progress.update(1)
 
@@ -218,7 +230,8 @@ def run(cfg: Config, resume: str | None = None) -> Path:
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
-                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, strategy, replay, t.keep_checkpoints)
+                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
+                            replay, t.keep_checkpoints)
                 batches.close()
                 batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator)
 
@@ -235,11 +248,14 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                 + f"  (mean recall, %; evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
         old_model = frozen_copy(net)
-        _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, strategy, replay, t.keep_checkpoints)
+        _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,
+                    t.keep_checkpoints)
 
     progress.close()
-    if main:
-        evaluator.finish()
+    if main and (until_phase is None or until_phase + 1 >= len(phases)):
+        samples = global_step * t.batch_size * t.grad_accum
+        evaluator.finish(cost={"train_seconds": train_seconds, "train_samples": samples,
+                               "samples_per_s": samples / train_seconds if train_seconds else None})
     accelerator.end_training()
     return run_dir
 
@@ -262,13 +278,25 @@ def _checkpoint(
     phase: int,
     phase_step: int,
     global_step: int,
+    train_seconds: float,
     strategy: object,
     replay: ReplayBuffer | None,
     keep: int,
 ) -> None:
-    trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": global_step}
+    trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": global_step,
+                     "train_seconds": train_seconds}
     strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
+
+
+def _align_initial(cfg: Config, model: nn.Module) -> bool:
+    """Whether phase 0 has an old model: the initial one (strategy.align_initial; auto = when
+    initial weights were loaded, as the authors' script aligns its first phase with the
+    pretrained checkpoint)."""
+    setting = cfg.strategy.align_initial
+    if setting == "auto":
+        return getattr(model, "modx_weights", None) is not None
+    return bool(setting)
 
 
 def _has_accelerator() -> bool:

@@ -1,0 +1,500 @@
+"""modx-bench: continual strategies side by side on one stream from one start.
+
+    modx-bench --config configs/bench_stream.yaml --strategies finetune modx modx:alpha=5 \\
+        --seeds 0 1 --out runs/bench [key=value ...]
+
+Each strategy spec is `NAME[:key=value,...]`; a bare key is a `strategy.` key
+(`modx:alpha=5,replay.ratio=0.2`), a dotted key from another section is taken as it is
+(`modx:train.lr=1e-3`). Trailing `key=value` overrides apply to every run.
+
+Every run is `modx.train.run` on the same config (and the same seed), so every strategy
+starts from the same weights and sees the same stream. Phases that several strategies train
+exactly as plain fine-tuning (the first phase when there is no old model yet, see
+`Strategy.plain_phases`) are trained once, in `OUT/shared/`, and each strategy goes on from
+that state (its run directory starts as a copy, then `run(..., resume="latest")`). Each
+training runs in a child process so that its wall time and peak memory are its own. A
+killed bench continues where it stopped: finished runs are kept, an interrupted one resumes
+from its latest checkpoint.
+
+Writes `OUT/bench.json` = {"runs": [{"strategy", "seed", "summary", "cost", "run_dir"}],
+"table": per-strategy mean and std over seeds} and `OUT/report.{md,html}` (tables, plots);
+`OUT/compare/` holds modx-report's side-by-side report of the first seed's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modx.config import Config, ConfigError, load_config, save_config, to_dict
+
+SECTIONS = ("model", "strategy", "stream", "train", "eval")
+# The continual numbers the bench table shows: (summary key, column title).
+SUMMARY_COLUMNS = (
+    ("average_recall", "average"),
+    ("first_last", "first domain, final"),
+    ("plasticity", "plasticity"),
+    ("forgetting", "forgetting"),
+    ("backward_transfer", "BWT"),
+    ("forward_transfer", "FWT"),
+)
+COST_COLUMNS = (
+    ("wall_s", "wall (s)"),
+    ("samples_per_s", "samples/s"),
+    ("peak_rss_mb", "peak RSS (MB)"),
+    ("train_tflops", "train TFLOP"),
+)
+
+
+class BenchError(ValueError):
+    """A bench request that cannot run (the message says why)."""
+
+
+@dataclass
+class BenchRun:
+    label: str  # the spec as given, e.g. "modx:alpha=5"
+    seed: int
+    cfg: Config
+    run_dir: Path
+    shared: int = 0  # leading phases trained in a shared run
+    shared_dir: Path | None = None
+    cost: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def strategy_overrides(spec: str) -> list[str]:
+    """`modx:alpha=5,replay.ratio=0.2` -> ["strategy.name=modx", "strategy.alpha=5", ...]."""
+    name, _, options = spec.partition(":")
+    if not name:
+        raise BenchError(f"strategy spec {spec!r}: no strategy name before ':'")
+    out = [f"strategy.name={name}"]
+    for item in filter(None, re.split(r",(?=[A-Za-z_][\w.]*=)", options)):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BenchError(f"strategy spec {spec!r}: options are written key=value, got {item!r}")
+        key = key.strip()
+        out.append(f"{key if key.split('.')[0] in SECTIONS else 'strategy.' + key}={value}")
+    return out
+
+
+def split_arguments(strategies: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """argparse puts trailing `key=value` overrides into --strategies: take them back out
+    (a strategy spec never has '=' before a ':')."""
+    specs, extra = [], list(overrides)
+    for token in strategies:
+        (extra if re.match(r"^[A-Za-z_][\w.]*=", token) else specs).append(token)
+    return specs, extra
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_") or "run"
+
+
+def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Path,
+         overrides: Sequence[str] = ()) -> list[BenchRun]:
+    """One BenchRun per (strategy, seed), with the phases it shares assigned to a shared run."""
+    from modx.strategies import STRATEGIES, replay_ratio
+
+    if not specs:
+        raise BenchError("no strategy given (--strategies finetune modx ...)")
+    if len(set(specs)) != len(specs):
+        raise BenchError("a strategy spec is given twice")
+    runs = []
+    for spec in specs:
+        for seed in seeds:
+            run_dir = out / "runs" / f"{slug(spec)}-seed{seed}"
+            try:
+                cfg = load_config(config, [*overrides, *strategy_overrides(spec), f"train.seed={seed}",
+                                           f"train.output_dir={run_dir}"])
+            except ConfigError as err:
+                raise BenchError(f"strategy {spec!r}: {err}") from None
+            runs.append(BenchRun(spec, seed, cfg, run_dir))
+    groups: dict[str, list[BenchRun]] = {}
+    for r in runs:
+        cls = STRATEGIES[r.cfg.strategy.name]
+        n = 0 if replay_ratio(r.cfg.strategy) > 0 else cls.plain_phases(r.cfg.strategy, _aligns_initial(r.cfg))
+        n = len(r.cfg.stream.phases) if n is None else n
+        if n > 0 and len(r.cfg.stream.phases) > 1:
+            groups.setdefault(_prefix_key(r.cfg), []).append(r)
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue  # nothing to share
+        for r in members:
+            r.shared = 1  # the strategies differ at the latest from the first old model on
+            r.shared_dir = out / "shared" / f"{key[:10]}-seed{r.seed}"
+    return runs
+
+
+def _aligns_initial(cfg: Config) -> bool:
+    """strategy.align_initial resolved without building the model (see loop._align_initial)."""
+    setting = cfg.strategy.align_initial
+    if setting != "auto":
+        return bool(setting)
+    if cfg.model.pretrained is not None:
+        return True
+    from modx.models.factory import resolve_spec
+
+    try:
+        return resolve_spec(cfg.model.arch)["weights"] is not None
+    except Exception:  # an invalid arch is reported by the run itself
+        return False
+
+
+# Strategy keys that act only once there is an old model (after the shared phases).
+_LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reduction", "wiseft_alpha",
+                     "align_initial", "ewc_lambda", "kl_diagonal")
+
+
+def _prefix_key(cfg: Config) -> str:
+    """Runs with equal keys train their shared phases identically: the whole config except
+    the strategy keys that act later and the output directory."""
+    tree = to_dict(cfg)
+    for key in _LATER_PHASE_KEYS:
+        tree["strategy"].pop(key, None)
+    tree["train"].pop("output_dir")
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: str | Path,
+              overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Plan, train what is missing (shared phases once), collect; returns bench.json's dict."""
+    out = Path(out)
+    runs = plan(config, specs, seeds, out, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    shared_costs: dict[Path, dict[str, Any]] = {}
+    for i, r in enumerate(runs, 1):
+        print(f"modx-bench [{i}/{len(runs)}] {r.label} seed {r.seed} -> {r.run_dir}", flush=True)
+        own = r.run_dir / "bench_cost.json"
+        if r.shared_dir is not None and not (r.run_dir / "checkpoints").is_dir():
+            if r.shared_dir not in shared_costs:
+                shared_costs[r.shared_dir] = _train_shared(r)
+            _fork(r.shared_dir, r.run_dir)
+            save_config(r.cfg, r.run_dir / "config.yaml")
+        if not (r.run_dir / "summary.json").is_file() or not own.is_file():
+            cost = _train(r.cfg, resume="latest", until_phase=None)
+            own.write_text(json.dumps(cost, indent=1))
+        shared = _read_json(r.shared_dir / "bench_cost.json") if r.shared_dir else {}
+        r.cost = _combine_costs(r, _read_json(own), shared)
+    result = collect(runs)
+    (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
+    md, page = write_bench_report(result, runs, out)
+    print(format_table(result))
+    print(f"wrote {out / 'bench.json'}, {md} and {page}")
+    return result
+
+
+def _train_shared(r: BenchRun) -> dict[str, Any]:
+    """Train the shared leading phase(s) once as plain fine-tuning (resumable)."""
+    done = r.shared_dir / "bench_cost.json"
+    if done.is_file():
+        return _read_json(done)
+    print(f"modx-bench: training the shared phase {r.cfg.stream.phases[0].name!r} once in {r.shared_dir}",
+          flush=True)
+    cfg = copy.deepcopy(r.cfg)
+    cfg.strategy.name = "finetune"
+    cfg.train.output_dir = str(r.shared_dir)
+    cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
+    done.write_text(json.dumps(cost, indent=1))
+    return cost
+
+
+def _fork(shared_dir: Path, run_dir: Path) -> None:
+    """Start `run_dir` as a copy of the shared run (atomically: a copy, then a rename)."""
+    tmp = run_dir.with_name(f".tmp-{run_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(shared_dir, tmp, ignore=shutil.ignore_patterns("logs", "report*", "bench_cost.json"))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.replace(tmp, run_dir)
+
+
+def _train(cfg: Config, resume: str | None, until_phase: int | None) -> dict[str, Any]:
+    """modx.train.run in a child process; its wall time and peak memory."""
+    ctx = multiprocessing.get_context("spawn")
+    result = ctx.Queue()
+    start = time.perf_counter()
+    child = ctx.Process(target=_child, args=(cfg, resume, until_phase, result))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise BenchError(f"training {cfg.train.output_dir} failed (exit status {child.exitcode}); "
+                         "its output is above. Run modx-bench again to resume it.")
+    stats = result.get(timeout=10)
+    return {"wall_s": time.perf_counter() - start, **stats}
+
+
+def _child(cfg: Config, resume: str | None, until_phase: int | None, result: Any) -> None:
+    import torch
+
+    from modx.train import run
+
+    run(cfg, resume=resume, until_phase=until_phase)
+    stats = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        stats["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result.put(stats)
+
+
+def _combine_costs(r: BenchRun, own: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """The cost of the run as if trained alone: its shared phases + its own. Samples/s is
+    the trainer's (training steps only, summary.json's "cost"); wall time includes
+    evaluation and process start."""
+    trained = _read_json(r.run_dir / "summary.json").get("cost", {})
+    flops = train_flops(r.cfg)
+    return {
+        "wall_s": own.get("wall_s", 0.0) + shared.get("wall_s", 0.0),
+        "wall_s_shared": shared.get("wall_s", 0.0),
+        "train_seconds": trained.get("train_seconds"),
+        "samples": trained.get("train_samples"),
+        "samples_per_s": trained.get("samples_per_s"),
+        "peak_rss_mb": max(own.get("peak_rss_mb", 0.0), shared.get("peak_rss_mb", 0.0)),
+        **({"peak_cuda_mb": own["peak_cuda_mb"]} if "peak_cuda_mb" in own else {}),
+        "train_tflops": None if flops is None else flops / 1e12,
+    }
+
+
+def _phase_steps(cfg: Config, i: int) -> int:
+    p = cfg.stream.phases[i]
+    return p.steps if p.steps is not None else math.ceil(p.samples / (cfg.train.batch_size * cfg.train.grad_accum))
+
+
+_FLOPS_CACHE: dict[str, float | None] = {}
+
+
+def train_flops(cfg: Config) -> float | None:
+    """Estimated training FLOPs: per step 3 x the forward of a batch (forward + backward),
+    plus one forward of the old model for strategies whose loss runs it (phases after the
+    first, or all with align_initial). Counted by torch.utils.flop_counter (matmuls and
+    convolutions; the SSMs' FFTs are not counted)."""
+    from modx.strategies import STRATEGIES
+
+    key = json.dumps([cfg.model.arch, cfg.model.pretrained])
+    if key not in _FLOPS_CACHE:
+        _FLOPS_CACHE[key] = _forward_flops_per_sample(cfg)
+    per_sample = _FLOPS_CACHE[key]
+    if per_sample is None:
+        return None
+    t = cfg.train
+    old_phases = 0
+    if STRATEGIES[cfg.strategy.name].uses_old_model:
+        first = 0 if _aligns_initial(cfg) else 1
+        old_phases = sum(_phase_steps(cfg, i) for i in range(first, len(cfg.stream.phases)))
+    steps = sum(_phase_steps(cfg, i) for i in range(len(cfg.stream.phases)))
+    return per_sample * t.batch_size * t.grad_accum * (3 * steps + old_phases)
+
+
+def _forward_flops_per_sample(cfg: Config) -> float | None:
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from modx.models import create_model
+
+        model, _, _, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+        size = model.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        image = torch.zeros(2, 3, *size)
+        text = tokenizer(["a photo", "a photo"])
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image, text)
+        return counter.get_total_flops() / 2
+    except Exception:  # noqa: BLE001 - a cost estimate must never stop the bench
+        return None
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def collect(runs: list[BenchRun]) -> dict[str, Any]:
+    """bench.json: every run's summary and cost, and the mean / std over seeds per strategy."""
+    rows = []
+    for r in runs:
+        summary = _read_json(r.run_dir / "summary.json")
+        rows.append({"strategy": r.label, "seed": r.seed, "run_dir": str(r.run_dir),
+                     "shared_phases": r.shared, "summary": summary, "cost": r.cost,
+                     "metrics": headline(summary)})
+    table = {}
+    for label in dict.fromkeys(r.label for r in runs):
+        mine = [row for row in rows if row["strategy"] == label]
+        table[label] = {"seeds": [row["seed"] for row in mine]}
+        for key, _ in SUMMARY_COLUMNS:
+            table[label][key] = _mean_std([row["metrics"].get(key) for row in mine])
+        for key, _ in COST_COLUMNS:
+            table[label][key] = _mean_std([row["cost"].get(key) for row in mine])
+    return {"runs": rows, "table": table}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a strategy comparison reads, from one summary.json: the continual metrics,
+    plasticity (mean recall on each domain right after its phase) and the first domain's
+    final recall."""
+    learned = [x for x in summary.get("learned_recall") or [] if x is not None]
+    last = summary.get("last_recall") or [None]
+    out = {k: summary.get(k) for k, _ in SUMMARY_COLUMNS if k in summary}
+    out["plasticity"] = sum(learned) / len(learned) if learned else None
+    out["first_last"] = last[0]
+    return out
+
+
+def _mean_std(values: list[Any]) -> dict[str, Any]:
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not xs:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(xs)}
+
+
+def _cell(stat: dict[str, Any], digits: int = 2) -> str:
+    if stat["mean"] is None:
+        return "-"
+    if stat["n"] > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def _cost_cell(stats: dict[str, Any], key: str) -> str:
+    return _cell(stats[key], 4 if key == "train_tflops" else 1)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The per-strategy table as plain text (mean ± std over seeds)."""
+    head = ["strategy"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
+    rows = [[label] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS] + [_cost_cell(s, k) for k, _ in COST_COLUMNS]
+            for label, s in result["table"].items()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths)))
+             for row in [head, *rows]]
+    return "\n".join(lines)
+
+
+def write_bench_report(result: dict[str, Any], runs: list[BenchRun], out: Path) -> tuple[Path, Path]:
+    """OUT/report.{md,html}: the strategy table, plots, every run's recall matrix; and
+    OUT/compare/: modx-report over the first seed's runs (disorder, rotation histograms)."""
+    from modx.eval.report import render_report, write_report
+
+    first_seed = runs[0].seed
+    compare_dirs = [r.run_dir for r in runs if r.seed == first_seed]
+    write_report(compare_dirs, out / "compare")
+    blocks: list[tuple] = [("h1", "modx-bench: " + ", ".join(result["table"]))]
+    blocks.append(("p", "Mean recall (R@1/5/10 both directions, %) per strategy; mean ± std over "
+                        "seeds. average = mean over domains after the last phase; first domain, final = "
+                        "recall on the first domain after the last phase; plasticity = mean recall on "
+                        "each domain right after its own phase; forgetting, BWT, FWT as in GEM / "
+                        "Chaudhry et al. Cost: wall time of the run as if trained alone (shared phases "
+                        "included, evaluation included), training samples per wall second, peak "
+                        "resident memory of the training process, estimated training FLOPs."))
+    head = ["strategy", "seeds"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
+    rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS]
+            + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
+    blocks += [("h2", "Strategies"), ("table", head, rows)]
+    figures = _bench_figures(result)
+    captions = {
+        "bench_first_domain.png": "Recall on the first domain after each phase (mean over seeds).",
+        "bench_tradeoff.png": "Stability vs plasticity: first domain's final recall against the "
+                              "mean recall on each domain right after its phase.",
+    }
+    blocks.append(("h2", "Plots"))
+    blocks += [("img", name, captions[name]) for name, _ in figures]
+    blocks.append(("p", "Spatial disorder and per-run details of the first seed: `compare/report.html`."))
+    for row in result["runs"]:
+        s = row["summary"]
+        sets = s.get("eval_sets", [])
+        table = [["initial"] + [_fmt(x) for x in s["initial"]]] if s.get("initial") else []
+        table += [[p] + [_fmt(x) for x in vals] for p, vals in zip(s.get("phases", []), s.get("matrix", []))]
+        blocks.append(("h3", f"{row['strategy']} (seed {row['seed']}): recall matrix"))
+        blocks.append(("table", ["after phase"] + sets, table))
+    return render_report(blocks, figures, out)
+
+
+def _bench_figures(result: dict[str, Any]) -> list[tuple[str, bytes]]:
+    from modx.eval.report import figure_png, new_figure
+
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in result["runs"]:
+        by_label.setdefault(row["strategy"], []).append(row)
+    fig = new_figure(6.5, 3.6)
+    ax = fig.add_subplot()
+    phases: list[str] = []
+    for label, rows in by_label.items():
+        curves = [[r[0] for r in row["summary"]["matrix"]] for row in rows if row["summary"].get("matrix")]
+        if not curves:
+            continue
+        phases = rows[0]["summary"]["phases"]
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
+        ax.plot(range(len(mean)), mean, marker="o", label=label)
+    ax.set_xticks(range(len(phases)), phases)
+    ax.set_xlabel("after phase")
+    ax.set_ylabel("first domain mean recall (%)")
+    ax.legend(fontsize=8)
+    first = figure_png(fig)
+    fig = new_figure(5.5, 4.2)
+    ax = fig.add_subplot()
+    for label, stats in result["table"].items():
+        x, y = stats["plasticity"]["mean"], stats["first_last"]["mean"]
+        if x is not None and y is not None:
+            ax.errorbar(x, y, xerr=stats["plasticity"]["std"] or 0, yerr=stats["first_last"]["std"] or 0,
+                        marker="o", capsize=3, label=label)
+    ax.set_xlabel("plasticity: recall on each domain after its phase (%)")
+    ax.set_ylabel("first domain, final recall (%)")
+    ax.legend(fontsize=8)
+    return [("bench_first_domain.png", first), ("bench_tradeoff.png", figure_png(fig))]
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _plain(v: Any) -> Any:
+    return v.tolist() if hasattr(v, "tolist") else str(v)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="modx-bench",
+        description="Continual strategies side by side on one stream from one start "
+                    "(shared phases trained once); writes OUT/bench.json and OUT/report.html.",
+    )
+    parser.add_argument("--config", help="the stream's YAML config (default: configs/demo.yaml's defaults)")
+    parser.add_argument("--strategies", nargs="+", required=True, metavar="NAME[:key=value,...]")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
+    args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)
+    specs, overrides = split_arguments(args.strategies, args.overrides)
+    try:
+        run_bench(args.config, specs, args.seeds, args.out, overrides)
+    except (BenchError, ConfigError) as err:
+        print(f"modx-bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
