@@ -55,7 +55,7 @@ def build(layer: str, d_model: int, d_state: int) -> nn.Module:
     if layer == "s4d":
         return S4D(d_model, d_state)
     if layer == "s5":
-        return S5(d_model, d_state)
+        return S5(d_model, d_state, output="glu")  # the same projection as S4D
     if layer == "attention":
         return Attention(d_model)
     raise ValueError(f"unknown layer {layer!r}; choose from {LAYERS}")

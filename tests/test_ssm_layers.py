@@ -268,3 +268,65 @@ def test_ptd_init_survives_every_transform(transform):
     A_ref, B_ref = (torch.as_tensor(x) for x in diagonal_init("ptd", 16))
     torch.testing.assert_close(A[0], A_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(B[1], B_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_s4d_ptd_output_matrix_is_a_real_gaussian_times_v():
+    # the authors' S4-PTD: C~ = C V with C real standard normal, so C~ V^-1 is real
+    from modx.models.ssm.init import ptd_init
+
+    torch.manual_seed(0)
+    m = S4D(64, 16, init="ptd", bidirectional=True).double()
+    _, V, Vinv, Bt = (torch.as_tensor(x) for x in ptd_init("legs", 16))
+    _, B, C, _ = m.ssm()
+    C0 = C @ Vinv  # (2, 64, 16)
+    assert C0.imag.abs().max() < 1e-5 * C0.real.abs().max()
+    assert C0.real.std().item() == pytest.approx(1.0, rel=0.05)
+    torch.testing.assert_close(B[0], Bt, rtol=1e-5, atol=1e-5)
+
+
+def test_s4d_legs_b_defaults_to_the_reference_and_keeps_the_halved_option():
+    m = S4D(2, 64)
+    m_half = S4D(2, 64, B_clip=None, B_scale=0.5)
+    for layer, kwargs in ((m, {}), (m_half, {"B_clip": None, "B_scale": 0.5})):
+        B_ref = torch.as_tensor(diagonal_init("legs", 64, **kwargs)[1]).to(torch.complex64)
+        torch.testing.assert_close(torch.view_as_complex(layer.B)[1], B_ref)
+    assert torch.view_as_complex(m.B).imag.abs().max() <= 2.0
+
+
+def test_lecun_normal_is_jax_truncated_normal_with_variance_one_over_fan_in():
+    from modx.models.ssm.layers import lecun_normal
+
+    torch.manual_seed(0)
+    x = lecun_normal(400, 500, fan_in=25)
+    assert x.std().item() == pytest.approx(1 / 5, rel=0.01)
+    assert x.abs().max().item() <= 2 / 5 / 0.87962566103423978 + 1e-12  # cut at 2 std
+
+
+def test_s5_b_and_c_have_the_reference_scales():
+    # S5 reference: B (P, H) lecun-normal (variance 1/P), B~ = V^-1 B; C (H, P) complex with
+    # real and imaginary parts lecun-normal (variance 1/P each), C~ = C V. With the orthonormal
+    # HiPPO-N eigenvectors: E|B~|^2 = 1/P and E|C~|^2 = 2/P (not 1/H, 1/P as modx had).
+    torch.manual_seed(0)
+    H, P = 256, 16
+    m = S5(H, P)
+    B = torch.view_as_complex(m.B)  # (P/2, H)
+    C = torch.view_as_complex(m.C)[0]  # (H, P/2)
+    assert B.abs().square().mean().item() == pytest.approx(1 / P, rel=0.1)
+    assert C.abs().square().mean().item() == pytest.approx(2 / P, rel=0.1)
+    assert C.imag.abs().mean() > 0.5 * C.real.abs().mean()  # C is complex before V too
+
+
+def test_s5_half_glu1_output_and_optional_eigenvalue_clipping():
+    from modx.models.ssm.layers import HalfGLU
+
+    m = S5(4, 8)
+    assert isinstance(m.output, HalfGLU)  # the reference's default activation_fn
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(m.output(x), x * torch.sigmoid(x @ m.output.gate.weight.T + m.output.gate.bias))
+    with torch.no_grad():
+        m.Lambda_re[0] = 0.3
+    assert m.ssm()[0][0].real.item() == pytest.approx(0.3 * math.exp(m.log_dt[0].item()), rel=1e-5)
+    clipped = S5(4, 8, clip_eigs=True)
+    with torch.no_grad():
+        clipped.Lambda_re[0] = 0.3
+    assert clipped.ssm()[0][0].real.item() < 0  # clip_eigs: Re(Lambda) <= -1e-4

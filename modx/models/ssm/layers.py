@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .hippo import nplr
-from .init import INITS, diagonal_init, ptd_init
+from .init import FULL_INITS, INITS, diagonal_init, ptd_for_init
 from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
 
 TRANSFORMS = ("exp", "relu", "softplus", "none")
@@ -61,16 +61,40 @@ def _activation(name: str) -> nn.Module:
     return acts[name]()
 
 
+class HalfGLU(nn.Module):
+    """S5's `half_glu1` output: x * sigmoid(W x + b), x (..., H) -> (..., H)."""
+
+    def __init__(self, H: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(H, H)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = torch.sigmoid(self.gate(x))  # autocast's dtype, as nn.GLU after a Linear
+        return x.to(gate.dtype) * gate
+
+
+OUTPUTS = ("glu", "half_glu1", "linear", "none")
+
+
 def _output(name: str, H: int) -> nn.Module:
     """Position-wise output projection: 'glu' (linear to 2H, then GLU, as the S4D reference),
-    'linear', or 'none'."""
+    'half_glu1' (x * sigmoid(W x + b), the S5 reference's default), 'linear', or 'none'."""
     if name == "glu":
         return nn.Sequential(nn.Linear(H, 2 * H), nn.GLU(dim=-1))
+    if name == "half_glu1":
+        return HalfGLU(H)
     if name == "linear":
         return nn.Linear(H, H)
     if name == "none":
         return nn.Identity()
-    raise ValueError(f"unknown output {name!r}; choose 'glu', 'linear' or 'none'")
+    raise ValueError(f"unknown output {name!r}; choose one of {OUTPUTS}")
+
+
+def lecun_normal(*shape: int, fan_in: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """jax.nn.initializers.lecun_normal: a normal truncated to +-2 standard deviations and
+    rescaled so that the variance is 1 / fan_in (the S5 reference's B and C)."""
+    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978  # the truncation's std correction
+    return nn.init.trunc_normal_(torch.empty(shape, dtype=dtype), std=std, a=-2 * std, b=2 * std)
 
 
 class _SSMBase(nn.Module):
@@ -115,7 +139,10 @@ class S4D(_SSMBase):
     y = act(causal_conv(u, K) + D u) -> dropout -> output projection, with K = ssm_kernel
     (or dss_kernel for init="dss"). bidirectional=True adds an anti-causal kernel with its own
     C (shared A, B, dt) so every position sees the whole sequence. init: a name of
-    modx.models.ssm.init.diagonal_init; "ptd"/"ptd-random" keep all d_state modes.
+    modx.models.ssm.init.diagonal_init (B_clip, B_scale: its options for the NPLR inits).
+    C is complex standard normal; for "ptd", "ptd-robust", "ptd-random" (all d_state modes
+    kept) it is C~ = C V with C real standard normal, as the authors' S4-PTD, so that the
+    diagonal system is the perturbed HiPPO-LegS system (PAPERS.md 4).
     Kernel and FFT run in float32 (float64 if the parameters are) with autocast disabled.
     """
 
@@ -133,6 +160,8 @@ class S4D(_SSMBase):
         lr: float | None = None,
         activation: str = "gelu",
         output: str = "glu",
+        B_clip: float | None = 2.0,
+        B_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if init not in INITS:
@@ -144,11 +173,17 @@ class S4D(_SSMBase):
         H = d_model
         self.d_model, self.d_state, self.init, self.disc = H, d_state, init, disc
         self.bidirectional = bidirectional
-        self.conj_sym = not init.startswith("ptd")
+        self.conj_sym = init not in FULL_INITS
         self.transform = "none" if init == "dss" else transform
-        A, B = (torch.as_tensor(x) for x in diagonal_init(init, d_state))  # (N',) complex128
+        n_dir = 2 if bidirectional else 1
+        if self.conj_sym:
+            A, B = (torch.as_tensor(x) for x in diagonal_init(init, d_state, B_clip, B_scale))
+            C = torch.randn(n_dir, H, d_state // 2, dtype=torch.complex128)  # E|C|^2 = 1
+        else:
+            Lam, V, _, Bt = (torch.as_tensor(x) for x in ptd_for_init(init, d_state))
+            A, B = Lam, Bt  # (N,) complex128
+            C = torch.randn(n_dir, H, d_state, dtype=torch.float64).to(V.dtype) @ V  # C~ = C V
         A, B = A.repeat(H, 1), B.repeat(H, 1)  # (H, N')
-        n_modes = A.shape[-1]
         self.log_dt = nn.Parameter(_log_uniform(H, dt_min, dt_max))  # (H,)
         if init == "dss":
             self.A_re = nn.Parameter(A.real.float())  # raw real parts, no transform
@@ -157,9 +192,7 @@ class S4D(_SSMBase):
         self.A_im = nn.Parameter(A.imag.float())  # (H, N')
         self.B = nn.Parameter(torch.view_as_real(B).float())  # (H, N', 2)
         self._register_ssm(("log_dt", "A_re", "A_im", "B"), lr)
-        n_dir = 2 if bidirectional else 1
-        C = torch.randn(n_dir, H, n_modes, dtype=torch.complex64)  # E|C|^2 = 1
-        self.C = nn.Parameter(torch.view_as_real(C))  # (dirs, H, N', 2)
+        self.C = nn.Parameter(torch.view_as_real(C).float())  # (dirs, H, N', 2)
         self.D = nn.Parameter(torch.randn(H))
         self.activation = _activation(activation)
         self.dropout = nn.Dropout(dropout)
@@ -232,10 +265,12 @@ def _block_diag_init(init: str, P: int, blocks: int) -> tuple[np.ndarray, np.nda
     if init in ("legs", "hippo-n"):
         W, V, _, _ = nplr("legs", Pb)  # (Pb/2,), (Pb, Pb/2), V^* V = I
         Vinv = V.conj().T
-    elif init in ("ptd", "ptd-random"):
-        W, V, Vinv, _ = ptd_init("legs", Pb, method="opt" if init == "ptd" else "random")
+    elif init in FULL_INITS:
+        W, V, Vinv, _ = ptd_for_init(init, Pb)
     else:
-        raise ValueError(f"unknown S5 init {init!r}; choose 'legs' (HiPPO-N) or 'ptd'")
+        raise ValueError(
+            f"unknown S5 init {init!r}; choose 'legs' (HiPPO-N) or one of {FULL_INITS}"
+        )
     return (
         np.tile(W, blocks),
         np.kron(np.eye(blocks), V),
@@ -248,8 +283,12 @@ class S5(_SSMBase):
 
     x_t = dA x_{t-1} + dB u_t (state P' complex), y_t = Re(C~ x_t) (x2 with conjugate pairs)
     + D u_t, computed with `linear_scan`; then activation, dropout, output projection.
-    Lambda from block-diagonal HiPPO-N (init="legs") or PTD, B~ = V^{-1} B, C~ = C V, one dt
-    per state. bidirectional=True adds a reverse-time scan with its own C~.
+    Lambda from block-diagonal HiPPO-N (init="legs") or PTD, one dt per state. As the S5
+    reference (`C_init="trunc_standard_normal"`): B~ = V^{-1} B with B (P, H) lecun-normal
+    (std 1/sqrt(P)), C~ = C V with C (H, P) complex, real and imaginary parts lecun-normal
+    (std 1/sqrt(P) each); output `half_glu1`; Re(Lambda) clipped at -1e-4 only with
+    clip_eigs=True (transform "none"; the other transforms are negative anyway).
+    bidirectional=True adds a reverse-time scan with its own C~.
     """
 
     def __init__(
@@ -266,7 +305,8 @@ class S5(_SSMBase):
         dt_max: float = 1e-1,
         lr: float | None = None,
         activation: str = "gelu",
-        output: str = "glu",
+        output: str = "half_glu1",
+        clip_eigs: bool = False,
     ) -> None:
         super().__init__()
         if transform not in TRANSFORMS:
@@ -275,19 +315,19 @@ class S5(_SSMBase):
             )
         H, P = d_model, d_state
         self.d_model, self.d_state, self.init, self.disc = H, P, init, disc
-        self.bidirectional, self.transform = bidirectional, transform
-        self.conj_sym = not init.startswith("ptd")
+        self.bidirectional, self.transform, self.clip_eigs = bidirectional, transform, clip_eigs
+        self.conj_sym = init not in FULL_INITS
         Lam, V, Vinv = (torch.as_tensor(x) for x in _block_diag_init(init, P, blocks))
         n_modes = Lam.shape[0]
-        B = torch.randn(P, H, dtype=torch.float64) / math.sqrt(H)  # lecun normal
+        B = lecun_normal(P, H, fan_in=P)  # (P, H), fan in P as jax's lecun_normal of (P, H)
         n_dir = 2 if bidirectional else 1
-        C = torch.randn(n_dir, H, P, dtype=torch.float64) / math.sqrt(P)
+        C = torch.complex(*(lecun_normal(n_dir, H, P, fan_in=P) for _ in range(2)))  # (dirs, H, P)
         self.Lambda_re = nn.Parameter(_real_param(Lam.real, transform).float())  # (P',)
         self.Lambda_im = nn.Parameter(Lam.imag.float())
         self.log_dt = nn.Parameter(_log_uniform(n_modes, dt_min, dt_max))  # (P',)
         self.B = nn.Parameter(torch.view_as_real(Vinv @ B.to(Vinv.dtype)).float())  # (P', H, 2)
         self._register_ssm(("Lambda_re", "Lambda_im", "log_dt", "B"), lr)
-        self.C = nn.Parameter(torch.view_as_real(C.to(V.dtype) @ V).float())  # (dirs, H, P', 2)
+        self.C = nn.Parameter(torch.view_as_real(C @ V).float())  # (dirs, H, P', 2)
         self.D = nn.Parameter(torch.randn(H))
         self.activation = _activation(activation)
         self.dropout = nn.Dropout(dropout)
@@ -296,9 +336,10 @@ class S5(_SSMBase):
     def ssm(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Discretised (log dA (P',), dA (P',), dB (P', H), C~ (dirs, H, P')), complex."""
         dtype = _compute_dtype(self.Lambda_re)
-        Lam = torch.complex(
-            _real_part(self.Lambda_re.to(dtype), self.transform), self.Lambda_im.to(dtype)
-        )
+        re = self.Lambda_re.to(dtype)
+        if self.transform != "none" or self.clip_eigs:
+            re = _real_part(re, self.transform)
+        Lam = torch.complex(re, self.Lambda_im.to(dtype))
         B = torch.view_as_complex(self.B.to(dtype))
         dt = torch.exp(self.log_dt.to(dtype))
         dA, dB, log_dA = discretize(Lam[:, None], B, dt[:, None], self.disc)  # (P', 1), (P', H)
