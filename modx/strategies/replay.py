@@ -23,7 +23,7 @@ class Replay(Strategy):
 
     @classmethod
     def plain_phases(cls, cfg, align_initial: bool) -> int | None:
-        return 0  # its buffer fills from the first step
+        return 1  # no earlier phase to replay yet (the shared run keeps a buffer for it)
 
 
 class ReplayBuffer:

@@ -72,6 +72,7 @@ class BenchRun:
     run_dir: Path
     shared: int = 0  # leading phases trained in a shared run
     shared_dir: Path | None = None
+    shared_replay: float = 0.0  # replay ratio of the shared run: it fills the buffer members need
     cost: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,17 +128,20 @@ def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Pa
             runs.append(BenchRun(spec, seed, cfg, run_dir))
     groups: dict[str, list[BenchRun]] = {}
     for r in runs:
-        cls = STRATEGIES[r.cfg.strategy.name]
-        n = 0 if replay_ratio(r.cfg.strategy) > 0 else cls.plain_phases(r.cfg.strategy, _aligns_initial(r.cfg))
+        n = STRATEGIES[r.cfg.strategy.name].plain_phases(r.cfg.strategy, _aligns_initial(r.cfg))
         n = len(r.cfg.stream.phases) if n is None else n
+        if replay_ratio(r.cfg.strategy) > 0:  # nothing to replay during the first phase only
+            n = min(n, 1)
         if n > 0 and len(r.cfg.stream.phases) > 1:
             groups.setdefault(_prefix_key(r.cfg), []).append(r)
     for key, members in groups.items():
         if len(members) < 2:
             continue  # nothing to share
+        ratio = max(replay_ratio(r.cfg.strategy) for r in members)
         for r in members:
             r.shared = 1  # the strategies differ at the latest from the first old model on
             r.shared_dir = out / "shared" / f"{key[:10]}-seed{r.seed}"
+            r.shared_replay = ratio
     return runs
 
 
@@ -163,10 +167,11 @@ _LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reducti
 
 def _prefix_key(cfg: Config) -> str:
     """Runs with equal keys train their shared phases identically: the whole config except
-    the strategy keys that act later and the output directory."""
+    the strategy keys that act later (the replay ratio among them) and the output directory."""
     tree = to_dict(cfg)
     for key in _LATER_PHASE_KEYS:
         tree["strategy"].pop(key, None)
+    tree["strategy"]["replay"].pop("ratio")
     tree["train"].pop("output_dir")
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -211,6 +216,9 @@ def _train_shared(r: BenchRun) -> dict[str, Any]:
           flush=True)
     cfg = copy.deepcopy(r.cfg)
     cfg.strategy.name = "finetune"
+    # Phase 0 trains the same with or without a replay buffer (nothing earlier to mix in); the
+    # buffer it fills is what the members with replay go on with.
+    cfg.strategy.replay.ratio = r.shared_replay or None
     cfg.train.output_dir = str(r.shared_dir)
     cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
     done.write_text(json.dumps(cost, indent=1))
