@@ -83,6 +83,7 @@ class TrainConfig:
     batch_size: int = 64  # GLOBAL batch per forward pass (split evenly across processes)
     lr: float = 5.0e-4
     weight_decay: float = 0.1
+    decay_all: bool = False  # weight decay on every parameter (the Mod-X script), not open_clip's groups
     warmup: float = 0.2  # linear warm-up, fraction of each phase's steps, then cosine to 0
     ssm_lr: float | None = None  # learning rate of SSM parameters (dt, A, B); None: train.lr
     precision: str = "fp32"  # fp32 | fp16 | bf16
@@ -110,6 +111,8 @@ class EvalConfig:
     workers: int = 0
     initial: bool = True  # also evaluate the model before training (phase -1)
     report: bool = True  # write report.md / report.html at the end
+    reference: str | None = None  # summary.json of another run on this stream (e.g. fine-tuning)
+    #                               printed beside this run's; relative: to the config file
 
 
 @dataclass
@@ -140,6 +143,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         apply_override(raw, item)
     cfg = from_dict(Config, raw, "")
+    reference = cfg.eval.reference
+    if reference and path is not None and not Path(reference).is_absolute() and (path.parent / reference).is_file():
+        cfg.eval.reference = str(path.parent / reference)
     validate(cfg)
     return cfg
 
@@ -304,6 +310,7 @@ def validate(cfg: Config) -> None:
     check(e.probe >= 0, "eval.probe", "must be >= 0")
     check(e.batch_size > 0, "eval.batch_size", "must be > 0")
     check(e.workers >= 0, "eval.workers", "must be >= 0")
+    check(not e.reference or Path(e.reference).is_file(), "eval.reference", f"file not found: {e.reference}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

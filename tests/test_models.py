@@ -200,6 +200,8 @@ def test_param_groups_follow_open_clip_rules():
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.1
     assert len(decay) + len(no_decay) == len(names)
     torch.optim.AdamW(list(groups.values()))
+    everything = model_param_groups(model, lr=1e-3, weight_decay=0.1, decay_all=True)  # the Mod-X script
+    assert [g["name"] for g in everything] == ["decay"] and len(everything[0]["params"]) == len(names)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' checkpointing rename

@@ -38,6 +38,7 @@ def model_param_groups(
         weight_decay: float,
         ssm_lr: float | None = None,
         ssm_weight_decay: float = 0.0,
+        decay_all: bool = False,
 ) -> list[dict]:
     """Parameter groups for torch.optim.AdamW.
 
@@ -46,6 +47,7 @@ def model_param_groups(
     - "ssm": parameters tagged `_modx_ssm` (dt, A, B) with `ssm_weight_decay` and the
       learning rate their layer was given (`ssm.lr` in the tower config), else `ssm_lr`,
       else min(lr, 1e-3) (PAPERS.md 3: SSM parameters want lr <= 1e-3).
+    `decay_all`: every non-SSM parameter decays (the Mod-X authors' script decays all).
     Frozen parameters are left out, empty groups dropped; each group has a "name"
     (AdamW ignores it) and SSM groups with different learning rates are kept apart.
     """
@@ -65,6 +67,6 @@ def model_param_groups(
             groups.setdefault(key, {"name": key, "params": [], "lr": p_lr,
                                     "weight_decay": ssm_weight_decay})
         else:
-            key = "no_decay" if _no_decay(name, param, extra) else "decay"
+            key = "no_decay" if not decay_all and _no_decay(name, param, extra) else "decay"
         groups[key]["params"].append(param)
     return [g for g in groups.values() if g["params"]]

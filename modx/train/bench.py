@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from modx.config import Config, ConfigError, load_config, save_config, to_dict
+from modx.train.evaluate import headline
 
 SECTIONS = ("model", "strategy", "stream", "train", "eval")
 # The continual numbers the bench table shows: (summary key, column title).
@@ -348,18 +349,6 @@ def collect(runs: list[BenchRun]) -> dict[str, Any]:
         for key, _ in COST_COLUMNS:
             table[label][key] = _mean_std([row["cost"].get(key) for row in mine])
     return {"runs": rows, "table": table}
-
-
-def headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a strategy comparison reads, from one summary.json: the continual metrics,
-    plasticity (mean recall on each domain right after its phase) and the first domain's
-    final recall."""
-    learned = [x for x in summary.get("learned_recall") or [] if x is not None]
-    last = summary.get("last_recall") or [None]
-    out = {k: summary.get(k) for k, _ in SUMMARY_COLUMNS if k in summary}
-    out["plasticity"] = sum(learned) / len(learned) if learned else None
-    out["first_last"] = last[0]
-    return out
 
 
 def _mean_std(values: list[Any]) -> dict[str, Any]:

@@ -124,8 +124,14 @@ class Evaluator:
             eval_sets=matrix.eval_sets, matrix=matrix.values, initial=matrix.initial,
             disorder=disorder_summary(self.disorder), cost=cost or {},
         )
+        reference = None
+        if self.cfg.eval.reference:
+            reference = json.loads(Path(self.cfg.eval.reference).read_text())
+            summary["reference"] = {"path": self.cfg.eval.reference, **headline(reference)}
         self.summary.write_text(json.dumps(summary, indent=2, default=_plain) + "\n")
         print(format_summary(summary))
+        if reference is not None:
+            print(format_comparison(summary, reference, self.cfg.eval.reference))
         if self.cfg.eval.report:
             from modx.eval.report import write_report
 
@@ -183,6 +189,36 @@ def format_summary(summary: dict[str, Any]) -> str:
                     f"  async {_fmt(c.get('deviation_async_deg'))}  alignment change {_fmt(c.get('alignment_change_deg'))}"
                     f"  i2t flips {_fmt(c.get('alignment_flip_i2t'), 3)}"
                 )
+    return "\n".join(lines)
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """What a comparison of runs reads from a summary.json: the strategy, the continual
+    metrics, plasticity (mean recall on each domain right after its phase) and the first
+    domain's recall right after its phase and at the end."""
+    learned = [x for x in summary.get("learned_recall") or [] if x is not None]
+    last = summary.get("last_recall") or [None]
+    out = {k: summary.get(k) for k in ("strategy", "average_recall", "forgetting", "backward_transfer",
+                                       "forward_transfer", "last_recall", "learned_recall")}
+    out["plasticity"] = sum(learned) / len(learned) if learned else None
+    out["first_learned"] = learned[0] if learned else None
+    out["first_last"] = last[0]
+    return out
+
+
+def format_comparison(summary: dict[str, Any], reference: dict[str, Any], source: str) -> str:
+    """This run beside a reference run on the same stream (mean recall, %)."""
+    rows = [(f"this run ({summary.get('strategy')})", headline(summary)),
+            (f"reference ({reference.get('strategy')})", headline(reference))]
+    sets = summary["eval_sets"]
+    head = ["", f"{sets[0]} after its phase", "final " + " / ".join(sets), "average", "plasticity", "forgetting"]
+    lines = [f"compared with {source}" + (f" ({reference['source']})" if reference.get("source") else "") + ":"]
+    table = [head] + [[name, _fmt(h["first_learned"]), " / ".join(_fmt(x) for x in h["last_recall"] or []),
+                       _fmt(h["average_recall"]), _fmt(h["plasticity"]), _fmt(h["forgetting"])]
+                      for name, h in rows]
+    widths = [max(len(r[j]) for r in table) for j in range(len(head))]
+    lines += ["  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
+              for r in table]
     return "\n".join(lines)
 
 

@@ -140,7 +140,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     align_initial = _align_initial(cfg, model)
-    optimizer = torch.optim.AdamW(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr))
+    optimizer = torch.optim.AdamW(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ratio = replay_ratio(cfg.strategy)
