@@ -62,6 +62,8 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["eval.ks=3"], "eval.ks"),
         (["notakey=1"], "notakey"),
         (["train.warmup=1.5"], "train.warmup"),
+        (["strategy.align_initial=sometimes"], "strategy.align_initial"),
+        (["eval.reference=nowhere/summary.json"], "eval.reference"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):
@@ -123,3 +125,14 @@ def test_cli_print_config_resolves_the_demo(tmp_path):
     tree = yaml.safe_load(proc.stdout)
     assert tree["strategy"]["name"] == "modx" and tree["train"]["lr"] == 0.002
     assert set(tree) == {"model", "strategy", "stream", "train", "eval"}
+
+
+@pytest.mark.parametrize(("value", "want"), [("auto", "auto"), ("true", True), ("false", False)])
+def test_align_initial_takes_auto_or_a_boolean(tmp_path, value, want):
+    assert load_config(write(tmp_path, BASE), [f"strategy.align_initial={value}"]).strategy.align_initial == want
+
+
+def test_reference_summary_is_found_beside_the_config(tmp_path):
+    (tmp_path / "ref.json").write_text("{}")
+    cfg = load_config(write(tmp_path, BASE), ["eval.reference=ref.json"])
+    assert cfg.eval.reference == str(tmp_path / "ref.json")

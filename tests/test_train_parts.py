@@ -67,3 +67,18 @@ def test_summary_prints_matrix_forgetting_and_disorder():
     }
     text = format_summary(json.loads(json.dumps(summary)))
     assert "12.50" in text and "forgetting 17.50" in text and "rotation img 40.00" in text
+
+
+def test_comparison_prints_this_run_beside_the_reference():
+    from modx.train.evaluate import format_comparison, headline
+
+    run = {"strategy": "modx", "eval_sets": ["digits", "shapes"], "learned_recall": [60.0, 40.0],
+           "last_recall": [50.0, 40.0], "average_recall": 45.0, "forgetting": 10.0}
+    ref = {"strategy": "finetune", "eval_sets": ["digits", "shapes"], "learned_recall": [60.0, 44.0],
+           "last_recall": [30.0, 44.0], "average_recall": 37.0, "forgetting": 30.0, "source": "shipped"}
+    assert headline(run)["plasticity"] == 50.0 and headline(ref)["first_last"] == 30.0
+    text = format_comparison(run, ref, "ref.json")
+    lines = text.splitlines()
+    assert "ref.json (shipped)" in lines[0]
+    assert "this run (modx)" in lines[2] and "50.00 / 40.00" in lines[2] and "45.00" in lines[2]
+    assert "reference (finetune)" in lines[3] and "30.00 / 44.00" in lines[3] and "52.00" in lines[3]
