@@ -1,28 +1,46 @@
 """Checkpoints of a run: resumable training states and exported per-phase models.
 
-    checkpoints/state-00000120/   accelerator.save_state (model, optimiser, scheduler, RNG of
-                                  every process) + trainer_state.json + strategy_<rank>.pt
+    checkpoints/state-00000120/   accelerator.save_state (model.safetensors, optimizer.bin,
+                                  scheduler.bin) + rng_<rank>.{safetensors,json} (RNG of
+                                  every process) + strategy_<rank>.{safetensors,json}
+                                  (EWC Fisher, replay buffer) + trainer_state.json
     checkpoints/latest            name of the newest complete state
     checkpoints/phase-K/          modx.models.export_model: model.safetensors + model_config.json
     checkpoints/initial/          the same for the model before training
 
-Every write goes to a temporary directory first and is renamed into place with os.replace,
-so a run killed while saving leaves the previous checkpoint intact.
+Loading a checkpoint never runs code: everything is safetensors or JSON except the
+optimiser and scheduler files, which are checked with `torch.load(weights_only=True)`
+before Accelerate reads them; a state holding any other file (a pickle) is refused.
+Every write goes to a temporary directory first and is renamed into place with
+os.replace, so a run killed (or a disk filled) while saving leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import random
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from modx.train.faults import fault_point
+
 STATE_PREFIX = "state-"
+TENSOR_FILES = (".bin",)  # written by accelerator.save_state; loaded with weights_only=True
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or must not be loaded; names the path."""
 
 
 def save_state(
@@ -32,26 +50,61 @@ def save_state(
     strategy_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Save a resumable state atomically (collective: every process must call it)."""
+    """Save a resumable state atomically (collective: every process must call it).
+
+    A failed write (full disk, unwritable directory) on any process removes the partial
+    state and raises CheckpointError on every process; the previous state stays usable.
+    """
     name = f"{STATE_PREFIX}{trainer_state['global_step']:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save(strategy_state, tmp / f"strategy_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", name)
-        for old in sorted(root.glob(f"{STATE_PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as err:
+        error = err
+    _raise_on_any(accelerator, error, tmp)
+    try:
+        accelerator.save_state(str(tmp))
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # saved below without pickle
+        save_tree(rng_state(), tmp / f"rng_{rank}")
+        fault_point("checkpoint")
+        save_tree(strategy_state, tmp / f"strategy_{rank}")
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        error = err
+    _raise_on_any(accelerator, error, tmp)
+    try:
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / "latest", name)
+            for old in sorted(root.glob(f"{STATE_PREFIX}*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        error = err
+    _raise_on_any(accelerator, error, final)
     return final
+
+
+def _raise_on_any(accelerator: Accelerator, error: Exception | None, path: Path) -> None:
+    """Raise CheckpointError on every process when the write failed on any (collective)."""
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item() == 0:
+        return
+    if accelerator.is_main_process and path.name.startswith(".tmp-"):
+        shutil.rmtree(path, ignore_errors=True)
+    latest = find_latest(path.parent)
+    reason = error if error is not None else "failed on another process"
+    raise CheckpointError(
+        f"could not write checkpoint {path}: {reason}; "
+        f"the previous checkpoint ({latest or 'none'}) is intact: free disk space or fix "
+        "permissions, then resume with --resume"
+    )
 
 
 def find_latest(root: Path) -> Path | None:
@@ -66,20 +119,116 @@ def find_latest(root: Path) -> Path | None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    """{"phase", "phase_step", "global_step"} of a saved state."""
+    """{"phase", "phase_step", "global_step", ...} of a saved state."""
     return json.loads((path / "trainer_state.json").read_text())
 
 
 def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore model, optimiser, scheduler and every RNG; return the strategy state.
 
-    Call it last before training goes on: anything that draws random numbers afterwards
-    (building a model, say) would move the RNG away from the saved run's.
+    Refuses (CheckpointError naming the file) a state with a file that could run code
+    when loaded. Call it last before training goes on: anything that draws random numbers
+    afterwards (building a model, say) would move the RNG away from the saved run's.
     """
+    check_loadable(path)
+    rank = accelerator.process_index
+    own = rank if (path / f"strategy_{rank}.json").is_file() else 0  # world size changed
+    strategy_state = load_tree(path / f"strategy_{own}")
+    rng = load_tree(path / f"rng_{own}")
     accelerator.load_state(str(path))
-    own = path / f"strategy_{accelerator.process_index}.pt"
-    strategy_file = own if own.is_file() else path / "strategy_0.pt"  # world size changed
-    return torch.load(strategy_file, map_location="cpu", weights_only=False)
+    set_rng_state(rng)
+    return strategy_state
+
+
+def check_loadable(path: Path) -> None:
+    """Raise CheckpointError unless every file of the state at `path` loads without
+    running code: safetensors and JSON as they are, Accelerate's .bin files with
+    torch.load(weights_only=True), nothing else (pickles are never loaded)."""
+    for file in sorted(path.iterdir()):
+        if file.suffix in (".safetensors", ".json") or file.is_dir():
+            continue
+        if file.suffix not in TENSOR_FILES:
+            raise CheckpointError(
+                f"refusing to resume from {path}: {file.name} is not a safetensors, JSON or "
+                "optimiser file (modx never loads pickles; remove the file if you trust it is "
+                "not needed, or resume from another checkpoint)"
+            )
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"refusing to load {file}: it does not load as plain tensors "
+                f"(torch.load weights_only=True: {first}); it may run code - resume from "
+                "another checkpoint"
+            ) from None
+
+
+def save_tree(tree: Any, stem: Path) -> None:
+    """Write nested dicts/lists of tensors, numbers and strings as `stem`.safetensors (the
+    tensors) + `stem`.json (the rest, tensors replaced by {"__tensor__": key})."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(tree, "", tensors)
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(skeleton))
+
+
+def load_tree(stem: Path) -> Any:
+    """The tree `save_tree` wrote to `stem` (CheckpointError naming the file if unreadable)."""
+    try:
+        tensors = load_file(str(stem.with_suffix(".safetensors")))
+        skeleton = json.loads(stem.with_suffix(".json").read_text())
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read {stem}.safetensors/.json: {err}") from None
+    return _join(skeleton, tensors)
+
+
+def _split(tree: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if torch.is_tensor(tree):
+        tensors[key] = tree.detach().to("cpu", copy=True).contiguous()  # no shared storage
+        return {"__tensor__": key}
+    if isinstance(tree, dict):
+        return {str(k): _split(v, f"{key}/{k}", tensors) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split(v, f"{key}/{i}", tensors) for i, v in enumerate(tree)]
+    if tree is None or isinstance(tree, (bool, int, float, str)):
+        return tree
+    raise TypeError(f"cannot checkpoint {type(tree).__name__} at {key!r}: use tensors, numbers, strings, lists, dicts")
+
+
+def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, dict):
+        if set(tree) == {"__tensor__"}:
+            return tensors[tree["__tensor__"]]
+        return {k: _join(v, tensors) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join(v, tensors) for v in tree]
+    return tree
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states of this process, as tensors and numbers."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def forget_states(root: Path) -> None:
@@ -94,11 +243,15 @@ def export_phase(model: nn.Module, directory: Path) -> Path:
     from modx.models import export_model
 
     tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_model(model, tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_model(model, tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not export the model to {directory}: {err}") from None
     return directory
 
 
