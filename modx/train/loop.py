@@ -270,7 +270,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
                 accelerator.log(logs, step=global_step)
                 if not t.progress:
                     accelerator.print(f"step {global_step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
-                progress.set_postfix(phase=phase.name, loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.0f}")
+                progress.set_postfix(phase=phase.name, loss=f"{logs.get('loss', math.nan):.3f}", sps=f"{logs['samples_per_s']:.0f}")
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
