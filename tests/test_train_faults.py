@@ -211,6 +211,18 @@ def test_strategy_state_round_trips_through_safetensors_and_json(tmp_path):
     assert torch.equal(restored.mix(batch, 1)["image"], buffer.mix(batch, 1)["image"])  # same generator
 
 
+def test_rng_state_round_trips_without_pickle(tmp_path):
+    import numpy as np
+
+    from modx.train.checkpoint import load_tree, rng_state, save_tree, set_rng_state
+
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    save_tree(rng_state(), tmp_path / "rng_0")
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
+    set_rng_state(load_tree(tmp_path / "rng_0"))
+    assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == first
+
+
 # ---- a full disk while checkpointing ------------------------------------------------------
 
 
