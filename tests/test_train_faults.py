@@ -255,6 +255,35 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_usable(tmp_path, m
     assert (ckpt / "phase-1" / "model.safetensors").is_file()
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 40 MB tmpfs: room for the first state of the fake-stream run, not the second."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # lazy: a failed test may hold files
+
+
+def test_a_really_full_disk_keeps_the_previous_state_usable(tmp_path, small_disk, monkeypatch):
+    from modx.train import run
+    from modx.train.checkpoint import CheckpointError
+
+    install_fake_stream([], monkeypatch.setattr)
+    out = small_disk / "run"
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*\.tmp-state-00000002: .*MiB free there"):
+        run(load_config(None, fake_stream_overrides(out, "train.ckpt_every=1")))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "state-00000001"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    moved = tmp_path / "moved"  # e.g. after freeing space: the kept state resumes
+    shutil.copytree(out, moved)
+    reset_accelerate()
+    run(load_config(None, fake_stream_overrides(moved, "train.ckpt_every=1")), resume="latest")
+    assert (moved / "checkpoints" / "phase-1" / "model.safetensors").is_file()
+
+
 # ---- non-finite loss or gradients ---------------------------------------------------------
 
 

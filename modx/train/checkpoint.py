@@ -74,7 +74,7 @@ def save_state(
         save_tree(strategy_state, tmp / f"strategy_{rank}")
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save: RuntimeError on a full disk
         error = err
     _raise_on_any(accelerator, error, tmp)
     try:
@@ -100,8 +100,9 @@ def _raise_on_any(accelerator: Accelerator, error: Exception | None, path: Path)
         shutil.rmtree(path, ignore_errors=True)
     latest = find_latest(path.parent)
     reason = error if error is not None else "failed on another process"
+    free = shutil.disk_usage(path.parent).free / 2**20  # torch.save words a full disk obscurely
     raise CheckpointError(
-        f"could not write checkpoint {path}: {reason}; "
+        f"could not write checkpoint {path}: {reason} ({free:.0f} MiB free there); "
         f"the previous checkpoint ({latest or 'none'}) is intact: free disk space or fix "
         "permissions, then resume with --resume"
     )
@@ -249,7 +250,7 @@ def export_phase(model: nn.Module, directory: Path) -> Path:
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not export the model to {directory}: {err}") from None
     return directory
