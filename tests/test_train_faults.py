@@ -359,6 +359,23 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(tmp_path, monke
 # ---- shards that vanish or become unreadable mid-run --------------------------------------
 
 
+def test_a_missing_shard_keeps_its_place_and_is_counted(tmp_path, data_root):
+    from modx.data import DataError, make_loader, parse_sources
+    from modx.data.builtin import ensure_builtin
+
+    train, _ = ensure_builtin("digits", root=str(data_root))
+    for i in (0, 2):
+        shutil.copy(train.replace("{000000..000003}", f"00000{i}"), tmp_path / f"s-00000{i}.tar")
+    pattern = f"{tmp_path}/s-{{000000..000002}}.tar"
+    with pytest.raises(DataError, match="s-000001.tar"):
+        parse_sources(pattern)
+    (src,) = parse_sources(pattern, missing_ok=True)
+    assert [Path(u).name for u in src.urls] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
+    loader = make_loader(pattern, mode="eval", batch_size=64, preprocess=None, tokenizer=None, workers=0, missing_ok=True)
+    assert sum(len(b["key"]) for b in loader) == 800
+    assert loader.stats.as_dict()["reasons"] == {"open_error": 1}
+
+
 def test_vanishing_train_and_eval_shards_are_counted_and_skipped(tmp_path, data_root, monkeypatch, capsys):
     import modx.train.loop as loop
     from modx.data.builtin import ensure_builtin
