@@ -163,7 +163,10 @@ def saved_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("planted", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "strategy_0.pt"])
+@pytest.mark.parametrize(
+    "planted", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "strategy_0.pt", "model.safetensors",
+                "strategy_0.safetensors", "rng_0.safetensors"],
+)
 def test_resume_refuses_a_planted_pickle_and_names_it(tmp_path, saved_run, monkeypatch, planted):
     from modx.train import run
     from modx.train.checkpoint import CheckpointError
@@ -195,7 +198,7 @@ def test_cli_refuses_an_unsafe_checkpoint_with_one_line(tmp_path, saved_run):
 
 def test_strategy_state_round_trips_through_safetensors_and_json(tmp_path):
     from modx.strategies import ReplayBuffer
-    from modx.train.checkpoint import load_tree, save_tree
+    from modx.train.serialize import load_tree, save_tree
 
     buffer = ReplayBuffer(capacity=4, ratio=0.5, seed=3)
     buffer.add({"image": torch.randn(6, 3, 2, 2), "text": torch.randint(0, 9, (6, 5))}, phase=0)
@@ -214,7 +217,7 @@ def test_strategy_state_round_trips_through_safetensors_and_json(tmp_path):
 def test_rng_state_round_trips_without_pickle(tmp_path):
     import numpy as np
 
-    from modx.train.checkpoint import load_tree, rng_state, save_tree, set_rng_state
+    from modx.train.serialize import load_tree, rng_state, save_tree, set_rng_state
 
     random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
     save_tree(rng_state(), tmp_path / "rng_0")

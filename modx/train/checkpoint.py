@@ -21,19 +21,17 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from modx.train.faults import fault_point
+from modx.train.serialize import TreeError, load_tree, rng_state, save_tree, set_rng_state
 
 STATE_PREFIX = "state-"
 TENSOR_FILES = (".bin",)  # written by accelerator.save_state; loaded with weights_only=True
@@ -61,7 +59,8 @@ def save_state(
     error = None
     try:
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in root.glob(f".tmp-{STATE_PREFIX}*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
     except OSError as err:
         error = err
@@ -134,8 +133,11 @@ def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     check_loadable(path)
     rank = accelerator.process_index
     own = rank if (path / f"strategy_{rank}.json").is_file() else 0  # world size changed
-    strategy_state = load_tree(path / f"strategy_{own}")
-    rng = load_tree(path / f"rng_{own}")
+    try:
+        strategy_state = load_tree(path / f"strategy_{own}")
+        rng = load_tree(path / f"rng_{own}")
+    except TreeError as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from None
     accelerator.load_state(str(path))
     set_rng_state(rng)
     return strategy_state
@@ -146,7 +148,13 @@ def check_loadable(path: Path) -> None:
     running code: safetensors and JSON as they are, Accelerate's .bin files with
     torch.load(weights_only=True), nothing else (pickles are never loaded)."""
     for file in sorted(path.iterdir()):
-        if file.suffix in (".safetensors", ".json") or file.is_dir():
+        if file.suffix == ".json" or file.is_dir():
+            continue
+        if file.suffix == ".safetensors":
+            try:
+                safe_open(str(file), framework="pt").keys()  # reads the header only
+            except (OSError, SafetensorError) as err:
+                raise CheckpointError(f"cannot resume from {path}: {file.name} is not a valid safetensors file ({err})") from None
             continue
         if file.suffix not in TENSOR_FILES:
             raise CheckpointError(
@@ -163,73 +171,6 @@ def check_loadable(path: Path) -> None:
                 f"(torch.load weights_only=True: {first}); it may run code - resume from "
                 "another checkpoint"
             ) from None
-
-
-def save_tree(tree: Any, stem: Path) -> None:
-    """Write nested dicts/lists of tensors, numbers and strings as `stem`.safetensors (the
-    tensors) + `stem`.json (the rest, tensors replaced by {"__tensor__": key})."""
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split(tree, "", tensors)
-    save_file(tensors, str(stem.with_suffix(".safetensors")))
-    stem.with_suffix(".json").write_text(json.dumps(skeleton))
-
-
-def load_tree(stem: Path) -> Any:
-    """The tree `save_tree` wrote to `stem` (CheckpointError naming the file if unreadable)."""
-    try:
-        tensors = load_file(str(stem.with_suffix(".safetensors")))
-        skeleton = json.loads(stem.with_suffix(".json").read_text())
-    except (OSError, ValueError, SafetensorError) as err:
-        raise CheckpointError(f"cannot read {stem}.safetensors/.json: {err}") from None
-    return _join(skeleton, tensors)
-
-
-def _split(tree: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if torch.is_tensor(tree):
-        tensors[key] = tree.detach().to("cpu", copy=True).contiguous()  # no shared storage
-        return {"__tensor__": key}
-    if isinstance(tree, dict):
-        return {str(k): _split(v, f"{key}/{k}", tensors) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_split(v, f"{key}/{i}", tensors) for i, v in enumerate(tree)]
-    if tree is None or isinstance(tree, (bool, int, float, str)):
-        return tree
-    raise TypeError(f"cannot checkpoint {type(tree).__name__} at {key!r}: use tensors, numbers, strings, lists, dicts")
-
-
-def _join(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, dict):
-        if set(tree) == {"__tensor__"}:
-            return tensors[tree["__tensor__"]]
-        return {k: _join(v, tensors) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_join(v, tensors) for v in tree]
-    return tree
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states of this process, as tensors and numbers."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def forget_states(root: Path) -> None:
