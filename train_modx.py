@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from modx.config import ConfigError, load_config, to_dict
     from modx.data.urls import DataError
+    from modx.train.checkpoint import CheckpointError
+    from modx.train.loop import TrainingStopped
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingStopped) as err:  # an unsafe checkpoint, a full disk, NaNs
+        print(f"train_modx.py: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -96,6 +96,7 @@ class TrainConfig:
     log_every: int = 10  # optimiser steps between log lines
     ckpt_every: int = 100  # optimiser steps between checkpoints (and at every phase end)
     keep_checkpoints: int = 2  # resumable states kept on disk
+    max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before training stops
     resume: str | None = None  # "latest" or a checkpoint directory
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "modx"  # tracker project name
@@ -302,6 +303,7 @@ def validate(cfg: Config) -> None:
     check(t.log_every > 0, "train.log_every", "must be > 0")
     check(t.ckpt_every > 0, "train.ckpt_every", "must be > 0")
     check(t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+    check(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
     check(t.tracker in TRACKERS, "train.tracker", f"choose one of {list(TRACKERS)}")
     check(bool(t.output_dir), "train.output_dir", "must not be empty")
 

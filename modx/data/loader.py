@@ -325,6 +325,7 @@ def make_loader(
     drop_last: bool | None = None,
     weights: Sequence[float] | None = None,
     pin_memory: bool = False,
+    missing_ok: bool = False,
 ) -> StreamLoader:
     """Build this rank's loader over WebDataset shards (see modx.data.urls for ``urls``).
 
@@ -341,6 +342,10 @@ def make_loader(
     ``preprocess`` maps a PIL RGB image to a tensor and ``tokenizer`` a list of strings to
     a (M, ctx) tensor (open_clip's); None keeps PIL images / strings. ``rank`` and
     ``world_size`` default to torch.distributed / RANK, WORLD_SIZE.
+
+    Shards that vanish or become unreadable while the loader runs are skipped and counted
+    (``open_error``). ``missing_ok=True`` also builds a loader when local shards are
+    missing already (a long run rebuilding its loader): they are counted the same way.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -352,7 +357,7 @@ def make_loader(
         rank, world_size = dist_info()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
-    sources = parse_sources(urls, weights)
+    sources = parse_sources(urls, weights, missing_ok=missing_ok)
     if mode == "eval":
         if budget_samples is not None or budget_steps is not None:
             raise ValueError("budget_samples/budget_steps apply to mode='train' only")

@@ -43,8 +43,13 @@ def _local_path(url: str) -> str:
     return os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url)
 
 
-def expand_pattern(pattern: str) -> list[str]:
-    """Expand one source pattern to shard URLs; raise DataError if local shards are missing."""
+def expand_pattern(pattern: str, missing_ok: bool = False) -> list[str]:
+    """Expand one source pattern to shard URLs; raise DataError if local shards are missing.
+
+    ``missing_ok`` (a run that checked its shards when it started): a missing shard keeps
+    its place in the list, so the reader counts it (``open_error``) and the other shards
+    keep their positions; only a pattern that matches nothing at all still raises.
+    """
     urls: list[str] = []
     missing: list[str] = []
     for url in braceexpand.braceexpand(pattern.strip()):
@@ -60,10 +65,12 @@ def expand_pattern(pattern: str) -> list[str]:
             urls.append(path)
         else:
             missing.append(path)
+            if missing_ok:
+                urls.append(path)
     if not urls:
         hint = f" (e.g. {missing[0]} does not exist)" if missing else ""
         raise DataError(f"no shards matched {pattern!r}{hint}")
-    if missing:
+    if missing and not missing_ok:
         raise DataError(
             f"{len(missing)} of {len(urls) + len(missing)} shards of {pattern!r} do not exist, "
             f"e.g. {missing[0]} (a glob like dir/*.tar or the directory takes those that do)"
@@ -72,12 +79,13 @@ def expand_pattern(pattern: str) -> list[str]:
 
 
 def parse_sources(
-    urls: str | Sequence[str], weights: Sequence[float] | None = None
+    urls: str | Sequence[str], weights: Sequence[float] | None = None, missing_ok: bool = False
 ) -> list[Source]:
     """Split a URL spec into sources (``::``, ``@weight``) and expand each one.
 
     A list of strings is treated like the same strings joined by ``::``. ``weights``, when
     given, overrides the ``@weight`` suffixes and must have one entry per source.
+    ``missing_ok``: see `expand_pattern`.
     """
     if isinstance(urls, str):
         parts = urls.split("::")
@@ -98,7 +106,7 @@ def parse_sources(
             weight = float(weights[i])
         if weight is not None and weight < 0:
             raise DataError(f"negative weight {weight} for source {part!r}")
-        sources.append(Source(part, tuple(expand_pattern(part)), weight))
+        sources.append(Source(part, tuple(expand_pattern(part, missing_ok)), weight))
     if all(s.weight is not None for s in sources) and sum(s.weight for s in sources) <= 0:
         raise DataError(f"source weights in {urls!r} sum to zero")
     return sources

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modx.data.urls import DataError
+
 
 @dataclass
 class Embeddings:
@@ -39,12 +41,15 @@ def embed_dataset(
     accelerator: Any = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    missing_ok: bool = False,
 ) -> Embeddings:
     """Encode every image and every caption of the shards at ``urls``.
 
     With an Accelerate ``accelerator`` of several processes each rank embeds its share
     and all ranks receive the whole set. ``device`` defaults to the accelerator's, else
-    the model's. The model's train/eval mode is restored afterwards.
+    the model's. The model's train/eval mode is restored afterwards. Unreadable shards
+    are skipped and counted in ``stats`` (``missing_ok``: see make_loader); DataError when
+    no sample at all could be read.
     """
     from modx.data import make_loader
 
@@ -58,7 +63,7 @@ def embed_dataset(
     device = torch.device(device) if device is not None else next(net.parameters()).device
     loader = make_loader(
         urls, mode="eval", batch_size=batch_size, preprocess=preprocess, tokenizer=tokenizer,
-        workers=workers, rank=rank, world_size=world, captions="all",
+        workers=workers, rank=rank, world_size=world, captions="all", missing_ok=missing_ok,
     )  # fmt: skip
     was_training = net.training
     net.eval()
@@ -111,7 +116,7 @@ def _merge(parts: list[dict], urls: str) -> Embeddings:
         for reason, n in part["stats"].get("reasons", {}).items():
             stats["reasons"][reason] = stats["reasons"].get(reason, 0) + n
     if not keys:
-        raise ValueError(f"no usable samples in {urls!r} (loader stats: {stats})")
+        raise DataError(f"no usable samples in {urls!r} (loader stats: {stats})")
     image, text, text_ids = torch.cat(images), torch.cat(texts), torch.cat(ids)
     order = sorted(range(len(keys)), key=keys.__getitem__)
     new_row = torch.empty(len(order), dtype=torch.long)

@@ -69,7 +69,8 @@ class Strategy:
         """Called after the last step of `phase`, before the model is snapshotted and evaluated."""
 
     def state_dict(self) -> dict[str, Any]:
-        """Strategy state to checkpoint (this process's; saved per rank)."""
+        """Strategy state to checkpoint (this process's; saved per rank): nested dicts and
+        lists of tensors, numbers and strings, stored as safetensors + JSON (no pickle)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -81,5 +81,6 @@ class EWC(Strategy):
         return {"fisher": self.fisher, "anchor": self.anchor}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fisher = state.get("fisher", {})
-        self.anchor = state.get("anchor", {})
+        device = self.accelerator.device  # checkpoints hold CPU tensors
+        self.fisher = {n: f.to(device) for n, f in state.get("fisher", {}).items()}
+        self.anchor = {n: a.to(device) for n, a in state.get("anchor", {}).items()}

@@ -1,28 +1,44 @@
 """Checkpoints of a run: resumable training states and exported per-phase models.
 
-    checkpoints/state-00000120/   accelerator.save_state (model, optimiser, scheduler, RNG of
-                                  every process) + trainer_state.json + strategy_<rank>.pt
+    checkpoints/state-00000120/   accelerator.save_state (model.safetensors, optimizer.bin,
+                                  scheduler.bin) + rng_<rank>.{safetensors,json} (RNG of
+                                  every process) + strategy_<rank>.{safetensors,json}
+                                  (EWC Fisher, replay buffer) + trainer_state.json
     checkpoints/latest            name of the newest complete state
     checkpoints/phase-K/          modx.models.export_model: model.safetensors + model_config.json
     checkpoints/initial/          the same for the model before training
 
-Every write goes to a temporary directory first and is renamed into place with os.replace,
-so a run killed while saving leaves the previous checkpoint intact.
+Loading a checkpoint never runs code: everything is safetensors or JSON except the
+optimiser and scheduler files, which are checked with `torch.load(weights_only=True)`
+before Accelerate reads them; a state holding any other file (a pickle) is refused.
+Every write goes to a temporary directory first and is renamed into place with
+os.replace, so a run killed (or a disk filled) while saving leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from modx.train.faults import fault_point
+from modx.train.serialize import TreeError, load_tree, rng_state, save_tree, set_rng_state
+
 STATE_PREFIX = "state-"
+TENSOR_FILES = (".bin",)  # written by accelerator.save_state; loaded with weights_only=True
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or must not be loaded; names the path."""
 
 
 def save_state(
@@ -32,26 +48,63 @@ def save_state(
     strategy_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Save a resumable state atomically (collective: every process must call it)."""
+    """Save a resumable state atomically (collective: every process must call it).
+
+    A failed write (full disk, unwritable directory) on any process removes the partial
+    state and raises CheckpointError on every process; the previous state stays usable.
+    """
     name = f"{STATE_PREFIX}{trainer_state['global_step']:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    torch.save(strategy_state, tmp / f"strategy_{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", name)
-        for old in sorted(root.glob(f"{STATE_PREFIX}*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    rank = accelerator.process_index
+    error = None
+    try:
+        if accelerator.is_main_process:
+            for stale in root.glob(f".tmp-{STATE_PREFIX}*"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as err:
+        error = err
+    _raise_on_any(accelerator, error, tmp)
+    try:
+        accelerator.save_state(str(tmp))
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # saved below without pickle
+        save_tree(rng_state(), tmp / f"rng_{rank}")
+        fault_point("checkpoint")
+        save_tree(strategy_state, tmp / f"strategy_{rank}")
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch.save: RuntimeError on a full disk
+        error = err
+    _raise_on_any(accelerator, error, tmp)
+    try:
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(root / "latest", name)
+            for old in sorted(root.glob(f"{STATE_PREFIX}*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        error = err
+    _raise_on_any(accelerator, error, final)
     return final
+
+
+def _raise_on_any(accelerator: Accelerator, error: Exception | None, path: Path) -> None:
+    """Raise CheckpointError on every process when the write failed on any (collective)."""
+    failed = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+    if accelerator.reduce(failed, reduction="sum").item() == 0:
+        return
+    if accelerator.is_main_process and path.name.startswith(".tmp-"):
+        shutil.rmtree(path, ignore_errors=True)
+    latest = find_latest(path.parent)
+    reason = error if error is not None else "failed on another process"
+    free = shutil.disk_usage(path.parent).free / 2**20  # torch.save words a full disk obscurely
+    raise CheckpointError(
+        f"could not write checkpoint {path}: {reason} ({free:.0f} MiB free there); "
+        f"the previous checkpoint ({latest or 'none'}) is intact: free disk space or fix "
+        "permissions, then resume with --resume"
+    )
 
 
 def find_latest(root: Path) -> Path | None:
@@ -66,20 +119,58 @@ def find_latest(root: Path) -> Path | None:
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:
-    """{"phase", "phase_step", "global_step"} of a saved state."""
+    """{"phase", "phase_step", "global_step", ...} of a saved state."""
     return json.loads((path / "trainer_state.json").read_text())
 
 
 def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
     """Restore model, optimiser, scheduler and every RNG; return the strategy state.
 
-    Call it last before training goes on: anything that draws random numbers afterwards
-    (building a model, say) would move the RNG away from the saved run's.
+    Refuses (CheckpointError naming the file) a state with a file that could run code
+    when loaded. Call it last before training goes on: anything that draws random numbers
+    afterwards (building a model, say) would move the RNG away from the saved run's.
     """
+    check_loadable(path)
+    rank = accelerator.process_index
+    own = rank if (path / f"strategy_{rank}.json").is_file() else 0  # world size changed
+    try:
+        strategy_state = load_tree(path / f"strategy_{own}")
+        rng = load_tree(path / f"rng_{own}")
+    except TreeError as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from None
     accelerator.load_state(str(path))
-    own = path / f"strategy_{accelerator.process_index}.pt"
-    strategy_file = own if own.is_file() else path / "strategy_0.pt"  # world size changed
-    return torch.load(strategy_file, map_location="cpu", weights_only=False)
+    set_rng_state(rng)
+    return strategy_state
+
+
+def check_loadable(path: Path) -> None:
+    """Raise CheckpointError unless every file of the state at `path` loads without
+    running code: safetensors and JSON as they are, Accelerate's .bin files with
+    torch.load(weights_only=True), nothing else (pickles are never loaded)."""
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".json" or file.is_dir():
+            continue
+        if file.suffix == ".safetensors":
+            try:
+                safe_open(str(file), framework="pt").keys()  # reads the header only
+            except (OSError, SafetensorError) as err:
+                raise CheckpointError(f"cannot resume from {path}: {file.name} is not a valid safetensors file ({err})") from None
+            continue
+        if file.suffix not in TENSOR_FILES:
+            raise CheckpointError(
+                f"refusing to resume from {path}: {file.name} is not a safetensors, JSON or "
+                "optimiser file (modx never loads pickles; remove the file if you trust it is "
+                "not needed, or resume from another checkpoint)"
+            )
+        try:
+            torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"refusing to load {file}: it does not load as plain tensors "
+                f"(torch.load weights_only=True: {first}); it may run code - resume from "
+                "another checkpoint"
+            ) from None
 
 
 def forget_states(root: Path) -> None:
@@ -94,11 +185,15 @@ def export_phase(model: nn.Module, directory: Path) -> Path:
     from modx.models import export_model
 
     tmp = directory.with_name(f".tmp-{directory.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_model(model, tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_model(model, tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not export the model to {directory}: {err}") from None
     return directory
 
 

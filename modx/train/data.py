@@ -103,6 +103,7 @@ def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Cal
         resampled=True,
         shuffle=cfg.train.shuffle,
         budget_steps=batches,
+        missing_ok=True,  # checked at the start; shards that vanish since are counted, skipped
     )
 
 
@@ -127,7 +128,12 @@ class TimedBatches:
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
             self.iterator = iter(self.loader)
-            batch = next(self.iterator)
+            batch = next(self.iterator, None)
+            if batch is None:
+                from modx.data.urls import DataError
+
+                raise DataError(f"no training batch could be read: are the shards missing or unreadable? "
+                                f"(loader counts: {self.stats()})") from None
         self.wait += time.perf_counter() - start
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 

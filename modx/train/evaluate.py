@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from modx.config import Config
+from modx.data.urls import DataError
+from modx.train.faults import fault_point
 
 
 class Evaluator:
@@ -54,11 +56,14 @@ class Evaluator:
         for j, (name, urls) in enumerate(self.eval_sets):
             if urls not in scored:
                 scored[urls] = self._score(model, urls)
-            row[name], probe[name] = scored[urls]
+            row[name], pairs = scored[urls]
+            if pairs is not None:
+                probe[name] = pairs
             _append(self.results, {
                 "phase": phase, "phase_name": phase_name, "eval_set": name,
                 "eval_index": j, "step": step, "metrics": row[name],
             })
+            fault_point("evaluate")
         model.train(was_training)
         self.probe_dir.mkdir(parents=True, exist_ok=True)
         torch.save(probe, self.probe_dir / f"phase{phase}.pt")
@@ -66,19 +71,24 @@ class Evaluator:
             self._disorder(probe, phase, phase_name)
         return row
 
-    def _score(self, model: nn.Module, urls: str) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
-        """Retrieval metrics of one eval set and its probe pairs' embeddings."""
+    def _score(self, model: nn.Module, urls: str) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+        """Retrieval metrics of one eval set and its probe pairs' embeddings. Unreadable
+        shards are skipped and counted (`skipped`); with none readable, only the error."""
         from modx.eval.embed import embed_dataset
         from modx.eval.retrieval import retrieval_metrics
 
         e = self.cfg.eval
-        emb = embed_dataset(
-            model, urls, preprocess=self.preprocess, tokenizer=self.tokenizer,
-            batch_size=e.batch_size, workers=e.workers, device=self.device, progress=False,
-        )
+        try:
+            emb = embed_dataset(
+                model, urls, preprocess=self.preprocess, tokenizer=self.tokenizer,
+                batch_size=e.batch_size, workers=e.workers, device=self.device, progress=False, missing_ok=True,
+            )
+        except DataError as err:
+            warnings.warn(f"eval set {urls} skipped: {err}", stacklevel=2)
+            return {"error": str(err)}, None
         metrics = retrieval_metrics(emb.image, emb.text, emb.text_image_ids, ks=tuple(e.ks), backend=e.backend)
         metrics = {k: _plain(v) for k, v in metrics.items()}
-        metrics.update(n_images=len(emb.image), n_texts=len(emb.text))
+        metrics.update(n_images=len(emb.image), n_texts=len(emb.text), skipped=emb.stats.get("skipped", 0))
         return metrics, probe_pairs(emb.image, emb.text, emb.text_image_ids, e.probe)
 
     def _disorder(self, probe: dict[str, tuple[torch.Tensor, torch.Tensor]], phase: int, phase_name: str) -> None:
@@ -90,6 +100,8 @@ class Evaluator:
                 continue
             ref = torch.load(path, weights_only=True)
             for name, (img, txt) in probe.items():
+                if name not in ref:  # its eval set was unreadable then
+                    continue
                 img_old, txt_old = ref[name]
                 with warnings.catch_warnings():  # small probes of tiny models are often rank deficient
                     warnings.filterwarnings("ignore", message="probe of .* does not span")
@@ -111,9 +123,9 @@ class Evaluator:
         for path in (self.results, self.disorder, self.summary):
             path.unlink(missing_ok=True)
 
-    def finish(self, metric: str = "mean_recall", cost: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write summary.json (continual metrics of the recall matrix, the training `cost`),
-        the report; print them."""
+    def finish(self, metric: str = "mean_recall", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write summary.json (continual metrics of the recall matrix, plus `extra`, e.g. the
+        training's skipped_steps and cost), the report; print them."""
         from modx.eval.continual import continual_metrics, recall_matrix
 
         records = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
@@ -122,7 +134,7 @@ class Evaluator:
         summary.update(
             metric=metric, strategy=self.cfg.strategy.name, phases=matrix.phases,
             eval_sets=matrix.eval_sets, matrix=matrix.values, initial=matrix.initial,
-            disorder=disorder_summary(self.disorder), cost=cost or {},
+            disorder=disorder_summary(self.disorder), **(extra or {}),
         )
         reference = None
         if self.cfg.eval.reference:

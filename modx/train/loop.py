@@ -40,6 +40,7 @@ from modx.train.checkpoint import (
 )
 from modx.train.data import Phase, TimedBatches, joint_phase, resolve_phases, train_loader
 from modx.train.evaluate import Evaluator
+from modx.train.faults import fault_point
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 MAX_LOGIT_SCALE = math.log(100)  # as open_clip: the learned temperature stays <= 100
@@ -91,6 +92,42 @@ class Meter:
         )
         self.__init__()
         return logs
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps); a checkpoint was saved."""
+
+
+class BadSteps:
+    """Optimiser steps skipped for a non-finite loss or gradients: in total and in a row."""
+
+    def __init__(self, limit: int, total: int = 0, in_row: int = 0):
+        self.limit, self.total, self.in_row = limit, total, in_row
+
+    def update(self, finite: bool) -> bool:
+        """Count one step; True when `limit` steps in a row were skipped (stop the run)."""
+        if finite:
+            self.in_row = 0
+            return False
+        self.total, self.in_row = self.total + 1, self.in_row + 1
+        return self.in_row >= self.limit
+
+
+def finite_step(accelerator: Accelerator, model: nn.Module, loss_finite: bool, grad_clip: float | None) -> bool:
+    """Clip the gradients; whether the optimiser step may go ahead: the loss is finite on
+    every process and so is the gradient norm. Under fp16 the GradScaler judges the
+    gradients itself (it skips an overflowing step and lowers its scale)."""
+    ok = torch.tensor([float(loss_finite)], device=accelerator.device)
+    if accelerator.reduce(ok, reduction="sum").item() < accelerator.num_processes:
+        return False  # before any unscaling: the GradScaler's state stays untouched
+    if grad_clip is not None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    elif accelerator.scaler is None:
+        grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    else:
+        return True
+    return accelerator.scaler is not None or bool(torch.isfinite(norm))
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -150,11 +187,13 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
     train_seconds = 0.0  # time in training steps (data waits included, evaluation not)
+    bad_steps = BadSteps(t.max_bad_steps)
     state_path = _resume_path(resume or t.resume, ckpt_dir)
     if state_path is not None:
         trainer_state = read_trainer_state(state_path)
         start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
         train_seconds = trainer_state.get("train_seconds", 0.0)
+        bad_steps = BadSteps(t.max_bad_steps, trainer_state.get("skipped_steps", 0), trainer_state.get("bad_in_row", 0))
         if start_phase > 0 or align_initial:  # the export that ended the previous phase
             previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
             old_model = frozen_copy(create_model(str(ckpt_dir / previous))[0]).to(accelerator.device)
@@ -192,7 +231,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
         for step in range(first_step, phase.steps):
             step_start = time.perf_counter()
-            # ---- one optimiser step = grad_accum micro-batches of the global batch
+            # ---- one optimiser step = grad_accum micro-batches of the global batch;
+            #      skipped (not taken, counted) when the loss or the gradients are not finite
+            finite = True
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 if replay is not None:
@@ -202,11 +243,14 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     with accelerator.autocast():
                         loss, terms = strategy.loss(model, batch, old_model)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.grad_clip is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    optimizer.step()
+                    finite = finite and math.isfinite(loss.item())
+                    if accelerator.sync_gradients:
+                        finite = finite_step(accelerator, model, finite, t.grad_clip)
+                    if finite:
+                        optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                meter.add({"loss": loss.item(), **terms}, weight=1 / t.grad_accum)
+                if finite:
+                    meter.add({"loss": loss.item(), **terms}, weight=1 / t.grad_accum)
             lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
             with torch.no_grad():
@@ -215,6 +259,18 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum)
             progress.update(1)
+            fault_point("step")
+            if bad_steps.update(finite):
+                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy, replay,
+                            t.keep_checkpoints, bad_steps)
+                raise TrainingStopped(
+                    f"training stopped at global step {global_step}: {bad_steps.in_row} optimiser steps in a row had "
+                    f"a non-finite loss or gradients (train.max_bad_steps={t.max_bad_steps}); the model and optimiser "
+                    f"of the last good step are saved in {find_latest(ckpt_dir)}. Lower train.lr, set train.grad_clip "
+                    "or use train.precision=bf16/fp32, then resume with --resume"
+                )
+            if not finite:
+                accelerator.print(f"step {global_step}: non-finite loss or gradients; step skipped ({bad_steps.in_row} in a row)")
 
             # ---- log
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
@@ -222,16 +278,17 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     "lr": lr,
                     "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
                     "phase": phase.index,
+                    "skipped_steps": bad_steps.total,
                 }
                 accelerator.log(logs, step=global_step)
                 if not t.progress:
                     accelerator.print(f"step {global_step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
-                progress.set_postfix(phase=phase.name, loss=f"{logs['loss']:.3f}", sps=f"{logs['samples_per_s']:.0f}")
+                progress.set_postfix(phase=phase.name, loss=f"{logs.get('loss', math.nan):.3f}", sps=f"{logs['samples_per_s']:.0f}")
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
-                            replay, t.keep_checkpoints)
+                            replay, t.keep_checkpoints, bad_steps)
                 batches.close()
                 batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator)
 
@@ -244,18 +301,19 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             start = time.perf_counter()
             row = evaluator.evaluate(net, phase.index, phase.name, global_step)
             progress.write(f"after phase {phase.index} ({phase.name}): " + "  ".join(
-                f"{name} {m['mean_recall']:.1f}" for name, m in row.items())
+                f"{name} {m.get('mean_recall', math.nan):.1f}" for name, m in row.items())
                 + f"  (mean recall, %; evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
         old_model = frozen_copy(net)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,
-                    t.keep_checkpoints)
+                    t.keep_checkpoints, bad_steps)
 
     progress.close()
     if main and (until_phase is None or until_phase + 1 >= len(phases)):
         samples = global_step * t.batch_size * t.grad_accum
-        evaluator.finish(cost={"train_seconds": train_seconds, "train_samples": samples,
-                               "samples_per_s": samples / train_seconds if train_seconds else None})
+        cost = {"train_seconds": train_seconds, "train_samples": samples,
+                "samples_per_s": samples / train_seconds if train_seconds else None}
+        evaluator.finish(extra={"skipped_steps": bad_steps.total, "cost": cost})
     accelerator.end_training()
     return run_dir
 
@@ -282,9 +340,12 @@ def _checkpoint(
     strategy: object,
     replay: ReplayBuffer | None,
     keep: int,
+    bad_steps: BadSteps,
 ) -> None:
-    trainer_state = {"phase": phase, "phase_step": phase_step, "global_step": global_step,
-                     "train_seconds": train_seconds}
+    trainer_state = {
+        "phase": phase, "phase_step": phase_step, "global_step": global_step,
+        "train_seconds": train_seconds, "skipped_steps": bad_steps.total, "bad_in_row": bad_steps.in_row,
+    }
     strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
 
