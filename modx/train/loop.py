@@ -38,7 +38,14 @@ from modx.train.checkpoint import (
     read_trainer_state,
     save_state,
 )
-from modx.train.data import Phase, TimedBatches, joint_phase, resolve_eval_sets, resolve_phases, train_loader
+from modx.train.data import (
+    Phase,
+    TimedBatches,
+    joint_phase,
+    resolve_eval_sets,
+    resolve_phases,
+    train_loader,
+)
 from modx.train.evaluate import Evaluator
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
