@@ -231,3 +231,19 @@ def test_zeroshot_script_bad_input_exits_2(setup, capsys, data, message):
     code = _script().main(["--checkpoint", str(setup.root / "run"), "--data", str(setup.root / data)])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_trainer_evaluator_records_both_kinds_and_leaves_the_rng_alone(setup, tmp_path):
+    from modx.config import load_config
+    from modx.train.evaluate import Evaluator
+
+    ret, cls = str(setup.root / "ret"), str(setup.root / "cls")
+    cfg = load_config(None, [f"stream.phases=[{{name: r, train: {ret}, eval: {ret}, steps: 1}}]",
+                             "eval.backend=torch", "eval.probe=4"])  # fmt: skip
+    ev = Evaluator(cfg, [("r", ret)], setup.pre, setup.tok, tmp_path, torch.device("cpu"), zeroshot=[("z", cls)])
+    state = torch.get_rng_state()
+    row = ev.evaluate(setup.model, -1, "initial", 0)
+    assert torch.equal(torch.get_rng_state(), state)  # the eval loaders drew from a forked RNG
+    assert row["z"]["acc1"] == pytest.approx(evaluate_zeroshot(setup.model, cls, preprocess=setup.pre, tokenizer=setup.tok)["acc1"])
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert kinds == ["retrieval", "zeroshot"] and "zero-shot z" in ev.headline(row)

@@ -61,7 +61,13 @@ class Evaluator:
         """Retrieval on every eval set (the stream's, then the held-out ones), zero-shot
         accuracy on every zero-shot set, and at a phase end SD vs the previous and the
         initial model. `in_phase`: an `eval.every` evaluation inside a phase (no SD).
-        Returns the metrics by set name on the main process ({} elsewhere)."""
+        Returns the metrics by set name on the main process ({} elsewhere). Evaluation
+        leaves torch's global RNG as it found it (the eval loaders draw from it), so
+        adding eval sets or `eval.every` does not change the training run."""
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(model, phase, phase_name, step, in_phase)
+
+    def _evaluate(self, model: nn.Module, phase: int, phase_name: str, step: int, in_phase: bool) -> dict[str, dict[str, Any]]:
         was_training = model.training
         model.eval()
         row: dict[str, dict[str, Any]] = {}
