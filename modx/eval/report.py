@@ -414,8 +414,10 @@ def _plot_curves(runs: list[Run], metric: str) -> bytes:
     fig = _new_figure(3.3 * cols, 2.8 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     xs, labels = _phase_axis(runs)
+    held = {s for r in runs for s in r.matrix.columns(held_out=True).eval_sets}
     for j, (ax, name) in enumerate(zip(axes, sets)):
-        ax.axvspan(j - 0.5, j + 0.5, color="0.92")
+        if name not in held:  # a held-out set has no phase training on it
+            ax.axvspan(j - 0.5, j + 0.5, color="0.92")
         for r in runs:
             if name not in r.matrix.eval_sets:
                 continue
@@ -425,7 +427,7 @@ def _plot_curves(runs: list[Run], metric: str) -> bytes:
                 row[k] for row in r.matrix.values
             ]
             ax.plot(px, py, marker="o", label=r.label)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name} (held out)" if name in held else name, fontsize=10)
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
         ax.set_ylabel(f"{metric} (%)", fontsize=8)
