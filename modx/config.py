@@ -104,6 +104,20 @@ class TrainConfig:
 
 
 @dataclass
+class ZeroShotSetConfig:
+    name: str = ""  # default: the directory's name, or BUILTIN-zs
+    data: str = ""  # a CLIP_benchmark classification directory (classnames.txt, templates, test/)
+    builtin: str | None = None  # or a built-in dataset's zero-shot set (built under stream.data_root)
+
+
+@dataclass
+class RetrievalSetConfig:
+    name: str = ""  # default: the built-in's name, or set<i>
+    data: str = ""  # eval shard URLs, or a CLIP_benchmark retrieval directory
+    builtin: str | None = None  # or a built-in dataset's test split
+
+
+@dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     backend: str = "faiss"  # faiss | torch
@@ -114,6 +128,9 @@ class EvalConfig:
     report: bool = True  # write report.md / report.html at the end
     reference: str | None = None  # summary.json of another run on this stream (e.g. fine-tuning)
     #                               printed beside this run's; relative: to the config file
+    every: int = 0  # also evaluate every N optimiser steps inside a phase (0: phase ends only)
+    zeroshot: list[ZeroShotSetConfig] = field(default_factory=list)  # zero-shot classification sets
+    retrieval: list[RetrievalSetConfig] = field(default_factory=list)  # held-out retrieval sets
 
 
 @dataclass
@@ -313,6 +330,17 @@ def validate(cfg: Config) -> None:
     check(e.batch_size > 0, "eval.batch_size", "must be > 0")
     check(e.workers >= 0, "eval.workers", "must be >= 0")
     check(not e.reference or Path(e.reference).is_file(), "eval.reference", f"file not found: {e.reference}")
+    check(e.every >= 0, "eval.every", "must be >= 0 (0: evaluate at phase ends only)")
+    taken = set(names)
+    for group, sets in (("zeroshot", e.zeroshot), ("retrieval", e.retrieval)):
+        for i, item in enumerate(sets):
+            key = f"eval.{group}.{i}"
+            check(bool(item.data) != (item.builtin is not None), key, "give exactly one of data or builtin")
+            if not item.name:
+                default = Path(item.data.rstrip("/")).name if group == "zeroshot" and item.data else f"{group}{i}"
+                item.name = item.builtin + ("-zs" if group == "zeroshot" else "-heldout") if item.builtin else default
+            check(item.name not in taken, f"{key}.name", f"duplicate eval set name {item.name!r} (phases and eval sets need distinct names)")
+            taken.add(item.name)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -93,6 +93,12 @@ class NullEvaluator:
     def evaluate(self, *args: Any, **kwargs: Any) -> dict:
         return {}
 
+    def due(self, *args: Any) -> bool:
+        return False
+
+    def headline(self, row: dict) -> str:
+        return ""
+
     def forget_from(self, phase: int) -> None:
         pass
 

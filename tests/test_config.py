@@ -64,6 +64,12 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["train.warmup=1.5"], "train.warmup"),
         (["strategy.align_initial=sometimes"], "strategy.align_initial"),
         (["eval.reference=nowhere/summary.json"], "eval.reference"),
+        (["eval.every=-1"], "eval.every"),
+        (["eval.zeroshot=[{name: z}]"], "eval.zeroshot.0"),  # neither data nor builtin
+        (["eval.zeroshot=[{data: d, builtin: digits}]"], "eval.zeroshot.0"),
+        (["eval.retrieval=[{name: a, data: x.tar}]"], "eval.retrieval.0.name"),  # a phase's name
+        (["eval.zeroshot=[{builtin: digits}, {builtin: digits}]"], "eval.zeroshot.1.name"),
+        (["eval.zeroshot=[{builtin: digits, tempaltes: x}]"], "eval.zeroshot.0.tempaltes"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):
@@ -136,3 +142,15 @@ def test_reference_summary_is_found_beside_the_config(tmp_path):
     (tmp_path / "ref.json").write_text("{}")
     cfg = load_config(write(tmp_path, BASE), ["eval.reference=ref.json"])
     assert cfg.eval.reference == str(tmp_path / "ref.json")
+
+
+def test_cli_bad_zero_shot_directory_exits_2_naming_the_key(tmp_path):
+    tree = {**BASE, "stream": {"phases": [{"name": "a", "train": str(tmp_path / "s.tar"),
+                                           "eval": str(tmp_path / "s.tar"), "steps": 2}]},
+            "train": {"output_dir": str(tmp_path / "run"), "tracker": "none"},
+            "eval": {"zeroshot": [{"name": "z", "data": str(tmp_path)}]}}  # fmt: skip
+    (tmp_path / "s.tar").touch()
+    proc = run_cli("--config", str(write(tmp_path, tree)), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "eval.zeroshot.0.data" in proc.stderr and "not a CLIP_benchmark" in proc.stderr
+    assert "Traceback" not in proc.stderr

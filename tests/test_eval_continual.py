@@ -79,3 +79,39 @@ def test_recall_matrix_from_results_records():
     assert no_initial.initial is None and math.isnan(
         recall_matrix(records[3:4] + records[2:3]).values[0][1]
     )
+
+
+def _rec(phase, name, value, kind="retrieval", j=0, **extra):
+    key = "acc1" if kind == "zeroshot" else "mean_recall"
+    return {"kind": kind, "phase": phase, "phase_name": "initial" if phase < 0 else f"p{phase}",
+            "eval_set": name, "eval_index": j, "step": 10 * (phase + 1), "metrics": {key: value}, **extra}  # fmt: skip
+
+
+def test_recall_matrix_skips_zero_shot_and_in_phase_records_and_flags_held_out_sets():
+    records = [
+        _rec(-1, "a", 1.0), _rec(-1, "coco", 9.0, j=1, held_out=True), _rec(-1, "zs", 50.0, "zeroshot"),
+        _rec(0, "a", 99.0, in_phase=True), _rec(0, "a", 3.0), _rec(0, "coco", 8.0, j=1, held_out=True),
+        _rec(0, "zs", 40.0, "zeroshot"), _rec(0, "a", 77.0, in_phase=True),  # a late in-phase record
+    ]  # fmt: skip
+    rm = recall_matrix(records)
+    assert rm.values == [[3.0, 8.0]] and rm.initial == [1.0, 9.0] and rm.held_out == (False, True)
+    stream, held = rm.columns(held_out=False), rm.columns(held_out=True)
+    assert stream.eval_sets == ["a"] and stream.values == [[3.0]] and stream.initial == [1.0]
+    assert held.eval_sets == ["coco"] and held.values == [[8.0]] and held.initial == [9.0]
+    assert continual_metrics(stream.values, stream.initial)["average_recall"] == 3.0
+
+
+def test_zeroshot_retention_is_accuracy_relative_to_the_initial_model():
+    from modx.eval.continual import zeroshot_retention
+
+    records = [_rec(-1, "x", 50.0, "zeroshot"), _rec(-1, "y", 20.0, "zeroshot", j=1),
+               _rec(0, "x", 40.0, "zeroshot"), _rec(0, "y", 30.0, "zeroshot", j=1),
+               _rec(1, "x", 25.0, "zeroshot", in_phase=True),
+               _rec(1, "x", 45.0, "zeroshot"), _rec(1, "y", 10.0, "zeroshot", j=1), _rec(1, "a", 3.0)]  # fmt: skip
+    z = zeroshot_retention(records)
+    assert z["eval_sets"] == ["x", "y"] and z["phases"] == ["p0", "p1"] and z["initial"] == [50.0, 20.0]
+    assert z["matrix"] == [[40.0, 30.0], [45.0, 10.0]]
+    assert z["retention"] == [[pytest.approx(80.0), pytest.approx(150.0)], [pytest.approx(90.0), pytest.approx(50.0)]]
+    assert z["mean_retention"] == pytest.approx(70.0)
+    assert zeroshot_retention(records[2:4])["retention"] == [[None, None]]  # no initial model
+    assert zeroshot_retention([_rec(0, "a", 3.0)]) is None

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _eval_helpers import make_run
+from _eval_helpers import DOMAINS, make_run
 
 from modx.eval.continual import continual_metrics, recall_matrix
 from modx.eval.report import main, write_report
@@ -95,3 +95,32 @@ def test_bad_input_exits_2_with_one_message(runs, tmp_path, capsys, setup, messa
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("modx-report: error:") and message in err and "\n" not in err
+
+
+def test_zero_shot_held_out_and_learning_curves_in_the_report(runs, tmp_path):
+    run = tmp_path / "zs"
+    shutil.copytree(runs[1], run)
+    extra = []
+    for phase in (-1, 0, 1, 2):
+        name = "initial" if phase < 0 else DOMAINS[phase]
+        base = {"phase": phase, "phase_name": name, "step": 10 * (phase + 1)}
+        extra.append({"kind": "zeroshot", **base, "eval_set": "digits-zs", "eval_index": 0,
+                      "metrics": {"acc1": 40.0 - 6 * (phase + 1), "acc5": 90.0}})  # fmt: skip
+        extra.append({"kind": "retrieval", **base, "eval_set": "coco", "eval_index": 3, "held_out": True,
+                      "metrics": {"mean_recall": 12.5, "i2t_R@1": 1.0}})  # fmt: skip
+        if phase >= 0:
+            extra.append({"kind": "retrieval", **base, "step": base["step"] - 5, "in_phase": True,
+                          "eval_set": "digits", "eval_index": 0, "metrics": {"mean_recall": 1.0}})  # fmt: skip
+    with (run / "results.jsonl").open("a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in extra))
+    md, _ = write_report([run])
+    text = md.read_text()
+    assert "coco*" in text and "| shapes | 22.00 (55%) |" in text
+    assert (run / "report_zeroshot.png").is_file() and (run / "report_learning_curves.png").is_file()
+    plain = write_report([runs[1]], tmp_path / "plain")[0].read_text()
+    def summary_cells(t):
+        return next(line for line in t.splitlines() if " | modx | " in line).split(" | ")[1:]
+
+    zs, base = summary_cells(text), summary_cells(plain)
+    assert zs[:-1] == base[:-1] + [base[-1].rstrip(" |")]  # the held-out set is left out of the averages
+    assert zs[-1] == "55.00 |"

@@ -229,3 +229,64 @@ def test_align_initial_gives_phase_0_the_initial_model_as_old_model(tmp_path, mo
     assert [has_old for has_old, _ in calls] == [aligned, aligned, True, True]
     if aligned:  # the first step's model is the old model: nothing to align yet
         assert calls[0][1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zero_shot_held_out_and_in_phase_evaluations(tmp_path, data_root):
+    from modx.train import run
+
+    extra = {"eval.zeroshot": "[{builtin: digits}]", "eval.retrieval": "[{name: shapes-test, builtin: shapes}]",
+             "eval.every": 2, "eval.probe": 20}  # fmt: skip
+    run_dir = run(load_config(None, tiny_overrides(tmp_path / "run", data_root, **extra)))
+    rows = records(run_dir / "results.jsonl")
+    ends = [(r["kind"], r["phase"], r["eval_set"]) for r in rows if not r.get("in_phase")]
+    assert ends == [(k, p, s) for p in (-1, 0, 1) for k, s in
+                    (("retrieval", "a"), ("retrieval", "b"), ("retrieval", "shapes-test"), ("zeroshot", "digits-zs"))]  # fmt: skip
+    inside = sorted({(r["phase"], r["step"]) for r in rows if r.get("in_phase")})
+    assert inside == [(0, 2), (1, 4)]  # every 2 steps, not at a phase end (steps 3 and 6)
+    assert all(bool(r.get("held_out")) == (r["eval_set"] == "shapes-test") for r in rows if r["kind"] == "retrieval")
+    zs = next(r for r in rows if r["kind"] == "zeroshot")
+    assert set(zs["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"} and zs["metrics"]["n_classes"] == 10
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["eval_sets"] == ["a", "b"] and len(summary["matrix"][0]) == 2  # held-out set apart
+    assert summary["held_out"]["eval_sets"] == ["shapes-test"] and len(summary["held_out"]["matrix"]) == 2
+    z = summary["zeroshot"]
+    assert z["eval_sets"] == ["digits-zs"] and len(z["matrix"]) == 2
+    assert z["retention"][-1][0] == pytest.approx(100 * z["matrix"][-1][0] / z["initial"][0])
+    assert summary["zeroshot_retention"] == pytest.approx(z["retention"][-1][0])
+    disorder = records(run_dir / "disorder.jsonl")
+    assert {d["eval_set"] for d in disorder} == {"a", "b"} and {d["phase"] for d in disorder} == {0, 1}
+
+
+def test_resume_keeps_the_in_phase_records_before_the_resume_step(tmp_path):
+    from modx.train.evaluate import Evaluator
+
+    ev = Evaluator(load_config(None, fake_stream_overrides(tmp_path)), [], None, None, tmp_path, torch.device("cpu"))
+    rows = [{"phase": 0, "step": 3}, {"phase": 1, "step": 4, "in_phase": True}, {"phase": 1, "step": 6, "in_phase": True},
+            {"phase": 1, "step": 8}, {"phase": 2, "step": 9, "in_phase": True}]  # fmt: skip
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev.forget_from(1, global_step=5)
+    assert records(tmp_path / "results.jsonl") == rows[:2]
+
+
+def test_two_processes_evaluate_like_one(tmp_path, data_root):
+    """Every process embeds its share of the eval and zero-shot sets: the initial model's
+    metrics (the same weights on any number of processes) match one process's."""
+    from modx.data.benchmark import ensure_builtin_zeroshot
+
+    ensure_builtin_zeroshot("digits", str(data_root))  # built once, before the processes start
+    extra = {"eval.zeroshot": "[{builtin: digits}]", "stream.phases": "[{name: a, builtin: digits, steps: 1}]",
+             "eval.probe": 20}  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "--main_process_port", str(_free_port())]  # fmt: skip
+    out = {}
+    for n in (1, 2):
+        flags = ["--multi_gpu", "--num_processes", "2"] if n == 2 else ["--num_processes", "1"]
+        overrides = tiny_overrides(tmp_path / f"run{n}", data_root, **extra)
+        done = subprocess.run([*launch, *flags, str(ROOT / "train_modx.py"), *overrides],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[n] = {(r["kind"], r["eval_set"]): r["metrics"] for r in records(tmp_path / f"run{n}" / "results.jsonl") if r["phase"] == -1}
+    assert set(out[1]) == set(out[2]) == {("retrieval", "a"), ("zeroshot", "digits-zs")}
+    for key, metrics in out[1].items():
+        assert out[2][key] == pytest.approx(metrics, rel=1e-4, abs=1e-4), key

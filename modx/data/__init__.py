@@ -1,9 +1,16 @@
 """Streaming image-text data: WebDataset shards in, per-rank batches out.
 
 See docs/data.md. Public names: make_loader, StreamLoader, SkipStats, ensure_builtin,
-BUILTINS, write_shards, parse_sources, DataError.
+BUILTINS, write_shards, parse_sources, DataError; CLIP_benchmark directories:
+read_benchmark, write_benchmark, ensure_builtin_zeroshot.
 """
 
+from modx.data.benchmark import (
+    BenchmarkSet,
+    ensure_builtin_zeroshot,
+    read_benchmark,
+    write_benchmark,
+)
 from modx.data.builtin import BUILTINS, STREAM, ensure_builtin
 from modx.data.loader import StreamLoader, dist_info, make_loader
 from modx.data.stats import REASONS, SkipStats
@@ -12,6 +19,7 @@ from modx.data.writer import write_shards
 
 __all__ = [
     "BUILTINS",
+    "BenchmarkSet",
     "REASONS",
     "STREAM",
     "DataError",
@@ -20,8 +28,11 @@ __all__ = [
     "StreamLoader",
     "dist_info",
     "ensure_builtin",
+    "ensure_builtin_zeroshot",
     "make_loader",
     "parse_sources",
+    "read_benchmark",
     "shard_sizes",
+    "write_benchmark",
     "write_shards",
 ]

@@ -335,6 +335,28 @@ BUILTINS: dict[str, Callable[[int], Iterator[Item]]] = {
 }
 STREAM = ("digits", "textiles", "shapes")  # the demo's continual order
 
+# Zero-shot classification sets of the built-in data (modx.data.benchmark builds them from
+# the test split): the metadata "class" values in label order, the class names put into
+# the prompt templates, and the templates, in the vocabulary of the captions.
+ZEROSHOT: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "digits": (
+        list(_WORDS),
+        list(_WORDS),
+        ["a handwritten digit {c}.", "the number {c} written by hand.",
+         "a low resolution scan of a handwritten {c}.", "a white {c} on a black background."],
+    ),
+    "textiles": (
+        ["nominal", "local", "global"],
+        ["with no defect", "with a local defect", "with a global defect"],
+        ["a textile {c}.", "a photo of fabric {c}.", "a woven textile surface {c}."],
+    ),
+    "shapes": (
+        list(_SHAPES),
+        list(_SHAPES),
+        ["a drawing of a {c}.", "a picture of one {c}.", "a {c} on a background.", "{c}."],
+    ),
+}  # fmt: skip
+
 
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()

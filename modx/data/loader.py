@@ -77,6 +77,8 @@ class _Plan:
     captions: str
     preprocess: Callable | None
     tokenizer: Callable | None
+    labels: bool = False  # classification samples: integer class from KEY.cls, no captions
+    line_urls: frozenset[str] = frozenset()  # shards whose .txt holds one caption per line
 
 
 def _collate(
@@ -85,6 +87,10 @@ def _collate(
     images = [s["image"] for s in samples]
     if all(isinstance(x, torch.Tensor) for x in images):
         images = torch.stack(images)  # (B, 3, H, W)
+    stats.samples += len(samples)
+    if "label" in samples[0]:  # a classification set
+        labels = torch.tensor([s["label"] for s in samples], dtype=torch.long)  # (B,)
+        return {"image": images, "label": labels, "key": [s["key"] for s in samples]}
     texts = [c for s in samples for c in s["captions"]]
     batch = {
         "image": images,
@@ -95,7 +101,6 @@ def _collate(
         batch["text_image_idx"] = torch.tensor(
             [i for i, s in enumerate(samples) for _ in s["captions"]], dtype=torch.long
         )  # (M,)
-    stats.samples += len(samples)
     return batch
 
 
@@ -166,7 +171,10 @@ class _StreamDataset(IterableDataset):
         plan = self.plan
         captions = "first" if plan.mode == "eval" and plan.captions == "sample" else plan.captions
         max_bad_run = MAX_BAD_RUN if endless else None
-        return decode_samples(samples, stats, plan.preprocess, captions, rng, max_bad_run)
+        return decode_samples(
+            samples, stats, plan.preprocess, captions, rng, max_bad_run,
+            labels=plan.labels, line_urls=plan.line_urls,
+        )  # fmt: skip
 
     def _pipeline(self, worker: int, epoch: int, stats: SkipStats) -> Iterator[dict]:
         plan = self.plan
@@ -326,6 +334,7 @@ def make_loader(
     weights: Sequence[float] | None = None,
     pin_memory: bool = False,
     missing_ok: bool = False,
+    labels: bool = False,
 ) -> StreamLoader:
     """Build this rank's loader over WebDataset shards (see modx.data.urls for ``urls``).
 
@@ -338,6 +347,11 @@ def make_loader(
     mode="eval": one deterministic pass, each sample exactly once over all ranks and
     workers, partial last batches, ``captions="all"`` gives every caption with
     ``text_image_idx`` (``"sample"`` means "first" here); weights and budgets do not apply.
+
+    ``labels=True`` reads classification samples (CLIP_benchmark layout): each batch holds
+    ``label`` (B,), the integer class from ``KEY.cls``, instead of ``text``. A CLIP_benchmark
+    directory may stand for shards (its test split); for a retrieval set (dataset_type.txt
+    = retrieval) every line of ``KEY.txt`` is a caption.
 
     ``preprocess`` maps a PIL RGB image to a tensor and ``tokenizer`` a list of strings to
     a (M, ctx) tensor (open_clip's); None keeps PIL images / strings. ``rank`` and
@@ -391,6 +405,8 @@ def make_loader(
         captions=captions,
         preprocess=preprocess,
         tokenizer=tokenizer,
+        labels=labels,
+        line_urls=frozenset(u for s in sources if s.caption_lines for u in s.urls),
     )
     return StreamLoader(plan, lay.workers, lay.num_batches, pin_memory)
 

@@ -110,9 +110,19 @@ def every(samples: Iterable[dict], start: int, step: int) -> Iterator[dict]:
             yield sample
 
 
-def read_captions(sample: dict) -> list[str] | str:
-    """The captions of a sample: ``json["captions"]`` (or ``json["caption"]``), else ``txt``.
-    Returns a reason string when there is none."""
+def read_label(sample: dict) -> int | str:
+    """The integer class of a sample from ``cls`` (CLIP_benchmark classification sets), or
+    a reason string when it is missing or not a non-negative integer."""
+    if "cls" not in sample:
+        return "missing_label"
+    text = sample["cls"].decode("utf-8", errors="replace").strip()
+    return int(text) if text.isdigit() else "bad_label"
+
+
+def read_captions(sample: dict, lines: bool = False) -> list[str] | str:
+    """The captions of a sample: ``json["captions"]`` (or ``json["caption"]``), else ``txt``
+    (with ``lines``, every non-blank line of ``txt`` is a caption, as in CLIP_benchmark's
+    retrieval sets). Returns a reason string when there is none."""
     found_blank = False
     if "json" in sample:
         try:
@@ -129,6 +139,9 @@ def read_captions(sample: dict) -> list[str] | str:
                 found_blank = found_blank or bool(caps)
     if "txt" in sample:
         text = sample["txt"].decode("utf-8", errors="replace").strip()
+        if lines:
+            caps = [line.strip() for line in text.splitlines() if line.strip()]
+            return caps or "empty_caption"
         return [text] if text else "empty_caption"
     return "empty_caption" if found_blank else "missing_caption"
 
@@ -140,17 +153,22 @@ def decode_samples(
     captions: str,
     rng: random.Random,
     max_bad_run: int | None = None,
+    *,
+    labels: bool = False,
+    line_urls: frozenset[str] = frozenset(),
 ) -> Iterator[dict]:
-    """Check and decode samples into ``{"key", "image", "captions"}``.
+    """Check and decode samples into ``{"key", "image", "captions"}``, or with ``labels``
+    into ``{"key", "image", "label"}`` (the class from ``KEY.cls``; captions are not read).
 
     ``captions``: "all" keeps every caption, "sample" picks one at random (``rng``),
     "first" the first one. ``image`` is ``preprocess(PIL RGB image)``, or the PIL image.
     An endless stream stops after ``max_bad_run`` unusable samples in a row (e.g. shards
-    whose captions all sit under another extension), instead of never yielding.
+    whose captions all sit under another extension), instead of never yielding. Samples of
+    shards in ``line_urls`` hold one caption per line of ``txt``.
     """
     bad_run = 0
     for sample in samples:
-        item = _decode_one(sample, stats, preprocess)
+        item = _decode_one(sample, stats, preprocess, labels, sample.get("__url__") in line_urls)
         if item is None:
             bad_run += 1
             if max_bad_run is not None and bad_run >= max_bad_run:
@@ -158,6 +176,9 @@ def decode_samples(
                 return
             continue
         bad_run = 0
+        if labels:
+            yield item
+            continue
         if captions == "sample":
             item["captions"] = [rng.choice(item["captions"])]
         elif captions == "first":
@@ -165,14 +186,16 @@ def decode_samples(
         yield item
 
 
-def _decode_one(sample: dict, stats: SkipStats, preprocess: Callable | None) -> dict | None:
+def _decode_one(
+    sample: dict, stats: SkipStats, preprocess: Callable | None, labels: bool, lines: bool
+) -> dict | None:
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         stats.skip("missing_image")
         return None
-    caps = read_captions(sample)
-    if isinstance(caps, str):
-        stats.skip(caps)
+    target = read_label(sample) if labels else read_captions(sample, lines)
+    if isinstance(target, str):
+        stats.skip(target)
         return None
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
@@ -182,4 +205,4 @@ def _decode_one(sample: dict, stats: SkipStats, preprocess: Callable | None) -> 
     except Exception:  # PIL raises many types for bad bytes
         stats.skip("bad_image")
         return None
-    return {"key": sample["__key__"], "image": image, "captions": caps}
+    return {"key": sample["__key__"], "image": image, "label" if labels else "captions": target}

@@ -13,6 +13,8 @@ REASONS = (
     "bad_image",  # the image bytes do not decode (or the transform failed on them)
     "missing_caption",  # neither .json "captions" nor .txt
     "empty_caption",  # captions present but blank
+    "missing_label",  # a classification set's sample without .cls
+    "bad_label",  # .cls is not a non-negative integer
 )
 
 

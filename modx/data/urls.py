@@ -2,7 +2,9 @@
 
 Syntax (one string):  ``SRC[@WEIGHT]::SRC[@WEIGHT]::...``  where each SRC is a brace
 pattern (``data/a/train-{000000..000099}.tar``), a glob (``data/a/*.tar``), a directory
-(all ``*.tar`` inside), a ``pipe:COMMAND`` or a ``scheme://`` URL. Without weights the
+(all ``*.tar`` inside; for a CLIP_benchmark webdataset directory, the shards of its
+``test`` split: ``ROOT/test/{0..N-1}.tar`` with N from ``ROOT/test/nshards.txt``), a
+``pipe:COMMAND`` or a ``scheme://`` URL. Without weights the
 sources are concatenated into one shard list; with a weight on any source, samples are
 drawn from source i with probability weight_i / sum(weights) (missing weights count 1).
 """
@@ -33,6 +35,7 @@ class Source:
     pattern: str
     urls: tuple[str, ...]
     weight: float | None = None
+    caption_lines: bool = False  # a CLIP_benchmark retrieval set: one caption per line of .txt
 
 
 def _is_remote(url: str) -> bool:
@@ -60,7 +63,7 @@ def expand_pattern(pattern: str, missing_ok: bool = False) -> list[str]:
         if _GLOB_CHARS.search(path):
             urls.extend(sorted(glob.glob(path)))
         elif os.path.isdir(path):
-            urls.extend(sorted(glob.glob(os.path.join(path, "*.tar"))))
+            urls.extend(benchmark_shards(path) or sorted(glob.glob(os.path.join(path, "*.tar"))))
         elif os.path.isfile(path):
             urls.append(path)
         else:
@@ -76,6 +79,33 @@ def expand_pattern(pattern: str, missing_ok: bool = False) -> list[str]:
             f"e.g. {missing[0]} (a glob like dir/*.tar or the directory takes those that do)"
         )
     return urls
+
+
+def benchmark_shards(root: str, split: str = "test") -> list[str] | None:
+    """The shard paths of a CLIP_benchmark webdataset directory's split (``ROOT/SPLIT/0.tar``
+    ... as ``ROOT/SPLIT/nshards.txt`` counts them), or None when ``root`` is not one."""
+    count = os.path.join(root, split, "nshards.txt")
+    if not os.path.isfile(count):
+        return None
+    with open(count) as f:
+        text = f.read().strip()
+    if not text.isdigit() or int(text) < 1:
+        raise DataError(f"{count} must hold a positive number of shards, got {text!r}")
+    urls = [os.path.join(root, split, f"{i}.tar") for i in range(int(text))]
+    missing = [u for u in urls if not os.path.isfile(u)]
+    if missing:
+        raise DataError(f"{count} says {text} shards but {missing[0]} does not exist")
+    return urls
+
+
+def is_retrieval_benchmark(pattern: str) -> bool:
+    """Whether ``pattern`` names a CLIP_benchmark directory whose dataset_type.txt says retrieval."""
+    path = _local_path(pattern.strip())
+    kind = os.path.join(path, "dataset_type.txt")
+    if _is_remote(pattern) or not os.path.isfile(kind):
+        return False
+    with open(kind) as f:
+        return f.read().strip().lower() == "retrieval"
 
 
 def parse_sources(
@@ -106,7 +136,7 @@ def parse_sources(
             weight = float(weights[i])
         if weight is not None and weight < 0:
             raise DataError(f"negative weight {weight} for source {part!r}")
-        sources.append(Source(part, tuple(expand_pattern(part, missing_ok)), weight))
+        sources.append(Source(part, tuple(expand_pattern(part, missing_ok)), weight, is_retrieval_benchmark(part)))
     if all(s.weight is not None for s in sources) and sum(s.weight for s in sources) <= 0:
         raise DataError(f"source weights in {urls!r} sum to zero")
     return sources

@@ -1,7 +1,7 @@
 """Evaluation: embeddings, retrieval, continual metrics, spatial disorder, reports.
 
-``retrieval_metrics``, ``continual_metrics`` and ``spatial_disorder`` are pure
-functions on embeddings / numbers; ``embed_dataset`` (needs modx.data) and
+``retrieval_metrics``, ``zeroshot_metrics``, ``continual_metrics``,
+``zeroshot_retention`` and ``spatial_disorder`` are pure functions on embeddings / numbers; ``embed_dataset`` (needs modx.data) and
 ``write_report`` (needs matplotlib) are imported on first use.
 """
 
@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from modx.eval.continual import continual_metrics, recall_matrix
+from modx.eval.continual import continual_metrics, recall_matrix, zeroshot_retention
 from modx.eval.disorder import spatial_disorder
 from modx.eval.retrieval import retrieval_metrics
+from modx.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier, zeroshot_metrics
 
 __all__ = [
     "continual_metrics",
     "embed_dataset",
+    "evaluate_zeroshot",
     "recall_matrix",
     "retrieval_metrics",
     "spatial_disorder",
     "write_report",
+    "zeroshot_classifier",
+    "zeroshot_metrics",
+    "zeroshot_retention",
 ]
 
 

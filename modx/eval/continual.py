@@ -68,6 +68,25 @@ class RecallMatrix(NamedTuple):
     initial: list[float] | None  # phase -1 row, or None when the run has none
     phases: list[str]  # phase names, in phase order
     eval_sets: list[str]  # eval set names, in eval_index order
+    held_out: tuple[bool, ...] = ()  # per eval set: a held-out set (eval.retrieval), not a phase's
+
+    def columns(self, held_out: bool) -> RecallMatrix:
+        """The stream's own columns (``held_out=False``: what continual_metrics scores) or
+        the held-out sets' columns."""
+        flags = self.held_out or (False,) * len(self.eval_sets)
+        keep = [j for j, h in enumerate(flags) if h == held_out]
+        return RecallMatrix(
+            values=[[row[j] for j in keep] for row in self.values],
+            initial=None if self.initial is None else [self.initial[j] for j in keep],
+            phases=self.phases,
+            eval_sets=[self.eval_sets[j] for j in keep],
+            held_out=(held_out,) * len(keep),
+        )
+
+
+def is_phase_retrieval(rec: Mapping[str, Any]) -> bool:
+    """A results.jsonl record of retrieval at a phase end (not zero-shot, not inside a phase)."""
+    return rec.get("kind", "retrieval") == "retrieval" and not rec.get("in_phase", False)
 
 
 def recall_matrix(
@@ -75,14 +94,20 @@ def recall_matrix(
 ) -> RecallMatrix:
     """Arrange results.jsonl records ({"phase", "phase_name", "eval_set", "eval_index",
     "metrics"}) as a phase x eval-set matrix of ``metrics[metric]``. Phase -1 is the
-    initial model. A later record for the same cell replaces an earlier one (resume)."""
+    initial model. A later record for the same cell replaces an earlier one (resume).
+    Only phase-end retrieval records count; held-out sets (``"held_out": true``) are
+    columns flagged in ``held_out``."""
     cells: dict[tuple[int, int], float] = {}
     phases: dict[int, str] = {}
     sets: dict[int, str] = {}
+    held: dict[int, bool] = {}
     for rec in records:
+        if not is_phase_retrieval(rec):
+            continue
         p, j = int(rec["phase"]), int(rec["eval_index"])
         phases[p] = str(rec.get("phase_name", p))
         sets[j] = str(rec["eval_set"])
+        held[j] = bool(rec.get("held_out", False))
         cells[(p, j)] = float(rec["metrics"].get(metric, math.nan))
     set_idx = sorted(sets)
     trained = sorted(p for p in phases if p >= 0)
@@ -95,7 +120,49 @@ def recall_matrix(
         initial=row(-1) if -1 in phases else None,
         phases=[phases[p] for p in trained],
         eval_sets=[sets[j] for j in set_idx],
+        held_out=tuple(held[j] for j in set_idx),
     )
+
+
+def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1") -> dict[str, Any] | None:
+    """Zero-shot accuracy after every phase relative to the initial model, from the
+    phase-end ``"kind": "zeroshot"`` records (None when there are none):
+    - matrix[i][j] = accuracy on zero-shot set j after phase i, initial[j] = before phase 0
+    - retention[i][j] = 100 * matrix[i][j] / initial[j] (percent of the initial accuracy
+      kept; None when there is no initial record or it is 0)
+    - mean_retention = mean of the last row of retention over the sets (None if undefined)
+    """
+    cells: dict[tuple[int, str], float] = {}
+    phases: dict[int, str] = {}
+    sets: dict[str, int] = {}
+    for rec in records:
+        if rec.get("kind") != "zeroshot" or rec.get("in_phase", False):
+            continue
+        p, name = int(rec["phase"]), str(rec["eval_set"])
+        phases[p] = str(rec.get("phase_name", p))
+        sets[name] = int(rec.get("eval_index", len(sets)))
+        cells[(p, name)] = float(rec["metrics"].get(metric, math.nan))
+    if not cells:
+        return None
+    names = sorted(sets, key=sets.__getitem__)
+    trained = sorted(p for p in phases if p >= 0)
+    initial = [_num(cells.get((-1, s), math.nan)) for s in names] if -1 in phases else None
+    matrix = [[_num(cells.get((p, s), math.nan)) for s in names] for p in trained]
+
+    def kept(value: float | None, base: float | None) -> float | None:
+        return None if value is None or not base else 100.0 * value / base
+
+    retention = [[kept(v, b) for v, b in zip(row, initial or [None] * len(names))] for row in matrix]
+    last = [r for r in retention[-1] if r is not None] if retention else []
+    return {
+        "metric": metric,
+        "eval_sets": names,
+        "phases": [phases[p] for p in trained],
+        "initial": initial,
+        "matrix": matrix,
+        "retention": retention,
+        "mean_retention": _num(float(np.mean(last))) if last and len(last) == len(names) else None,
+    }
 
 
 def _num(x: float | np.floating | None) -> float | None:

@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from modx.eval.continual import RecallMatrix, continual_metrics, recall_matrix
+from modx.eval.continual import (
+    RecallMatrix,
+    continual_metrics,
+    is_phase_retrieval,
+    recall_matrix,
+    zeroshot_retention,
+)
 
 DEVIATION_KEYS = (
     ("deviation_async_deg", "asynchrony (deg)"),
@@ -56,10 +62,12 @@ class Run:
     path: Path
     label: str
     strategy: str
-    results: list[dict[str, Any]]
+    results: list[dict[str, Any]]  # phase-end retrieval records
     disorder: list[dict[str, Any]]
-    matrix: RecallMatrix = field(init=False)
-    summary: dict[str, Any] = field(init=False)
+    records: list[dict[str, Any]] = field(default_factory=list)  # all of results.jsonl
+    matrix: RecallMatrix = field(init=False)  # every retrieval column, held-out ones too
+    summary: dict[str, Any] = field(init=False)  # continual metrics of the stream's columns
+    zeroshot: dict[str, Any] | None = field(init=False)  # zero-shot accuracy and retention
 
 
 def load_run(run_dir: str | Path, metric: str = "mean_recall") -> Run:
@@ -71,12 +79,15 @@ def load_run(run_dir: str | Path, metric: str = "mean_recall") -> Run:
     if results is None or not results:
         raise ReportError(f"no results in {path}: expected a non-empty {path / 'results.jsonl'}")
     disorder = _read_jsonl(path / "disorder.jsonl") or []
-    run = Run(path, path.resolve().name, _strategy(path), results, disorder)
+    phase_ends = [r for r in results if is_phase_retrieval(r)]
+    run = Run(path, path.resolve().name, _strategy(path), phase_ends, disorder, results)
     run.matrix = recall_matrix(results, metric)
+    run.zeroshot = zeroshot_retention(results)
     if not run.matrix.values:
         raise ReportError(f"{path / 'results.jsonl'} has no trained phase (only phase -1)")
+    stream = run.matrix.columns(held_out=False)
     try:
-        run.summary = continual_metrics(run.matrix.values, run.matrix.initial)
+        run.summary = continual_metrics(stream.values, stream.initial)
     except ValueError:  # more phases than eval sets: no phase <-> set pairing to score
         run.summary = {"n_phases": len(run.matrix.values), "average_recall": None,
                        "forgetting": None, "backward_transfer": None, "forward_transfer": None}  # fmt: skip
@@ -214,12 +225,25 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
         ]  # fmt: skip
         for r in runs
     ]
+    if any(r.zeroshot for r in runs):
+        head.append("zero-shot retention (%)")
+        for row, r in zip(rows, runs):
+            row.append(_fmt(r.zeroshot["mean_retention"]) if r.zeroshot else "-")
     b += [("h2", "Summary"), ("table", head, rows)]
+    if any(any(r.matrix.held_out) for r in runs):
+        b.append(("p", "Columns marked * are held-out retrieval sets (`eval.retrieval`): shown, "
+                       "but not part of the continual averages."))  # fmt: skip
+    if any(r.zeroshot for r in runs):
+        b.append(("p", "Zero-shot retention: top-1 zero-shot accuracy after the last phase as a "
+                       "percentage of the initial model's, averaged over the zero-shot sets."))  # fmt: skip
     captions = {
         "report_recall_matrix.png": "Recall matrix: rows = model after each phase, columns = eval set.",
         "report_recall_curves.png": "Recall of each domain across phases (shaded: the phase training on it).",
         "report_rotation_hist.png": "Rotation angle of each probe sample against the previous phase's model.",
         "report_deviation.png": "Inter-modal deviation across phases (mean over eval sets).",
+        "report_zeroshot.png": "Zero-shot top-1 accuracy of each zero-shot set across phases.",
+        "report_learning_curves.png": "Learning curves: every evaluation (eval.every and phase "
+        "ends) by optimiser step; dotted lines mark phase ends.",
     }
     b.append(("h2", "Plots"))
     b += [("img", name, captions[name]) for name in figures]
@@ -229,7 +253,14 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
         m = r.matrix
         rows = [["initial"] + [_fmt(x) for x in m.initial]] if m.initial else []
         rows += [[p] + [_fmt(x) for x in row] for p, row in zip(m.phases, m.values)]
-        b += [("h3", f"Recall matrix ({metric})"), ("table", ["after phase"] + m.eval_sets, rows)]
+        b += [("h3", f"Recall matrix ({metric})"), ("table", ["after phase"] + _columns(m), rows)]
+        if r.zeroshot:
+            z = r.zeroshot
+            rows = [["initial"] + [_fmt(x) for x in z["initial"]]] if z["initial"] else []
+            rows += [[p] + [f"{_fmt(v)} ({_fmt(k, 0)}%)" if k is not None else _fmt(v) for v, k in zip(row, kept)]
+                     for p, row, kept in zip(z["phases"], z["matrix"], z["retention"])]  # fmt: skip
+            b += [("h3", "Zero-shot top-1 accuracy (retention: % of the initial model's)"),
+                  ("table", ["after phase"] + z["eval_sets"], rows)]  # fmt: skip
         head, rows = _last_retrieval(r)
         b += [("h3", "Retrieval after the last evaluated phase"), ("table", head, rows)]
         for reference in ("previous", "initial"):
@@ -244,6 +275,11 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
             b.append(("h3", f"Spatial disorder vs the {reference} model (mean over eval sets)"))
             b.append(("table", ["phase"] + [h for _, h, _ in DISORDER_COLUMNS], rows))
     return b
+
+
+def _columns(m: RecallMatrix) -> list[str]:
+    flags = m.held_out or (False,) * len(m.eval_sets)
+    return [f"{s}*" if h else s for s, h in zip(m.eval_sets, flags)]
 
 
 def _render_md(blocks: list[tuple]) -> str:
@@ -320,6 +356,10 @@ def _figures(runs: list[Run], metric: str) -> list[tuple[str, bytes]]:
     if any(r.disorder for r in runs):
         figs.append(("report_rotation_hist.png", _plot_rotation_hist(runs)))
         figs.append(("report_deviation.png", _plot_deviation(runs)))
+    if any(r.zeroshot for r in runs):
+        figs.append(("report_zeroshot.png", _plot_zeroshot(runs)))
+    if any(rec.get("in_phase") for r in runs for rec in r.records):
+        figs.append(("report_learning_curves.png", _plot_learning_curves(runs, metric)))
     return figs
 
 
@@ -380,8 +420,10 @@ def _plot_curves(runs: list[Run], metric: str) -> bytes:
     fig = new_figure(3.3 * cols, 2.8 * nrows)
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     xs, labels = _phase_axis(runs)
+    held = {s for r in runs for s in r.matrix.columns(held_out=True).eval_sets}
     for j, (ax, name) in enumerate(zip(axes, sets)):
-        ax.axvspan(j - 0.5, j + 0.5, color="0.92")
+        if name not in held:  # a held-out set has no phase training on it
+            ax.axvspan(j - 0.5, j + 0.5, color="0.92")
         for r in runs:
             if name not in r.matrix.eval_sets:
                 continue
@@ -391,7 +433,7 @@ def _plot_curves(runs: list[Run], metric: str) -> bytes:
                 row[k] for row in r.matrix.values
             ]
             ax.plot(px, py, marker="o", label=r.label)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name} (held out)" if name in held else name, fontsize=10)
         ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
         ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
         ax.set_ylabel(f"{metric} (%)", fontsize=8)
@@ -455,6 +497,58 @@ def _plot_deviation(runs: list[Run]) -> bytes:
             ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    return figure_png(fig)
+
+
+
+def _plot_zeroshot(runs: list[Run]) -> bytes:
+    sets = list(dict.fromkeys(s for r in runs if r.zeroshot for s in r.zeroshot["eval_sets"]))
+    fig = new_figure(3.3 * len(sets), 2.8)
+    axes = fig.subplots(1, len(sets), squeeze=False)[0]
+    xs, labels = _phase_axis(runs)
+    for ax, name in zip(axes, sets):
+        for r in runs:
+            z = r.zeroshot
+            if not z or name not in z["eval_sets"]:
+                continue
+            k = z["eval_sets"].index(name)
+            px = ([-1] if z["initial"] else []) + list(range(len(z["matrix"])))
+            py = ([z["initial"][k]] if z["initial"] else []) + [row[k] for row in z["matrix"]]
+            ax.plot(px, [math.nan if v is None else v for v in py], marker="o", label=r.label)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("zero-shot top-1 (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return figure_png(fig)
+
+
+def _plot_learning_curves(runs: list[Run], metric: str) -> bytes:
+    """Every evaluation of every set by optimiser step (retrieval: `metric`; zero-shot: acc1)."""
+    def value(rec: dict[str, Any]) -> float:
+        v = rec["metrics"].get("acc1" if rec.get("kind") == "zeroshot" else metric)
+        return math.nan if v is None else float(v)
+
+    sets = list(dict.fromkeys((rec.get("kind", "retrieval"), rec["eval_set"]) for r in runs for rec in r.records))
+    cols = min(len(sets), 4)
+    nrows = math.ceil(len(sets) / cols)
+    fig = new_figure(3.3 * cols, 2.8 * nrows)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, (kind, name) in zip(axes, sets):
+        for i, r in enumerate(runs):
+            points = {int(rec["step"]): value(rec) for rec in r.records
+                      if rec.get("kind", "retrieval") == kind and rec["eval_set"] == name}  # fmt: skip
+            steps = sorted(points)
+            ax.plot(steps, [points[x] for x in steps], marker=".", color=f"C{i}", label=r.label)
+            ends = sorted({int(rec["step"]) for rec in r.results if int(rec["phase"]) >= 0})
+            for x in ends:
+                ax.axvline(x, color=f"C{i}", linestyle=":", alpha=0.5)
+        ax.set_title(f"{name} ({'zero-shot top-1' if kind == 'zeroshot' else metric})", fontsize=9)
+        ax.set_xlabel("optimiser step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(sets) :]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
     return figure_png(fig)
 
 

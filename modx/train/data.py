@@ -60,6 +60,43 @@ def resolve_phases(cfg: Config) -> list[Phase]:
     return phases
 
 
+def resolve_eval_sets(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(name, directory) of every zero-shot set and (name, URLs) of every held-out retrieval
+    set of `cfg.eval`, built-in ones built when missing; a ConfigError names a bad entry.
+    Call it on the main process first, like resolve_phases."""
+    from modx.data.benchmark import ensure_builtin_zeroshot, read_benchmark
+    from modx.data.builtin import BUILTINS, ZEROSHOT, ensure_builtin
+    from modx.data.urls import DataError, parse_sources
+
+    root = cfg.stream.data_root
+    zeroshot, held_out = [], []
+    for i, z in enumerate(cfg.eval.zeroshot):
+        key = f"eval.zeroshot.{i}"
+        if z.builtin is not None and z.builtin not in ZEROSHOT:
+            raise ConfigError(f"{key}.builtin", f"no zero-shot set for {z.builtin!r}; choose one of {sorted(ZEROSHOT)}")
+        directory = ensure_builtin_zeroshot(z.builtin, root) if z.builtin is not None else z.data
+        try:
+            bench = read_benchmark(directory)
+        except DataError as err:
+            raise ConfigError(f"{key}.data", str(err)) from None
+        if bench.kind != "classification":
+            raise ConfigError(f"{key}.data", f"{directory} is a {bench.kind} set, not a classification set")
+        zeroshot.append((z.name, directory))
+    for i, r in enumerate(cfg.eval.retrieval):
+        key = f"eval.retrieval.{i}"
+        urls = r.data
+        if r.builtin is not None:
+            if r.builtin not in BUILTINS:
+                raise ConfigError(f"{key}.builtin", f"unknown built-in dataset {r.builtin!r}; choose one of {sorted(BUILTINS)}")
+            urls = ensure_builtin(r.builtin, root=root)[1]
+        try:
+            parse_sources(urls)
+        except DataError as err:
+            raise ConfigError(f"{key}.data", str(err)) from None
+        held_out.append((r.name, urls))
+    return zeroshot, held_out
+
+
 def _builtin_urls(name: str, root: str, i: int, train: str, evaluation: str) -> tuple[str, str]:
     """The phase's URLs, defaulting to those of built-in dataset `name` (built when missing)."""
     from modx.data.builtin import BUILTINS, ensure_builtin

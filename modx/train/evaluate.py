@@ -24,6 +24,10 @@ from modx.train.faults import fault_point
 
 
 class Evaluator:
+    """Evaluates a model on the stream's eval sets, the held-out retrieval sets and the
+    zero-shot sets. Every process calls `evaluate` (each embeds its share of every set);
+    the metrics are computed and the files written on the main process."""
+
     def __init__(
         self,
         cfg: Config,
@@ -32,12 +36,20 @@ class Evaluator:
         tokenizer: Callable,
         run_dir: Path,
         device: torch.device,
+        *,
+        held_out: list[tuple[str, str]] | None = None,
+        zeroshot: list[tuple[str, str]] | None = None,
+        accelerator: Any = None,
     ):
         self.cfg = cfg
         self.eval_sets = eval_sets  # (name, urls) of every phase, in stream order
+        self.held_out = held_out or []  # (name, urls): extra columns, not in the continual averages
+        self.zeroshot = zeroshot or []  # (name, CLIP_benchmark directory)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.device = device
+        self.accelerator = accelerator
+        self.main = accelerator is None or accelerator.is_main_process
         self.results = run_dir / "results.jsonl"
         self.disorder = run_dir / "disorder.jsonl"
         self.summary = run_dir / "summary.json"
@@ -45,51 +57,99 @@ class Evaluator:
         self.probe_dir = run_dir / "checkpoints" / "probe"
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, phase: int, phase_name: str, step: int) -> dict[str, dict[str, Any]]:
-        """Retrieval on every eval set and SD vs the previous and the initial model;
-        returns the retrieval metrics by eval set."""
+    def evaluate(
+        self, model: nn.Module, phase: int, phase_name: str, step: int, *, in_phase: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """Retrieval on every eval set (the stream's, then the held-out ones), zero-shot
+        accuracy on every zero-shot set, and at a phase end SD vs the previous and the
+        initial model. `in_phase`: an `eval.every` evaluation inside a phase (no SD).
+        Returns the metrics by set name on the main process ({} elsewhere). Evaluation
+        leaves torch's global RNG as it found it (the eval loaders draw from it), so
+        adding eval sets or `eval.every` does not change the training run."""
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate(model, phase, phase_name, step, in_phase)
+
+    def _evaluate(self, model: nn.Module, phase: int, phase_name: str, step: int, in_phase: bool) -> dict[str, dict[str, Any]]:
         was_training = model.training
         model.eval()
         row: dict[str, dict[str, Any]] = {}
         probe: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         scored: dict[str, Any] = {}  # by URLs: phases that share an eval set embed it once
-        for j, (name, urls) in enumerate(self.eval_sets):
+        base = {"phase": phase, "phase_name": phase_name, "step": step} | ({"in_phase": True} if in_phase else {})
+        sets = [(name, urls, False) for name, urls in self.eval_sets] + [(n, u, True) for n, u in self.held_out]
+        for j, (name, urls, held_out) in enumerate(sets):
             if urls not in scored:
                 scored[urls] = self._score(model, urls)
-            row[name], pairs = scored[urls]
-            if pairs is not None:
-                probe[name] = pairs
-            _append(self.results, {
-                "phase": phase, "phase_name": phase_name, "eval_set": name,
-                "eval_index": j, "step": step, "metrics": row[name],
-            })
+            if self.main:
+                row[name], pairs = scored[urls]
+                if not held_out and pairs is not None:
+                    probe[name] = pairs
+                extra = {"held_out": True} if held_out else {}
+                _append(self.results, {"kind": "retrieval", **base, "eval_set": name, "eval_index": j, **extra, "metrics": row[name]})
             fault_point("evaluate")
+        for j, (name, root) in enumerate(self.zeroshot):
+            metrics = self._zeroshot(model, root)
+            if self.main:
+                row[name] = metrics
+                _append(self.results, {"kind": "zeroshot", **base, "eval_set": name, "eval_index": j, "metrics": metrics})
         model.train(was_training)
-        self.probe_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(probe, self.probe_dir / f"phase{phase}.pt")
-        if phase >= 0 and self.cfg.eval.probe > 0:
-            self._disorder(probe, phase, phase_name)
+        if self.main and not in_phase:
+            self.probe_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(probe, self.probe_dir / f"phase{phase}.pt")
+            if phase >= 0 and self.cfg.eval.probe > 0:
+                self._disorder(probe, phase, phase_name)
         return row
 
-    def _score(self, model: nn.Module, urls: str) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
-        """Retrieval metrics of one eval set and its probe pairs' embeddings. Unreadable
-        shards are skipped and counted (`skipped`); with none readable, only the error."""
+    def due(self, global_step: int, phase_step: int, phase_steps: int) -> bool:
+        """Whether `eval.every` asks for an evaluation inside the phase after this step."""
+        every = self.cfg.eval.every
+        return every > 0 and global_step % every == 0 and phase_step + 1 < phase_steps
+
+    def headline(self, row: dict[str, dict[str, Any]]) -> str:
+        """One line: mean recall of the retrieval sets, top-1 of the zero-shot sets (%)."""
+        parts = [f"{name} {m['mean_recall']:.1f}" for name, m in row.items() if "mean_recall" in m]
+        text = "  ".join(parts) + "  (mean recall, %)"
+        zs = [f"{name} {m['acc1']:.1f}" for name, m in row.items() if "acc1" in m]
+        return text + ("  zero-shot " + "  ".join(zs) + "  (top-1, %)" if zs else "")
+
+    def _score(self, model: nn.Module, urls: str) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None] | None:
+        """Retrieval metrics of one eval set and its probe pairs' embeddings (main process;
+        None on the others, which only embed their share). Unreadable shards are skipped and
+        counted (`skipped`); with none readable, only the error."""
         from modx.eval.embed import embed_dataset
         from modx.eval.retrieval import retrieval_metrics
 
         e = self.cfg.eval
         try:
             emb = embed_dataset(
-                model, urls, preprocess=self.preprocess, tokenizer=self.tokenizer,
-                batch_size=e.batch_size, workers=e.workers, device=self.device, progress=False, missing_ok=True,
-            )
+                model, urls, preprocess=self.preprocess, tokenizer=self.tokenizer, batch_size=e.batch_size,
+                workers=e.workers, accelerator=self.accelerator, device=self.device, progress=False,
+                missing_ok=True,
+            )  # fmt: skip
         except DataError as err:
+            if not self.main:
+                return None
             warnings.warn(f"eval set {urls} skipped: {err}", stacklevel=2)
             return {"error": str(err)}, None
+        if not self.main:
+            return None
         metrics = retrieval_metrics(emb.image, emb.text, emb.text_image_ids, ks=tuple(e.ks), backend=e.backend)
         metrics = {k: _plain(v) for k, v in metrics.items()}
         metrics.update(n_images=len(emb.image), n_texts=len(emb.text), skipped=emb.stats.get("skipped", 0))
         return metrics, probe_pairs(emb.image, emb.text, emb.text_image_ids, e.probe)
+
+    def _zeroshot(self, model: nn.Module, root: str) -> dict[str, Any] | None:
+        from modx.eval.zeroshot import evaluate_zeroshot
+
+        e = self.cfg.eval
+        metrics = evaluate_zeroshot(
+            model, root, preprocess=self.preprocess, tokenizer=self.tokenizer, batch_size=e.batch_size,
+            workers=e.workers, accelerator=self.accelerator, device=self.device,
+        )  # fmt: skip
+        if metrics is None:
+            return None
+        metrics.pop("stats", None)
+        return {k: _plain(v) for k, v in metrics.items()}
 
     def _disorder(self, probe: dict[str, tuple[torch.Tensor, torch.Tensor]], phase: int, phase_name: str) -> None:
         from modx.eval.disorder import spatial_disorder
@@ -111,11 +171,12 @@ class Evaluator:
                     "reference": reference, "metrics": {k: _plain(v) for k, v in metrics.items()},
                 })
 
-    def forget_from(self, phase: int) -> None:
-        """Drop records of phases >= `phase` (a resumed run evaluates them again)."""
+    def forget_from(self, phase: int, global_step: int | None = None) -> None:
+        """Drop records of phases >= `phase` (a resumed run evaluates them again); records
+        made inside phase `phase` up to `global_step` stay (the run resumes after them)."""
         for path in (self.results, self.disorder):
             if path.is_file():
-                keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["phase"] < phase]
+                keep = [line for line in path.read_text().splitlines() if line.strip() and _kept(json.loads(line), phase, global_step)]
                 path.write_text("".join(line + "\n" for line in keep))
 
     def reset(self) -> None:
@@ -124,18 +185,27 @@ class Evaluator:
             path.unlink(missing_ok=True)
 
     def finish(self, metric: str = "mean_recall", extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Write summary.json (continual metrics of the recall matrix, plus `extra`, e.g. the
-        training's skipped_steps and cost), the report; print them."""
-        from modx.eval.continual import continual_metrics, recall_matrix
+        """Write summary.json (continual metrics of the recall matrix, zero-shot retention,
+        held-out sets, plus `extra`: the training's skipped_steps and cost), the report;
+        print them."""
+        from modx.eval.continual import continual_metrics, recall_matrix, zeroshot_retention
 
         records = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
-        matrix = recall_matrix(records, metric=metric)
+        full = recall_matrix(records, metric=metric)
+        matrix = full.columns(held_out=False)
         summary = continual_metrics(matrix.values, matrix.initial)
         summary.update(
             metric=metric, strategy=self.cfg.strategy.name, phases=matrix.phases,
             eval_sets=matrix.eval_sets, matrix=matrix.values, initial=matrix.initial,
             disorder=disorder_summary(self.disorder), **(extra or {}),
         )
+        held = full.columns(held_out=True)
+        if held.eval_sets:
+            summary["held_out"] = {"eval_sets": held.eval_sets, "matrix": held.values, "initial": held.initial}
+        zeroshot = zeroshot_retention(records)
+        if zeroshot is not None:
+            summary["zeroshot"] = zeroshot
+            summary["zeroshot_retention"] = zeroshot["mean_retention"]
         reference = None
         if self.cfg.eval.reference:
             reference = json.loads(Path(self.cfg.eval.reference).read_text())
@@ -150,6 +220,13 @@ class Evaluator:
             md, _ = write_report([self.run_dir])
             print(f"report: {md}")
         return summary
+
+
+def _kept(record: dict[str, Any], phase: int, global_step: int | None) -> bool:
+    if record["phase"] < phase:
+        return True
+    inside = record.get("in_phase", False) and record["phase"] == phase
+    return inside and global_step is not None and record["step"] <= global_step
 
 
 def probe_pairs(image: Any, text: Any, text_image_ids: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,18 +254,26 @@ def disorder_summary(path: Path) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The recall matrix, forgetting and an SD summary as plain text."""
-    sets, metric = summary["eval_sets"], summary["metric"]
-    width = max(10, *(len(s) + 2 for s in sets))
-    lines = [f"recall matrix ({metric}, %): rows = after phase, columns = eval set"]
-    lines.append(" " * 12 + "".join(f"{s:>{width}}" for s in sets))
-    rows = ([("initial", summary["initial"])] if summary["initial"] else []) + list(zip(summary["phases"], summary["matrix"]))
-    for name, row in rows:
-        lines.append(f"{name[:11]:<12}" + "".join(f"{_fmt(v):>{width}}" for v in row))
+    """The recall matrix (held-out sets as extra columns, marked *), forgetting, zero-shot
+    retention and an SD summary as plain text."""
+    metric = summary["metric"]
+    held = summary.get("held_out") or {"eval_sets": [], "matrix": [[] for _ in summary["matrix"]], "initial": []}
+    sets = summary["eval_sets"] + [f"{s}*" for s in held["eval_sets"]]
+    title = f"recall matrix ({metric}, %): rows = after phase, columns = eval set"
+    lines = _table(title + (" (* held out)" if held["eval_sets"] else ""), sets, summary["phases"],
+                   [a + b for a, b in zip(summary["matrix"], held["matrix"])],
+                   summary["initial"] + (held["initial"] or []) if summary["initial"] else None)  # fmt: skip
     lines.append(
         f"average {_fmt(summary['average_recall'])}  forgetting {_fmt(summary['forgetting'])}  "
         f"backward transfer {_fmt(summary['backward_transfer'])}  forward transfer {_fmt(summary['forward_transfer'])}"
     )
+    zs = summary.get("zeroshot")
+    if zs:
+        title = f"zero-shot accuracy ({zs['metric']}, %) and retention (% of the initial model's)"
+        cells = [[f"{_fmt(v)} ({_fmt(r, 0)}%)" if r is not None else _fmt(v) for v, r in zip(row, kept)]
+                 for row, kept in zip(zs["matrix"], zs["retention"])]  # fmt: skip
+        lines += _table(title, zs["eval_sets"], zs["phases"], cells, zs["initial"])
+        lines.append(f"mean zero-shot retention after the last phase {_fmt(zs['mean_retention'])}%")
     first = sets[0]
     for reference in ("initial", "previous"):
         per_phase = summary["disorder"].get(reference, {})
@@ -232,6 +317,14 @@ def format_comparison(summary: dict[str, Any], reference: dict[str, Any], source
     lines += ["  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths)))
               for r in table]
     return "\n".join(lines)
+def _table(title: str, columns: list[str], phases: list[str], rows: list[list[Any]], initial: list[Any] | None) -> list[str]:
+    """A phase x set table: rows = after phase (the initial model first), cells right-aligned."""
+    all_rows = ([("initial", initial)] if initial else []) + list(zip(phases, rows))
+    cells = [[v if isinstance(v, str) else _fmt(v) for v in row] for _, row in all_rows]
+    width = max(10, *(len(c) + 2 for c in columns), *(len(v) + 2 for row in cells for v in row))
+    lines = [title, " " * 12 + "".join(f"{c:>{width}}" for c in columns)]
+    lines += [f"{name[:11]:<12}" + "".join(f"{v:>{width}}" for v in row) for (name, _), row in zip(all_rows, cells)]
+    return lines
 
 
 def _fmt(v: Any, digits: int = 2) -> str:

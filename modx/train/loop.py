@@ -38,7 +38,14 @@ from modx.train.checkpoint import (
     read_trainer_state,
     save_state,
 )
-from modx.train.data import Phase, TimedBatches, joint_phase, resolve_phases, train_loader
+from modx.train.data import (
+    Phase,
+    TimedBatches,
+    joint_phase,
+    resolve_eval_sets,
+    resolve_phases,
+    train_loader,
+)
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
 
@@ -164,6 +171,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     # ---- the stream, the model, the strategy
     with accelerator.main_process_first():
         phases = resolve_phases(cfg)
+        zeroshot_sets, held_out_sets = resolve_eval_sets(cfg)
     eval_sets = [(p.name, p.eval) for p in phases]
     strategy = build_strategy(cfg.strategy, accelerator)
     if strategy.joint:
@@ -182,7 +190,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ratio = replay_ratio(cfg.strategy)
     replay = ReplayBuffer(max(1, cfg.strategy.replay.size // world), ratio, seed=t.seed + rank) if ratio > 0 else None
-    evaluator = Evaluator(cfg, eval_sets, preprocess_eval, tokenizer, run_dir, accelerator.device)
+    evaluator = Evaluator(cfg, eval_sets, preprocess_eval, tokenizer, run_dir, accelerator.device,
+                          held_out=held_out_sets, zeroshot=zeroshot_sets, accelerator=accelerator)
 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
@@ -203,7 +212,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             replay.load_state_dict(strategy_state["replay"])
         accelerator.print(f"resuming {state_path} at phase {start_phase} step {start_step} (global step {global_step})")
         if main:
-            evaluator.forget_from(start_phase)
+            evaluator.forget_from(start_phase, global_step)
     elif main:
         if find_latest(ckpt_dir) is not None:
             print(f"note: {run_dir} holds an earlier run; starting over (pass --resume to continue it)")
@@ -211,9 +220,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         run_dir.mkdir(parents=True, exist_ok=True)
         evaluator.reset()
         save_config(cfg, run_dir / "config.yaml")
-        if cfg.eval.initial:
-            evaluator.evaluate(accelerator.unwrap_model(model), -1, "initial", 0)
         export_phase(accelerator.unwrap_model(model), ckpt_dir / "initial")
+    if state_path is None and cfg.eval.initial:  # every process embeds its share
+        evaluator.evaluate(accelerator.unwrap_model(model), -1, "initial", 0)
     if state_path is None and align_initial:  # phase 0 aligns with the (pretrained) start
         old_model = frozen_copy(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
@@ -285,6 +294,10 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     accelerator.print(f"step {global_step}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in logs.items()))
                 progress.set_postfix(phase=phase.name, loss=f"{logs.get('loss', math.nan):.3f}", sps=f"{logs['samples_per_s']:.0f}")
 
+            # ---- evaluate inside the phase (eval.every: learning curves)
+            if evaluator.due(global_step, step, phase.steps):
+                evaluator.evaluate(accelerator.unwrap_model(model), phase.index, phase.name, global_step, in_phase=True)
+
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
@@ -298,11 +311,11 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         net = accelerator.unwrap_model(model)
         if main:
             export_phase(net, ckpt_dir / f"phase-{phase.index}")
-            start = time.perf_counter()
-            row = evaluator.evaluate(net, phase.index, phase.name, global_step)
-            progress.write(f"after phase {phase.index} ({phase.name}): " + "  ".join(
-                f"{name} {m.get('mean_recall', math.nan):.1f}" for name, m in row.items())
-                + f"  (mean recall, %; evaluated in {time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        row = evaluator.evaluate(net, phase.index, phase.name, global_step)  # every process embeds its share
+        if main:
+            progress.write(f"after phase {phase.index} ({phase.name}): {evaluator.headline(row)}"
+                           f"  (evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
         old_model = frozen_copy(net)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,

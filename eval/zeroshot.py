@@ -1,0 +1,84 @@
+"""Zero-shot classification of one model on a CLIP_benchmark webdataset directory.
+
+    python eval/zeroshot.py --checkpoint runs/demo --data data/digits-zs
+    python eval/zeroshot.py --checkpoint ViT-B-32 --pretrained open_clip_model.safetensors \
+        --data wds_cifar10 --json
+
+--data: a directory in CLIP_benchmark's layout (classnames.txt,
+zeroshot_classification_templates.txt with {c}, test/nshards.txt, test/0.tar ... with
+KEY.cls labels and webp/png/jpg images). --checkpoint: a run directory (its newest
+checkpoints/phase-K/ export), an exported model directory, or a model name / JSON config
+(with --pretrained FILE for local weights). Prints a table (or one JSON object with --json,
+the metrics under "metrics"). Bad input exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from modx.data import DataError
+from modx.eval.load import load_model
+from modx.eval.zeroshot import evaluate_zeroshot
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR_OR_NAME")
+    p.add_argument("--pretrained", metavar="FILE", help="local weights for a model name")
+    p.add_argument("--data", required=True, metavar="ROOT", help="CLIP_benchmark dataset directory")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    start = time.perf_counter()
+    model, preprocess, tokenizer, source = load_model(args.checkpoint, args.pretrained, args.device)
+    result = evaluate_zeroshot(
+        model, args.data, preprocess=preprocess, tokenizer=tokenizer, batch_size=args.batch_size,
+        workers=args.workers, device=args.device, progress=not args.json,
+    )  # fmt: skip
+    stats = result.pop("stats")
+    return {
+        "checkpoint": source,
+        "data": args.data,
+        "n_images": result.pop("n_images"),
+        "n_classes": result.pop("n_classes"),
+        "metrics": result,
+        "stats": stats,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def format_table(result: dict) -> str:
+    m = result["metrics"]
+    return "\n".join([
+        f"model   {result['checkpoint']}",
+        f"data    {result['data']}  ({result['n_images']} images, {result['n_classes']} classes)",
+        "",
+        f"{'top-1 accuracy':<24}{m['acc1']:>8.2f}",
+        f"{'top-5 accuracy':<24}{m['acc5']:>8.2f}",
+        f"{'mean per-class recall':<24}{m['mean_per_class_recall']:>8.2f}",
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, ModelLoadError
+        print(f"eval/zeroshot.py: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
