@@ -99,7 +99,7 @@ class NullEvaluator:
     def headline(self, row: dict) -> str:
         return ""
 
-    def forget_from(self, phase: int) -> None:
+    def forget_from(self, phase: int, global_step: int = 0) -> None:
         pass
 
     def reset(self) -> None:

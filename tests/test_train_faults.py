@@ -339,7 +339,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, monkeypatch, where):
     ckpt = out / "checkpoints"
     assert_same_weights(weights(ckpt / "state-00000001"), weights(ckpt / "state-00000002"))  # step 2 skipped
     assert any(not torch.equal(v, weights(ckpt / "state-00000003")[k]) for k, v in weights(ckpt / "state-00000002").items())
-    assert SummaryEvaluator.extra == {"skipped_steps": 1}
+    assert SummaryEvaluator.extra["skipped_steps"] == 1
     assert json.loads((ckpt / "state-00000004" / "trainer_state.json").read_text())["skipped_steps"] == 1
 
 
@@ -355,8 +355,9 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(tmp_path, monke
         run(cfg)
     ckpt = out / "checkpoints"
     state = ckpt / "state-00000003"  # phase b's first step was the second bad one
-    assert json.loads((state / "trainer_state.json").read_text()) == {
-        "phase": 1, "phase_step": 1, "global_step": 3, "skipped_steps": 2, "bad_in_row": 2}
+    trainer_state = json.loads((state / "trainer_state.json").read_text())
+    assert trainer_state.pop("train_seconds") > 0
+    assert trainer_state == {"phase": 1, "phase_step": 1, "global_step": 3, "skipped_steps": 2, "bad_in_row": 2}
     assert_same_weights(weights(ckpt / "phase-0"), weights(state))  # phase a's last step was skipped,
     assert not (ckpt / "phase-1").exists()  # so the last good model is step 1's = phase a's export
 
