@@ -136,19 +136,25 @@ class ClipLoss(nn.Module):
         return clip_loss(image_all, text_all, logit_scale)
 
 
-def _row_kl(
-    old_logits: torch.Tensor, new_logits: torch.Tensor, reduction: str, diagonal: bool = True
-) -> torch.Tensor:
-    """sum_i KL(softmax(old_i) || softmax(new_i)) over rows i, or its mean over rows.
-    Without the diagonal, both rows are distributions over the other samples (j != i)."""
+def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, diagonal: bool = True) -> torch.Tensor:
+    """KL(softmax(old_i) || softmax(new_i)) of every row i: (B,). Without the diagonal,
+    both rows are distributions over the other samples (j != i)."""
     if not diagonal:  # (B, B) -> (B, B - 1): row i without column i
         n = old_logits.shape[0]
         off = ~torch.eye(n, dtype=torch.bool, device=old_logits.device)
         old_logits, new_logits = old_logits[off].view(n, n - 1), new_logits[off].view(n, n - 1)
     log_p_old = F.log_softmax(old_logits, dim=-1)  # (B, B)
     log_p_new = F.log_softmax(new_logits, dim=-1)  # (B, B)
-    kl_rows = (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)  # (B,)
-    return kl_rows.sum() if reduction == "sum" else kl_rows.mean()
+    return (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)  # (B,)
+
+
+def _reduce_rows(kl_rows: torch.Tensor, reduction: str, rows: torch.Tensor | None) -> torch.Tensor:
+    """Sum or mean of the per-row KLs, over the rows selected by the boolean mask `rows`."""
+    if rows is not None:
+        kl_rows = kl_rows[rows]
+    if reduction == "sum":
+        return kl_rows.sum()
+    return kl_rows.mean() if kl_rows.numel() else kl_rows.sum()
 
 
 def _cognition_align(old_sim: torch.Tensor, new_sim: torch.Tensor) -> torch.Tensor:
@@ -168,6 +174,7 @@ def modx_kl(
     cognition_align: bool = True,
     reduction: str = "sum",
     diagonal: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mod-X off-diagonal alignment term (Ni et al. 2023, PAPERS.md section 1).
 
@@ -182,7 +189,10 @@ def modx_kl(
     ``reduction="sum"`` sums over the batch rows (the reference script);
     ``"mean"`` averages them. ``diagonal=False`` (a modx option, not the paper's) compares
     each row's distribution over the *other* samples only, so the KL leaves the matched
-    pair's similarity to the CLIP loss. Computed in float32 whatever the input dtype.
+    pair's similarity to the CLIP loss. ``rows`` (a boolean mask over the B samples, a modx
+    option) keeps only those samples' rows, i2t and t2i (their columns stay: a row is still a
+    distribution over the whole batch); ``"mean"`` then averages over them. Computed in
+    float32 whatever the input dtype.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -199,6 +209,6 @@ def modx_kl(
         if cognition_align:
             old_i2t = _cognition_align(old_i2t, sim_new)
             old_t2i = _cognition_align(old_t2i, sim_new.T)
-        kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, reduction, diagonal)
-        kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, reduction, diagonal)
+        kl_i2t = _reduce_rows(_row_kl(old_i2t / temperature, sim_new / temperature, diagonal), reduction, rows)
+        kl_t2i = _reduce_rows(_row_kl(old_t2i / temperature, sim_new.T / temperature, diagonal), reduction, rows)
         return (kl_i2t + kl_t2i) / 2

@@ -15,6 +15,7 @@ from torch import nn
 
 from modx.losses import clip_loss, gather_features, modx_kl
 from modx.strategies.base import Batch, Strategy
+from modx.strategies.replay import REPLAY_KEY
 
 
 class ModX(Strategy):
@@ -47,6 +48,7 @@ class ModX(Strategy):
             cognition_align=self.cognition_align,
             reduction=self.cfg.reduction,
             diagonal=self.cfg.kl_diagonal,
+            rows=self.kl_rows(batch, img.device),
         )
         total = clip + self.cfg.alpha * kl
         return total, {"loss_clip": clip.item(), "loss_kl": kl.item()}
@@ -54,6 +56,14 @@ class ModX(Strategy):
     @property
     def cognition_align(self) -> bool:
         return self.cfg.cognition_align
+
+    def kl_rows(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
+        """The rows the KL covers: all (None), or with `kl_rows: replay` those of the samples
+        the replay buffer put into the batch (gathered over processes like the features)."""
+        if self.cfg.kl_rows == "all":
+            return None
+        replayed = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
+        return gather_features(replayed[:, None], replayed[:, None], gather_with_grad=False)[0][:, 0] > 0
 
 
 class Distill(ModX):

@@ -16,6 +16,8 @@ import torch
 
 from modx.strategies.base import Batch, Strategy
 
+REPLAY_KEY = "replay"  # the key of a replayed sample in a mixed batch
+
 
 class Replay(Strategy):
     name = "replay"
@@ -48,7 +50,7 @@ class ReplayBuffer:
         return {
             "image": torch.cat([batch["image"][: b - n], self.image[pick].to(device)]),
             "text": torch.cat([batch["text"][: b - n], self.text[pick].to(device)]),
-            "key": list(batch.get("key", [""] * b))[: b - n] + ["replay"] * n,
+            "key": list(batch.get("key", [""] * b))[: b - n] + [REPLAY_KEY] * n,
         }
 
     def add(self, batch: Batch, phase: int) -> None:
