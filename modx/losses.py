@@ -148,15 +148,6 @@ def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, diagonal: bool =
     return (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)  # (B,)
 
 
-def _reduce_rows(kl_rows: torch.Tensor, reduction: str, rows: torch.Tensor | None) -> torch.Tensor:
-    """Sum or mean of the per-row KLs, over the rows selected by the boolean mask `rows`."""
-    if rows is not None:
-        kl_rows = kl_rows[rows]
-    if reduction == "sum":
-        return kl_rows.sum()
-    return kl_rows.mean() if kl_rows.numel() else kl_rows.sum()
-
-
 def _cognition_align(old_sim: torch.Tensor, new_sim: torch.Tensor) -> torch.Tensor:
     """Mod-X selective alignment: rows where the old model's argmax is not the
     diagonal are replaced by the new model's (detached) rows, so they add nothing."""
@@ -174,7 +165,6 @@ def modx_kl(
     cognition_align: bool = True,
     reduction: str = "sum",
     diagonal: bool = True,
-    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mod-X off-diagonal alignment term (Ni et al. 2023, PAPERS.md section 1).
 
@@ -189,10 +179,7 @@ def modx_kl(
     ``reduction="sum"`` sums over the batch rows (the reference script);
     ``"mean"`` averages them. ``diagonal=False`` (a modx option, not the paper's) compares
     each row's distribution over the *other* samples only, so the KL leaves the matched
-    pair's similarity to the CLIP loss. ``rows`` (a boolean mask over the B samples, a modx
-    option) keeps only those samples' rows, i2t and t2i (their columns stay: a row is still a
-    distribution over the whole batch); ``"mean"`` then averages over them. Computed in
-    float32 whatever the input dtype.
+    pair's similarity to the CLIP loss. Computed in float32 whatever the input dtype.
     """
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
@@ -209,6 +196,7 @@ def modx_kl(
         if cognition_align:
             old_i2t = _cognition_align(old_i2t, sim_new)
             old_t2i = _cognition_align(old_t2i, sim_new.T)
-        kl_i2t = _reduce_rows(_row_kl(old_i2t / temperature, sim_new / temperature, diagonal), reduction, rows)
-        kl_t2i = _reduce_rows(_row_kl(old_t2i / temperature, sim_new.T / temperature, diagonal), reduction, rows)
-        return (kl_i2t + kl_t2i) / 2
+        kl_i2t = _row_kl(old_i2t / temperature, sim_new / temperature, diagonal)  # (B,)
+        kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, diagonal)  # (B,)
+        kl = (kl_i2t + kl_t2i) / 2
+        return kl.sum() if reduction == "sum" else kl.mean()

@@ -143,16 +143,15 @@ def test_replay_buffer_mixes_only_earlier_phases_and_stays_bounded():
     assert torch.equal(again.mix(batch(7, n=8), 1)["image"], buf.mix(batch(7, n=8), 1)["image"])
 
 
-def test_modx_kl_rows_replay_aligns_only_the_replayed_samples(accelerator):
+def test_modx_kl_on_replay_aligns_only_the_replayed_samples(accelerator):
     model, old, b = TinyClip(0), TinyClip(1).eval(), batch(3)
-    b["key"] = ["0", "1", "replay", "3", "replay", "5"]
-    cfg = StrategyConfig(name="modx", alpha=1.0, cognition_align=False, kl_rows="replay")
+    b["key"] = ["0", "1", "replay", "3", "replay", "replay"]
+    cfg = StrategyConfig(name="modx", alpha=1.0, cognition_align=False, kl_on="replay")
     loss, logs = build_strategy(cfg, accelerator).loss(model, b, old)
     new, ref = model(b["image"], b["text"]), old(b["image"], b["text"])
-    rows = torch.tensor([k == "replay" for k in b["key"]])
-    want = modx_kl(new["image_features"], new["text_features"], ref["image_features"], ref["text_features"],
-                   cognition_align=False, rows=rows)
-    assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6)
-    everything = modx_kl(new["image_features"], new["text_features"], ref["image_features"], ref["text_features"],
-                         cognition_align=False)
-    assert logs["loss_kl"] < everything.item()
+    keep = torch.tensor([k == "replay" for k in b["key"]])
+    want = modx_kl(new["image_features"][keep], new["text_features"][keep], ref["image_features"][keep],
+                   ref["text_features"][keep], cognition_align=False)
+    assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
+    b["key"] = ["0", "1", "2", "3", "4", "replay"]  # fewer than two replayed samples: nothing to align
+    assert build_strategy(cfg, accelerator).loss(model, b, old)[1]["loss_kl"] == 0.0

@@ -39,6 +39,11 @@ class ModX(Strategy):
         img_old, txt_old = gather_features(
             old["image_features"], old["text_features"], gather_with_grad=False
         )
+        if self.cfg.kl_on == "replay":  # Mod-X's KL over the replayed samples alone
+            keep = self.replayed(batch, img.device)
+            img, txt, img_old, txt_old = img[keep], txt[keep], img_old[keep], txt_old[keep]
+            if len(img) < 2:  # no pair to compare yet
+                return clip, {"loss_clip": clip.item(), "loss_kl": 0.0}
         kl = modx_kl(
             img,
             txt,
@@ -48,7 +53,6 @@ class ModX(Strategy):
             cognition_align=self.cognition_align,
             reduction=self.cfg.reduction,
             diagonal=self.cfg.kl_diagonal,
-            rows=self.kl_rows(batch, img.device),
         )
         total = clip + self.cfg.alpha * kl
         return total, {"loss_clip": clip.item(), "loss_kl": kl.item()}
@@ -57,13 +61,11 @@ class ModX(Strategy):
     def cognition_align(self) -> bool:
         return self.cfg.cognition_align
 
-    def kl_rows(self, batch: Batch, device: torch.device) -> torch.Tensor | None:
-        """The rows the KL covers: all (None), or with `kl_rows: replay` those of the samples
-        the replay buffer put into the batch (gathered over processes like the features)."""
-        if self.cfg.kl_rows == "all":
-            return None
-        replayed = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
-        return gather_features(replayed[:, None], replayed[:, None], gather_with_grad=False)[0][:, 0] > 0
+    @staticmethod
+    def replayed(batch: Batch, device: torch.device) -> torch.Tensor:
+        """(B_global,) bool: the samples the replay buffer put into the global batch."""
+        mine = torch.tensor([[k == REPLAY_KEY] for k in batch["key"]], dtype=torch.float32, device=device)
+        return gather_features(mine, mine, gather_with_grad=False)[0][:, 0] > 0
 
 
 class Distill(ModX):

@@ -163,7 +163,7 @@ def _aligns_initial(cfg: Config) -> bool:
 
 # Strategy keys that act only once there is an old model (after the shared phases).
 _LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reduction", "wiseft_alpha",
-                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_rows")
+                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on")
 
 
 def _prefix_key(cfg: Config) -> str:
