@@ -124,7 +124,7 @@ def run(cfg: Config, resume: str | None = None) -> Path:
     with accelerator.main_process_first():
         phases = resolve_phases(cfg)
     eval_sets = [(p.name, p.eval) for p in phases]
-    strategy = build_strategy(cfg.strategy, accelerator)
+    strategy = build_strategy(cfg.strategy, accelerator, local_loss=t.local_loss)
     if strategy.joint:
         phases = joint_phase(phases)
 
