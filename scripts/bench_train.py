@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="side directory where open_clip_train is installed")  # fmt: skip
     p.add_argument("--only", nargs="+", choices=["finetune", "open_clip", "modx", "loader"],
                    default=["finetune", "open_clip", "modx", "loader"])  # fmt: skip
+    p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of both trainers")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = p.parse_args(argv)
 
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     train, evals = ensure_builtin("digits", args.data_root)
     arch = write_model_dir(out / "model")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # passive OpenMP waits: on a shared machine spinning threads cost 2-3x (BENCHMARKS.md)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": args.omp_wait_policy}
     have_open_clip = (Path(args.open_clip_path) / "open_clip_train").is_dir()
     rows: list[dict] = []
     load = [os.getloadavg()[0]]
