@@ -141,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench_train")
     p.add_argument("--open-clip-path", default="/work/sidepkgs/openclip_train",
                    help="side directory where open_clip_train is installed")  # fmt: skip
-    p.add_argument("--only", nargs="+", choices=["finetune", "open_clip", "modx", "loader"],
-                   default=["finetune", "open_clip", "modx", "loader"])  # fmt: skip
+    p.add_argument("--only", nargs="+", choices=["finetune", "open_clip", "modx", "loader", "step"],
+                   default=["finetune", "open_clip", "modx", "loader", "step"])  # fmt: skip
+    p.add_argument("--step-repeats", type=int, default=10, help="model-only steps per strategy")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of both trainers")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     args = p.parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)  # before torch starts its threads
 
     from modx.data.builtin import ensure_builtin
 
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"run": f"modx modx (phase {r['phase'] + 1})", **r})
     if "loader" in args.only:
         rows += loader_rows(args, arch, train, have_open_clip, env)
+    if "step" in args.only:
+        rows += step_rows(args, arch)
     load.append(os.getloadavg()[0])
     ratios = ratios_of(rows)
     print(table(rows))
@@ -187,6 +191,7 @@ def ratios_of(rows: list[dict]) -> dict[str, float]:
     pairs = {
         "modx / open_clip_train (fine-tuning samples/s)": ("modx finetune", "open_clip_train"),
         "Mod-X step time / plain CLIP step time (same run)": ("modx modx (phase 1)", "modx modx (phase 2)"),
+        "Mod-X step time / fine-tuning step time (model only, interleaved)": ("step finetune", "step modx"),
         "loader modx / open_clip (samples/s, one worker)": ("loader modx", "loader open_clip"),
     }
     return {name: sps[a] / sps[b] for name, (a, b) in pairs.items() if a in sps and b in sps}
@@ -206,6 +211,46 @@ def loader_rows(args, arch: str, train: str, have_open_clip: bool, env) -> list[
         if res.returncode:
             raise RuntimeError(f"loader benchmark ({name}) failed:\n{res.stderr[-3000:]}")
         rows.append({"run": f"loader {name}", **json.loads(res.stdout.strip().splitlines()[-1])})
+    return rows
+
+
+def step_rows(args, arch: str) -> list[dict]:
+    """Model-only steps (strategy loss + backward + AdamW) on one fixed random batch,
+    fine-tuning and Mod-X (with its old model) interleaved, so both see the same load."""
+    import torch
+    from accelerate import Accelerator
+
+    from modx.config import StrategyConfig
+    from modx.models import create_model
+    from modx.strategies import build_strategy
+    from modx.train.loop import adamw, frozen_copy
+
+    model, _, _, tok = create_model(arch)
+    old = frozen_copy(model)
+    opt = adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], torch.device("cpu"))
+    acc = Accelerator(cpu=True)
+    g = torch.Generator().manual_seed(0)
+    size = TINY_VIT["vision_cfg"]["image_size"]
+    batch = {"image": torch.randn(args.batch, 3, size, size, generator=g),
+             "text": tok([f"a photo of the digit {i % 10}" for i in range(args.batch)])}  # fmt: skip
+    runs = {name: (build_strategy(StrategyConfig(name=name), acc), old if name == "modx" else None)
+            for name in ("finetune", "modx")}  # fmt: skip
+    seconds = {name: [] for name in runs}
+    for i in range(2 * args.step_repeats + 2):
+        for name, (strategy, old_model) in runs.items():
+            start = time.perf_counter()
+            loss, _ = strategy.loss(model, batch, old_model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if i >= 2:  # warm-up
+                seconds[name].append(time.perf_counter() - start)
+    rows = []
+    for name, ts in seconds.items():
+        ts = sorted(ts)[: len(ts) // 2 + 1]  # the faster half: robust to load spikes
+        sec = sum(ts) / len(ts)
+        rows.append({"run": f"step {name}", "samples_per_s": round(args.batch / sec, 1),
+                     "samples": args.batch * len(ts), "seconds": round(sum(ts), 2)})  # fmt: skip
     return rows
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .hippo import nplr
 from .init import INITS, diagonal_init, ptd_init
-from .kernel import chunked_ssm_conv, discretize, dss_kernel, fft_conv, ssm_kernel
+from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
 
 TRANSFORMS = ("exp", "relu", "softplus", "none")
 _MIN_DECAY = 1e-4
@@ -188,15 +188,11 @@ class S4D(_SSMBase):
     def forward(self, u: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
         with torch.autocast(device_type=u.device.type, enabled=False):
             L = u.shape[1]
-            if self.init != "dss" and u.device.type == "cpu":  # chunked matmuls beat the FFT on CPU
-                A, B, C, dt = self.ssm()
-                y = chunked_ssm_conv(u.to(dt.dtype), A, B, C, dt, self.D.to(dt.dtype), self.disc, self.conj_sym)
-            else:
-                K = self.kernel(L)  # (dirs, H, L)
-                # the skip D u is the lag-0 tap of the causal kernel: one convolution does both
-                K_fwd = K[0] + nn.functional.pad(self.D.to(K.dtype)[:, None], (0, L - 1))
-                K = torch.stack([K_fwd, K[1]]) if self.bidirectional else K_fwd
-                y = fft_conv(u.to(K.dtype), K)  # (B, L, H)
+            K = self.kernel(L)  # (dirs, H, L)
+            # the skip D u is the lag-0 tap of the causal kernel: one convolution does both
+            K_fwd = K[0] + nn.functional.pad(self.D.to(K.dtype)[:, None], (0, L - 1))
+            K = torch.stack([K_fwd, K[1]]) if self.bidirectional else K_fwd
+            y = fft_conv(u.to(K.dtype), K)  # (B, L, H)
         y = self.dropout(self.activation(y.to(u.dtype)))
         return self.output(y)
 
