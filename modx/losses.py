@@ -9,6 +9,14 @@ gradient that every rank computed for this rank's rows. Every rank then
 computes the same loss L over the global batch, and after the usual gradient
 averaging of data-parallel training (DDP / Accelerate) each parameter receives
 exactly dL/dtheta of the one-process run with the global batch.
+
+Local loss (``train.local_loss``, as open_clip's ``--local-loss``). Instead of the
+full B x B matrices, rank r scores only its own b rows against the gathered B
+columns, in both directions (its images' i2t rows, its texts' t2i rows): O(b x B)
+memory. Each rank's value is scaled so that the MEAN over ranks is the global
+loss; with the summed gather backward and the data-parallel gradient averaging,
+every parameter again receives exactly dL/dtheta of the global computation.
+The values on different ranks differ (each covers its rows); their mean is L.
 """
 
 from __future__ import annotations
@@ -21,7 +29,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClipLoss", "clip_loss", "full_precision", "gather_features", "modx_kl", "world_info"]
+__all__ = [
+    "ClipLoss",
+    "clip_loss",
+    "clip_loss_local",
+    "full_precision",
+    "gather_features",
+    "modx_kl",
+    "modx_kl_local",
+    "world_info",
+]
 
 
 def full_precision(*tensors: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -109,6 +126,33 @@ def clip_loss(
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
 
 
+def clip_loss_local(
+    image_local: torch.Tensor,
+    text_local: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    rank: int,
+) -> torch.Tensor:
+    """This rank's share of the symmetric InfoNCE: its b rows against the B gathered columns.
+
+        CE(s I_r T^T, r*b + i) over its images, CE(s T_r I^T, r*b + i) over its texts  # (b, B)
+
+    The mean over its rows equals ``clip_loss`` of the global batch when averaged over
+    ranks (ranks hold equal b). float32 with autocast off, as ``clip_loss``.
+    """
+    with full_precision(image_local):
+        image_local, text_local = _at_least_fp32(image_local), _at_least_fp32(text_local)
+        image_all, text_all = _at_least_fp32(image_all), _at_least_fp32(text_all)
+        if isinstance(logit_scale, torch.Tensor):
+            logit_scale = _at_least_fp32(logit_scale)
+        logits_per_image = logit_scale * image_local @ text_all.T  # (b, B)
+        logits_per_text = logit_scale * text_local @ image_all.T  # (b, B)
+        b = image_local.shape[0]
+        labels = torch.arange(rank * b, (rank + 1) * b, device=logits_per_image.device)
+        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
@@ -118,11 +162,15 @@ class ClipLoss(nn.Module):
 
     N processes with local batch b compute the same value, and (after gradient
     averaging) the same parameter gradients, as one process with batch N * b.
+
+    With ``local_loss`` each rank scores only its rows against the gathered columns
+    (``clip_loss_local``): O(b x B) memory, the same gradients (see module doc).
     """
 
-    def __init__(self, gather_with_grad: bool = True) -> None:
+    def __init__(self, gather_with_grad: bool = True, local_loss: bool = False) -> None:
         super().__init__()
         self.gather_with_grad = gather_with_grad
+        self.local_loss = local_loss
 
     def forward(
         self,
@@ -133,6 +181,9 @@ class ClipLoss(nn.Module):
         image_all, text_all = gather_features(
             image_features, text_features, gather_with_grad=self.gather_with_grad
         )
+        rank, world = world_info()
+        if self.local_loss and world > 1:
+            return clip_loss_local(image_features, text_features, image_all, text_all, logit_scale, rank)
         return clip_loss(image_all, text_all, logit_scale)
 
 
@@ -200,3 +251,72 @@ def modx_kl(
         kl_t2i = _row_kl(old_t2i / temperature, sim_new.T / temperature, diagonal)  # (B,)
         kl = (kl_i2t + kl_t2i) / 2
         return kl.sum() if reduction == "sum" else kl.mean()
+
+
+def modx_kl_rows(
+    old_rows: torch.Tensor,
+    new_rows: torch.Tensor,
+    diag: torch.Tensor,
+    temperature: float = 1.0,
+    cognition_align: bool = True,
+) -> torch.Tensor:
+    """Per-row Mod-X KL of some rows of a similarity matrix against all its columns.
+
+        KL_i = KL(softmax(S_o[i] / tau) || softmax(S[i] / tau))        # (rows,)
+
+    ``old_rows``, ``new_rows``: (rows, B) cosine similarities; ``diag[i]`` is the column
+    of row i's own pair. With cognition alignment a row whose old argmax is not
+    ``diag[i]`` becomes the new (detached) row, so it adds nothing (PAPERS.md section 1).
+    """
+    if cognition_align:
+        wrong = old_rows.argmax(dim=1) != diag  # (rows,)
+        old_rows = torch.where(wrong[:, None], new_rows.detach(), old_rows)
+    log_p_old = F.log_softmax(old_rows / temperature, dim=-1)  # (rows, B)
+    log_p_new = F.log_softmax(new_rows / temperature, dim=-1)  # (rows, B)
+    return (log_p_old.exp() * (log_p_old - log_p_new)).sum(dim=-1)
+
+
+def modx_kl_local(
+    img_new: torch.Tensor,
+    txt_new: torch.Tensor,
+    img_old: torch.Tensor,
+    txt_old: torch.Tensor,
+    rank: int,
+    world: int,
+    temperature: float = 1.0,
+    cognition_align: bool = True,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """This rank's share of ``modx_kl`` over the gathered global batch, in O(b x B) memory.
+
+    All four inputs are the GATHERED (B, d) features (the new ones gathered with grad);
+    rank r owns the i2t rows of its images and the t2i rows of its texts, rows
+    r*b .. (r+1)*b - 1 of S = I T^T and of S^T, scored against all B columns:
+
+        share_r = sum_{i in r} (KL_i2t[i] + KL_t2i[i]) / 2       (/ B for "mean")
+        return world * share_r        # the mean over ranks is modx_kl's global value
+
+    The cognition-alignment argmax of each row is taken over the old model's full row,
+    as in the global computation. On one process (rank 0, world 1) it equals ``modx_kl``.
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not temperature > 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    total = img_new.shape[0]
+    if total % world:
+        raise ValueError(f"the gathered batch ({total}) does not split over {world} ranks")
+    b = total // world
+    own = slice(rank * b, (rank + 1) * b)
+    with full_precision(img_new, img_old):
+        img_new, txt_new = F.normalize(img_new.float(), dim=-1), F.normalize(txt_new.float(), dim=-1)
+        img_old = F.normalize(img_old.detach().float(), dim=-1)
+        txt_old = F.normalize(txt_old.detach().float(), dim=-1)
+        diag = torch.arange(rank * b, (rank + 1) * b, device=img_new.device)
+
+        i2t_new, i2t_old = img_new[own] @ txt_new.T, img_old[own] @ txt_old.T  # (b, B)
+        t2i_new, t2i_old = txt_new[own] @ img_new.T, txt_old[own] @ img_old.T  # (b, B)
+        kl_i2t = modx_kl_rows(i2t_old, i2t_new, diag, temperature, cognition_align)  # (b,)
+        kl_t2i = modx_kl_rows(t2i_old, t2i_new, diag, temperature, cognition_align)  # (b,)
+        share = (kl_i2t.sum() + kl_t2i.sum()) / 2
+        return world * (share if reduction == "sum" else share / total)

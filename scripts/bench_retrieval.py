@@ -3,6 +3,7 @@ backends at a few gallery sizes (synthetic unit vectors, several captions per im
 
     python scripts/bench_retrieval.py                       # 10k and 100k captions, d=512
     python scripts/bench_retrieval.py --sizes 10000 --json bench.json
+    python scripts/bench_retrieval.py --large --json big.json   # 100k images x 500k captions, d=256
 
 Each (backend, size) runs in a fresh process so that its peak resident memory can be
 measured; "extra peak" is the peak RSS during the call minus the RSS before it (the
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--backends", nargs="+", default=["faiss", "torch"])
     p.add_argument("--approximate", action="store_true", help="also faiss with an HNSW index")
+    p.add_argument("--large", action="store_true",
+                   help="the issue-11 size: 100k images x 500k captions, d=256, faiss backend only")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--child-approximate", action="store_true", help=argparse.SUPPRESS)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.child_approximate)  # fmt: skip
         print(json.dumps(row))
         return 0
+    if args.large:
+        args.sizes, args.dim, args.captions_per_image, args.backends = [500_000], 256, 5, ["faiss"]
     runs = [(b, False) for b in args.backends] + ([("faiss", True)] if args.approximate else [])
     rows = []
     for n in args.sizes:

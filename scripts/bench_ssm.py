@@ -31,8 +31,18 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modx.models.ssm import S4D, S5  # noqa: E402
+from modx.models.ssm.kernel import chunked_ssm_conv  # noqa: E402
 
-LAYERS = ("s4d", "s5", "attention")
+LAYERS = ("s4d", "s4d-chunked", "s5", "attention")
+
+
+class S4DChunked(S4D):
+    """S4D with `chunked_ssm_conv` (chunked matmuls + a state scan) instead of the FFT."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        A, B, C, dt = self.ssm()
+        y = chunked_ssm_conv(u, A, B, C, dt, self.D, self.disc, self.conj_sym)
+        return self.output(self.dropout(self.activation(y)))
 
 
 class Attention(nn.Module):
@@ -54,6 +64,8 @@ class Attention(nn.Module):
 def build(layer: str, d_model: int, d_state: int) -> nn.Module:
     if layer == "s4d":
         return S4D(d_model, d_state)
+    if layer == "s4d-chunked":
+        return S4DChunked(d_model, d_state)
     if layer == "s5":
         return S5(d_model, d_state, output="glu")  # the same projection as S4D
     if layer == "attention":

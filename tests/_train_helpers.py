@@ -119,13 +119,14 @@ def install_fake_stream(losses: list[float], setattr: Any = setattr) -> None:
 
     real_build = loop.build_strategy
 
-    def recording_build(cfg, accelerator):
-        strategy = real_build(cfg, accelerator)
+    def recording_build(cfg, accelerator, **kwargs):
+        strategy = real_build(cfg, accelerator, **kwargs)
         real_loss = strategy.loss
 
         def loss(*args, **kwargs):
             value, terms = real_loss(*args, **kwargs)
-            losses.append(value.item())
+            # with train.local_loss each process holds its share: their mean is the loss
+            losses.append(accelerator.reduce(value.detach().clone(), reduction="mean").item())
             return value, terms
 
         strategy.loss = loss

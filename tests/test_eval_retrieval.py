@@ -214,6 +214,7 @@ def test_backends_identical_and_equal_to_naive_with_many_exact_ties(monkeypatch)
     # small-integer embeddings: dot products are exact, ties are everywhere
     monkeypatch.setattr(retrieval, "_SCORE_CHUNK", 50)  # several query and gallery tiles
     monkeypatch.setattr(retrieval, "_QUERY_TILE", 7)
+    monkeypatch.setattr(retrieval, "_IMAGE_TILE", 7)
     monkeypatch.setattr(retrieval, "_FAISS_CHUNK", 7)
     rng = np.random.default_rng(2)
     img = rng.integers(-1, 2, size=(40, 4)).astype(np.float32)
@@ -242,6 +243,44 @@ def test_faiss_recounts_tie_groups_beyond_its_candidate_list(monkeypatch):
     torch_m = retrieval_metrics(img, txt, ids, ks, backend="torch")
     assert faiss_m == torch_m
     assert faiss_m == pytest.approx(naive_metrics(img, txt, ids, ks), rel=1e-12)
+
+
+def test_one_pass_counts_both_directions_like_the_naive_loops(monkeypatch):
+    """One matmul per tile, counted along rows (i2t) and columns (t2i): the per-query
+    (above, tied) of both directions equal the float64 loops, across several tiles."""
+    monkeypatch.setattr(retrieval, "_SCORE_CHUNK", 60)
+    monkeypatch.setattr(retrieval, "_IMAGE_TILE", 6)
+    rng = np.random.default_rng(11)
+    img = rng.integers(-1, 2, size=(31, 3)).astype(np.float32)  # many exact ties
+    ids = np.sort(rng.integers(0, 31, size=70))
+    txt = img[ids] + rng.integers(-1, 2, size=(70, 3)).astype(np.float32)
+    pos_t2i = retrieval._dot64(txt, img, np.arange(70), ids)
+    pos_img = np.full(31, -np.inf)
+    np.maximum.at(pos_img, ids, pos_t2i)
+    (a_i, t_i), (a_t, t_t) = retrieval._counts_both_directions(img, txt, pos_img, pos_t2i, ids)
+    want_i2t, want_t2i = naive_counts(img, txt, ids)
+    has = np.flatnonzero(np.bincount(ids, minlength=31) > 0)
+    assert len(has) < 31  # an image without captions counts nothing
+    assert [(a, t) for a, t, _ in want_i2t] == list(zip(a_i[has].tolist(), t_i[has].tolist()))
+    assert (a_i[np.setdiff1d(np.arange(31), has)] == 0).all()
+    assert [(a, t) for a, t, _ in want_t2i] == list(zip(a_t.tolist(), t_t.tolist()))
+
+
+def test_candidate_lists_recount_what_they_may_miss():
+    """The candidate path (used by approximate=True) over an exact index equals the
+    naive counts whenever the recall depends on them."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(-1, 2, size=(300, 2)).astype(np.float32)
+    ids = np.concatenate([np.arange(300), rng.integers(0, 300, size=60)])
+    txt = rng.integers(-1, 2, size=(360, 2)).astype(np.float32)
+    pos = retrieval._dot64(txt, img, np.arange(360), ids)
+    above, tied = retrieval._counts_from_candidates(
+        txt, img, pos, lambda r, c: ids[r] == c, 10 + 1 + retrieval._MARGIN, 10, False
+    )
+    _, want = naive_counts(img, txt, ids)
+    for (a, t, _), got_a, got_t in zip(want, above, tied):
+        if a < 10:
+            assert (got_a, got_t) == (a, t)
 
 
 def test_backends_identical_on_random_float_embeddings_and_duplicates():

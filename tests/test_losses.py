@@ -12,7 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from modx.losses import ClipLoss, clip_loss, gather_features, modx_kl
+from modx.losses import (
+    ClipLoss,
+    clip_loss,
+    clip_loss_local,
+    gather_features,
+    modx_kl,
+    modx_kl_local,
+    world_info,
+)
 
 
 def _unit_rows(x: torch.Tensor) -> list[list[float]]:
@@ -140,24 +148,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _loss_and_grads(weight, x_img, x_txt, x_img_old, x_txt_old):
+def _loss_and_grads(weight, x_img, x_txt, x_img_old, x_txt_old, local_loss=False, reduction="sum"):
     w = weight.clone().requires_grad_(True)
     img, txt = x_img @ w, x_txt @ w  # a shared linear "encoder"
     img_n, txt_n = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
     old_img, old_txt = gather_features(x_img_old, x_txt_old, gather_with_grad=False)
     all_img, all_txt = gather_features(img, txt)
-    loss = ClipLoss()(img_n, txt_n, 10.0) + 20.0 * modx_kl(all_img, all_txt, old_img, old_txt)
+    clip = ClipLoss(local_loss=local_loss)(img_n, txt_n, 10.0)
+    if local_loss:
+        kl = modx_kl_local(all_img, all_txt, old_img, old_txt, *world_info(), reduction=reduction)
+    else:
+        kl = modx_kl(all_img, all_txt, old_img, old_txt, reduction=reduction)
+    loss = clip + 20.0 * kl
     loss.backward()
     return loss.detach(), w.grad
 
 
-def _worker(rank: int, world: int, port: int, data, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, data, out_dir: str, local_loss: bool, reduction: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         weight, *batch = data
         local = [b.chunk(world)[rank] for b in batch]
-        loss, grad = _loss_and_grads(weight, *local)
+        loss, grad = _loss_and_grads(weight, *local, local_loss=local_loss, reduction=reduction)
         dist.all_reduce(grad)
         grad /= world  # data-parallel gradient averaging, as DDP does
         torch.save({"loss": loss, "grad": grad}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -165,17 +178,82 @@ def _worker(rank: int, world: int, port: int, data, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize(
+    "local_loss, reduction", [(False, "sum"), (True, "sum"), (True, "mean")], ids=["global", "local", "local-mean"]
+)
+def test_two_processes_match_one_process_on_the_global_batch(tmp_path, local_loss, reduction):
     g = torch.Generator().manual_seed(7)
     data = [torch.randn(5, 4, generator=g, dtype=torch.float64)] + [
         torch.randn(8, 5, generator=g, dtype=torch.float64) for _ in range(4)
     ]
-    ref_loss, ref_grad = _loss_and_grads(*data)
-    mp.start_processes(_worker, args=(2, _free_port(), data, str(tmp_path)), nprocs=2, start_method="spawn")
+    ref_loss, ref_grad = _loss_and_grads(*data, reduction=reduction)
+    mp.start_processes(
+        _worker, args=(2, _free_port(), data, str(tmp_path), local_loss, reduction), nprocs=2, start_method="spawn"
+    )
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    if local_loss:  # each rank holds its share; their mean is the global loss
+        assert got[0]["loss"].item() != pytest.approx(got[1]["loss"].item(), rel=1e-6)
+        assert (got[0]["loss"] + got[1]["loss"]).item() / 2 == pytest.approx(ref_loss.item(), rel=1e-10)
+    else:
+        for rank in range(2):
+            assert got[rank]["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-10)
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-10)
-        torch.testing.assert_close(got["grad"], ref_grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got[rank]["grad"], ref_grad, rtol=1e-9, atol=1e-12)
+
+
+# ---- local loss: per-rank rows against the gathered columns, simulated on one process
+
+
+def _mean_over_ranks(fn, world: int, *features):
+    """Value and gradients of the mean over simulated ranks of fn(rank, *features)."""
+    leaves = [f.clone().requires_grad_(True) for f in features]
+    value = sum(fn(rank, *leaves) for rank in range(world)) / world
+    grads = torch.autograd.grad(value, leaves)
+    return value.detach(), grads
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_local_clip_loss_averages_to_the_global_loss_and_gradient(world):
+    img, txt, _, _ = _features(8, n=8)
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+
+    def local(rank, i, t):
+        b = i.shape[0] // world
+        return clip_loss_local(i[rank * b : (rank + 1) * b], t[rank * b : (rank + 1) * b], i, t, 14.3, rank)
+
+    got, got_grads = _mean_over_ranks(local, world, img, txt)
+    want, want_grads = _mean_over_ranks(lambda rank, i, t: clip_loss(i, t, 14.3), 1, img, txt)
+    assert got.item() == pytest.approx(naive_clip_loss(img, txt, 14.3), rel=1e-10)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("tau", [1.0, 0.07])
+@pytest.mark.parametrize("align", [True, False])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_local_modx_kl_averages_to_the_global_kl_and_gradient(world, tau, align, reduction):
+    img, txt, img_o, txt_o = _features(9, n=8)
+    wrong_rows = ((F.normalize(img_o, dim=-1) @ F.normalize(txt_o, dim=-1).T).argmax(1) != torch.arange(8)).sum()
+    assert 0 < wrong_rows < 8  # cognition alignment drops some rows, keeps others
+    options = dict(temperature=tau, cognition_align=align, reduction=reduction)
+
+    def local(rank, i, t):
+        return modx_kl_local(i, t, img_o, txt_o, rank, world, **options)
+
+    got, got_grads = _mean_over_ranks(local, world, img, txt)
+    want, want_grads = _mean_over_ranks(lambda rank, i, t: modx_kl(i, t, img_o, txt_o, **options), 1, img, txt)
+    assert got.item() == pytest.approx(naive_modx_kl(img, txt, img_o, txt_o, tau, align, reduction), rel=1e-6)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-9)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+
+
+def test_local_modx_kl_rejects_a_batch_that_does_not_split():
+    img, txt, img_o, txt_o = _features(10, n=6)
+    with pytest.raises(ValueError, match="split"):
+        modx_kl_local(img, txt, img_o, txt_o, 0, 4)
 
 
 # ---- float32 semantics under autocast

@@ -146,6 +146,23 @@ def test_open_clip_local_dir_both_ways(tmp_path):
     torch.testing.assert_close(_features(oc_model, img, txt), _features(model, img, txt))
 
 
+def test_local_dir_with_a_config_and_no_weights_builds_a_random_model(tmp_path, caplog):
+    """As open_clip: `local-dir:` with only open_clip_config.json -> random init, a warning."""
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP}))
+    with caplog.at_level("WARNING", logger="modx.models.factory"):
+        torch.manual_seed(3)
+        model, _, _, tok = create_model(f"local-dir:{tmp_path}")
+        torch.manual_seed(4)
+        other = create_model(f"local-dir:{tmp_path}")[0]
+    assert "no weights file" in caplog.text and "random weights" in caplog.text
+    ref = open_clip.model.CLIP(**TINY_OPEN_CLIP, output_dict=True)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    img, txt = _inputs(tok)
+    assert not torch.allclose(_features(model, img, txt)[0], _features(other, img, txt)[0])
+    with pytest.raises(ModelLoadError, match="no weights file"):  # a plain directory stays strict
+        create_model(tmp_path)
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found.*nope.pt"):
         create_model("modx-tiny-transformer", pretrained=tmp_path / "nope.pt")

@@ -23,18 +23,18 @@ images, duplicate images), so neither a rule that counts a tie for the query (a
 collapsed model scores 100) nor one that counts it against (image -> text recall 0 for
 every model on templated data) is fair.
 
-Backends only choose *candidates*; a, t and q are always decided by the shared
-float64 comparison below, which is why ``faiss`` and ``torch`` agree exactly:
-- ``faiss``: exact inner-product search (``IndexFlatIP``) of the top
-  ``max(ks) + positives + margin`` items per query, then float64 rescoring of those.
-  A query whose last candidate may still score s* or more (within the float32 error
-  bound), so that part of its tie group may lie beyond the list, is recounted by the
-  torch path. ``approximate=True`` uses an HNSW index instead (fast on huge galleries;
-  then results may differ slightly from the exact ones).
-- ``torch``: float32 score tiles (queries x gallery blocks); items clearly above
-  the match (by more than the float32 error bound) are counted, items within the
-  bound are rescored in float64. This gives full ranks (mean / median rank).
-Memory is bounded by a score tile / query chunk (about 64 MiB), never N x M.
+Exact retrieval (both backends; ``faiss`` and ``torch`` are the same computation and
+agree exactly) scores the image-text product ONCE: float32 tiles S = I T^T (image
+block x text block, one matmul each) are counted along their rows (image -> text)
+and along their columns (text -> image). Items clearly above the query's match (by
+more than the float32 error bound) are counted, items within the bound are rescored
+in float64, so a, t and q are always decided by the shared float64 comparison below;
+this gives full ranks (mean / median rank) too. ``approximate=True`` (faiss only)
+instead takes the top ``max(ks) + positives + margin`` candidates per query from an
+HNSW index, rescored in float64 (fast on huge galleries; results may differ
+slightly from the exact ones); a query whose last candidate may still score s* or
+more is recounted exactly.
+Memory is bounded by a score tile (about 64 MiB) and a query chunk, never N x M.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ ArrayLike = np.ndarray | torch.Tensor
 
 _SCORE_CHUNK = 1 << 24  # float32 scores held at once by the torch backend (64 MiB)
 _QUERY_TILE = 1024  # queries per torch score tile (the gallery is tiled to fit the chunk)
+_IMAGE_TILE = 1024  # images per tile of the one-pass count (texts tiled to fit the chunk)
+_MAX_TILE_SIDE = 1 << 15  # tile side limit of the one-pass count (counts fit in uint16)
 _FAISS_CHUNK = 16384  # queries per faiss search call
 _PAIR_CHUNK = 1 << 12  # (query, item) pairs rescored in float64 at once
 _MARGIN = 8  # extra faiss candidates, so near-ties at the cut cannot change a rank
@@ -74,7 +76,7 @@ def retrieval_metrics(
     ``ranks=True`` adds ``i2t_mean_rank``, ``i2t_median_rank``, ``t2i_mean_rank``,
     ``t2i_median_rank``: mean and median over queries of the expected 1-based rank
     a + 1 + t / (q + 1) (median floored as in open_clip); they need full ranks and
-    are computed by the exact torch counting path whatever the backend.
+    are computed by the exact one-pass count whatever the backend.
     """
     img, txt, ids, ks = _validate(image_emb, text_emb, text_image_ids, ks, backend)
     if approximate and backend != "faiss":
@@ -97,33 +99,33 @@ def retrieval_metrics(
     def is_pos_i2t(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         return ids[cols] == queries_i2t[rows]
 
+    def exact_counts() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        (above_i, tied_i), t2i = _counts_both_directions(img, txt, pos_img, pos_t2i, ids)
+        return {"i2t": (above_i[queries_i2t], tied_i[queries_i2t]), "t2i": t2i}
+
     kmax = max(ks)
     out: dict[str, float] = {}
-    full: dict[str, np.ndarray] = {}
-    for name, q, g, pos, is_pos, n_pos, n_match in (
-        (
-            "i2t",
-            img if has_caption.all() else img[queries_i2t],
-            txt,
-            pos_i2t,
-            is_pos_i2t,
-            captions_per_image,
-            q_i2t,
-        ),
-        ("t2i", txt, img, pos_t2i, is_pos_t2i, 1, np.ones(len(ids), dtype=np.int64)),
-    ):
-        if backend == "torch" or ranks:
-            above, tied = _counts_by_counting(q, g, pos, is_pos)
-            full[name] = above + tied / (n_match + 1)  # expected 0-based rank
-        if backend == "faiss":
-            n_cand = kmax + n_pos + _MARGIN
-            above, tied = _counts_from_candidates(q, g, pos, is_pos, n_cand, kmax, approximate)
+    counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if approximate:  # HNSW candidates per direction, rescored in float64
+        for name, q, g, pos, is_pos, n_pos in (
+            ("i2t", img[queries_i2t], txt, pos_i2t, is_pos_i2t, captions_per_image),
+            ("t2i", txt, img, pos_t2i, is_pos_t2i, 1),
+        ):
+            counts[name] = _counts_from_candidates(q, g, pos, is_pos, kmax + n_pos + _MARGIN, kmax, True)
+    else:  # exact: both directions from one pass over the score tiles
+        counts = exact_counts()
+    n_matches = {"i2t": q_i2t, "t2i": np.ones(len(ids), dtype=np.int64)}
+    for name in ("i2t", "t2i"):
+        above, tied = counts[name]
         for k in ks:
-            hit = hit_probability(above, tied, n_match, k)
+            hit = hit_probability(above, tied, n_matches[name], k)
             out[f"{name}_R@{k}"] = 100.0 * float(hit.sum()) / len(hit)
     out["mean_recall"] = float(np.mean([out[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in ks]))
     if ranks:
-        for name, rank in full.items():
+        if approximate:
+            counts = exact_counts()
+        for name, (above, tied) in counts.items():
+            rank = above + tied / (n_matches[name] + 1)  # expected 0-based rank
             out[f"{name}_mean_rank"] = float(rank.mean() + 1)
             out[f"{name}_median_rank"] = float(np.floor(np.median(rank)) + 1)
     return out
@@ -270,6 +272,85 @@ def _counts_by_counting(
                 above[s:e] += a
                 tied[s:e] += t
     return above, tied
+
+
+def _counts_both_directions(
+    img: np.ndarray,
+    txt: np.ndarray,
+    pos_img: np.ndarray,
+    pos_txt: np.ndarray,
+    ids: np.ndarray,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``_counts_by_counting`` for both directions from ONE pass over the score tiles:
+    each (image block x text block) float32 tile S = I T^T is counted along its rows
+    (image -> text, against ``pos_img``) and along its columns (text -> image, against
+    ``pos_txt``), with the same float32 error band and float64 rescoring. An image with
+    ``pos_img = -inf`` (no caption) counts nothing. Returns ((above, tied) per image,
+    (above, tied) per text)."""
+    counts = [np.zeros(len(img), dtype=np.int64) for _ in range(2)]
+    counts += [np.zeros(len(txt), dtype=np.int64) for _ in range(2)]
+    above_i, tied_i, above_t, tied_t = counts
+    bands = []
+    for q, g, pos in ((img, txt, pos_img), (txt, img, pos_txt)):
+        tol = _f32_error_bound(q, g)
+        lo = np.where(np.isfinite(pos), pos - tol, np.inf).astype(np.float32)
+        hi = np.where(np.isfinite(pos), pos + tol, np.inf).astype(np.float32)
+        # float32 rounding of lo/hi: widen by one ulp so the band keeps its guarantee
+        bands.append((np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))))
+    (lo_i, hi_i), (lo_t, hi_t) = bands
+    it, tt = torch.from_numpy(img), torch.from_numpy(txt)
+
+    def is_pos_i2t(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return ids[cols] == rows
+
+    def is_pos_t2i(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return ids[rows] == cols
+
+    i_tile = min(_IMAGE_TILE, len(img))
+    t_tile = max(1, min(len(txt), _SCORE_CHUNK // i_tile, _MAX_TILE_SIDE))
+    buf = torch.empty(i_tile, t_tile)
+    mask = np.empty((i_tile, t_tile), dtype=bool)
+    for s in range(0, len(img), i_tile):
+        e = min(s + i_tile, len(img))
+        lo_r, hi_r = lo_i[s:e, None], hi_i[s:e, None]  # (c, 1)
+        for gs in range(0, len(txt), t_tile):
+            ge = min(gs + t_tile, len(txt))
+            scores = torch.mm(it[s:e], tt[gs:ge].T, out=buf[: e - s, : ge - gs]).numpy()  # (c, tile)
+            m = mask[: e - s, : ge - gs]
+            lo_c, hi_c = lo_t[None, gs:ge], hi_t[None, gs:ge]  # (1, tile)
+            # counts with numpy: a bool mask summed as uint8 is many times faster than torch's
+            clear_r = _count(np.greater(scores, hi_r, out=m), 1)  # (c,) clearly above the image's match
+            band_r = _count(np.greater_equal(scores, lo_r, out=m), 1) - clear_r  # usually all zero
+            clear_c = _count(np.greater(scores, hi_c, out=m), 0)  # (tile,) clearly above the caption's
+            band_c = _count(np.greater_equal(scores, lo_c, out=m), 0) - clear_c
+            above_i[s:e] += clear_r
+            above_t[gs:ge] += clear_c
+            # the matching pairs in this tile sit in the band by construction: discount them
+            pc = np.flatnonzero((ids[gs:ge] >= s) & (ids[gs:ge] < e))  # their columns
+            pr = ids[gs + pc] - s  # their rows
+            ps = scores[pr, pc]
+            band_r -= np.bincount(pr[(ps >= lo_r[pr, 0]) & (ps <= hi_r[pr, 0])], minlength=e - s)
+            band_c -= np.bincount(pc[(ps >= lo_c[0, pc]) & (ps <= hi_c[0, pc])], minlength=ge - gs)
+            if band_r.any():
+                rows = np.flatnonzero(band_r)
+                sub = scores[rows]
+                r, c = np.nonzero((sub >= lo_r[rows]) & (sub <= hi_r[rows]))
+                a, t = _count_above_and_tied(img, txt, pos_img, is_pos_i2t, rows[r], c + gs, s, e)
+                above_i[s:e] += a
+                tied_i[s:e] += t
+            if band_c.any():
+                cols = np.flatnonzero(band_c)
+                sub = scores[:, cols]
+                r, c = np.nonzero((sub >= lo_c[:, cols]) & (sub <= hi_c[:, cols]))
+                a, t = _count_above_and_tied(txt, img, pos_txt, is_pos_t2i, cols[c], r + s, gs, ge)
+                above_t[gs:ge] += a
+                tied_t[gs:ge] += t
+    return (above_i, tied_i), (above_t, tied_t)
+
+
+def _count(mask: np.ndarray, axis: int) -> np.ndarray:
+    """True entries along `axis` (tiles are at most _MAX_TILE_SIDE long: uint16 is exact)."""
+    return mask.view(np.uint8).sum(axis=axis, dtype=np.uint16).astype(np.int64)
 
 
 def _counts_from_candidates(

@@ -76,16 +76,27 @@ def _read_json(path: Path) -> dict:
         raise ModelLoadError(f"cannot read model config {path}: {e}") from e
 
 
-def _spec_from_dir(directory: Path) -> dict:
-    """{"name", "model_cfg", "preprocess_cfg", "weights"} of a modx export or open_clip local dir."""
+def _spec_from_dir(directory: Path, random_init_without_weights: bool = False) -> dict:
+    """{"name", "model_cfg", "preprocess_cfg", "weights"} of a modx export or open_clip local dir.
+
+    With `random_init_without_weights` (the `local-dir:` form, as open_clip) a directory
+    holding a config but no weights file gives weights None (random init) and a warning;
+    otherwise a missing weights file is an error."""
     for fname in (CONFIG_FILE, OPEN_CLIP_CONFIG_FILE):
         if (directory / fname).is_file():
             cfg = _read_json(directory / fname)
             if "model_cfg" not in cfg:
                 raise ModelLoadError(f"{directory / fname} has no 'model_cfg' key")
+            try:
+                weights = find_checkpoint(directory)
+            except ModelLoadError as err:
+                if not random_init_without_weights:
+                    raise
+                _log.warning("%s; building the model from %s with random weights", err, fname)
+                weights = None
             return {"name": cfg.get("name", f"{LOCAL_DIR_PREFIX}{directory}"),
                     "model_cfg": cfg["model_cfg"], "preprocess_cfg": cfg.get("preprocess_cfg", {}),
-                    "weights": find_checkpoint(directory)}
+                    "weights": weights}
     raise ModelLoadError(
         f"{directory} is not a model directory: it has neither {CONFIG_FILE} (modx export) "
         f"nor {OPEN_CLIP_CONFIG_FILE} (open_clip)")
@@ -109,7 +120,7 @@ def resolve_spec(cfg_or_name: str | Path | dict) -> dict:
         directory = Path(text[len(LOCAL_DIR_PREFIX):])
         if not directory.is_dir():
             raise ModelLoadError(f"'{LOCAL_DIR_PREFIX}' directory not found: {directory}")
-        return _spec_from_dir(directory)
+        return _spec_from_dir(directory, random_init_without_weights=True)
     if text.startswith("hf-hub:"):
         raise ModelLoadError(f"{text}: modx never downloads; copy the model to a local directory "
                              f"and use '{LOCAL_DIR_PREFIX}PATH'")

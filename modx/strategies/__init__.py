@@ -18,8 +18,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def build_strategy(cfg: StrategyConfig, accelerator: Accelerator) -> Strategy:
-    return STRATEGIES[cfg.name](cfg, accelerator)
+def build_strategy(cfg: StrategyConfig, accelerator: Accelerator, local_loss: bool = True) -> Strategy:
+    """The strategy `cfg.name`; `local_loss` is train.local_loss (see modx.losses)."""
+    return STRATEGIES[cfg.name](cfg, accelerator, local_loss=local_loss)
 
 
 def replay_ratio(cfg: StrategyConfig) -> float:

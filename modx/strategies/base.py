@@ -42,10 +42,11 @@ class Strategy:
         for every strategy that shares them. `align_initial`: phase 0 has an old model."""
         return None
 
-    def __init__(self, cfg: StrategyConfig, accelerator: Accelerator):
+    def __init__(self, cfg: StrategyConfig, accelerator: Accelerator, local_loss: bool = True):
         self.cfg = cfg
         self.accelerator = accelerator
-        self.clip_loss = ClipLoss()
+        self.local_loss = local_loss  # train.local_loss: each rank scores its rows only
+        self.clip_loss = ClipLoss(local_loss=local_loss)
 
     def forward(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return model(batch["image"], batch["text"])

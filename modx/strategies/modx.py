@@ -5,6 +5,8 @@ row of the old model's similarity matrix S_o = I_o T_o^T with the new model's S 
 (softmax(row / tau)), after replacing the rows the old model gets wrong by the new rows
 (selective "cognition" alignment). Both matrices cover the GLOBAL batch: features are
 gathered across processes, with gradients for the new model's (modx.losses.gather_features).
+With train.local_loss each process computes only its rows of both matrices against the
+gathered columns (modx.losses.clip_loss_local / modx_kl_local): the same gradients.
 During the first phase there is no old model and the loss is the plain CLIP loss.
 """
 
@@ -13,7 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modx.losses import clip_loss, gather_features, modx_kl
+from modx.losses import (
+    clip_loss,
+    clip_loss_local,
+    gather_features,
+    modx_kl,
+    modx_kl_local,
+    world_info,
+)
 from modx.strategies.base import Batch, Strategy
 from modx.strategies.replay import REPLAY_KEY
 
@@ -31,31 +40,33 @@ class ModX(Strategy):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.forward(model, batch)
         img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
-        clip = clip_loss(img, txt, out["logit_scale"])  # = self.contrastive(out)
+        rank, world = world_info()
+        local = self.local_loss and world > 1
+        if local:  # this rank's rows against the gathered columns (= self.contrastive(out))
+            clip = clip_loss_local(out["image_features"], out["text_features"], img, txt, out["logit_scale"], rank)
+        else:
+            clip = clip_loss(img, txt, out["logit_scale"])  # = self.contrastive(out)
         if old_model is None:
-            return clip, {"loss_clip": clip.item()}
+            return clip, {"loss_clip": clip.detach()}
         with torch.no_grad():
             old = old_model(batch["image"], batch["text"])
         img_old, txt_old = gather_features(
             old["image_features"], old["text_features"], gather_with_grad=False
         )
+        options = dict(
+            temperature=self.cfg.temperature, cognition_align=self.cognition_align, reduction=self.cfg.reduction
+        )
         if self.cfg.kl_on == "replay":  # Mod-X's KL over the replayed samples alone
             keep = self.replayed(batch, img.device)
             img, txt, img_old, txt_old = img[keep], txt[keep], img_old[keep], txt_old[keep]
             if len(img) < 2:  # no pair to compare yet
-                return clip, {"loss_clip": clip.item(), "loss_kl": 0.0}
-        kl = modx_kl(
-            img,
-            txt,
-            img_old,
-            txt_old,
-            temperature=self.cfg.temperature,
-            cognition_align=self.cognition_align,
-            reduction=self.cfg.reduction,
-            diagonal=self.cfg.kl_diagonal,
-        )
+                return clip, {"loss_clip": clip.detach(), "loss_kl": torch.zeros(())}
+        if local and self.cfg.kl_on == "batch" and self.cfg.kl_diagonal:
+            kl = modx_kl_local(img, txt, img_old, txt_old, rank, world, **options)
+        else:  # the global computation (every process computes the same value)
+            kl = modx_kl(img, txt, img_old, txt_old, diagonal=self.cfg.kl_diagonal, **options)
         total = clip + self.cfg.alpha * kl
-        return total, {"loss_clip": clip.item(), "loss_kl": kl.item()}
+        return total, {"loss_clip": clip.detach(), "loss_kl": kl.detach()}
 
     @property
     def cognition_align(self) -> bool:

@@ -114,6 +114,66 @@ def fft_conv(u: Tensor, K: Tensor, D: Tensor | None = None) -> Tensor:
     return y if D is None else y + u * D
 
 
+def chunked_ssm_conv(
+    u: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    dt: Tensor,
+    D: Tensor | None = None,
+    disc: str = "zoh",
+    conj_sym: bool = True,
+    chunk: int = 64,
+) -> Tensor:
+    """``fft_conv(u, ssm_kernel(A, B, C, dt, L), D)`` without the FFT (the same y to float32
+    rounding): matmuls over chunks of T = ``chunk`` steps, O(B L H (T + N')) flops and
+    O(B L H) memory. u (B, L, H) real; A, B, C (H, N') complex; dt (H,) -> (B, L, H).
+
+    Cut the sequence into chunks c of T steps, t the position inside a chunk:
+        within a chunk:  y[c, t] = sum_{s<=t} K[t - s] u[c, s]          (T x T Toeplitz)
+        chunk states:    x_c = dA^T x_{c-1} + sum_s dA^(T-1-s) dB u[c, s]
+        from the past:   y[c, t] += Re(sum_n C dA^(t+1) x_{c-1})         (x2 if conj_sym)
+    so every product is a batched matmul over channels; the scan runs over L / T chunks.
+    """
+    if C.dim() == 3:  # (dirs, H, N')
+        y = chunked_ssm_conv(u, A, B, C[0], dt, D, disc, conj_sym, chunk)
+        if C.shape[0] == 1:
+            return y
+        # anti-causal: y[t] += sum_{s>t} K1[s-t-1] u[s] = the causal conv of the flipped
+        # sequence, delayed one step, flipped back
+        z = chunked_ssm_conv(u.flip(1), A, B, C[1], dt, None, disc, conj_sym, chunk)
+        return y + torch.nn.functional.pad(z, (0, 0, 1, 0))[:, : u.shape[1]].flip(1)
+    Bsz, L, H = u.shape
+    T = max(1, min(chunk, L))
+    n_chunks = -(-L // T)
+    uc = torch.nn.functional.pad(u, (0, 0, 0, n_chunks * T - L)).view(Bsz, n_chunks, T, H)
+    dA, dB, log_dA = discretize(A, B, dt.unsqueeze(-1), disc)  # (H, N')
+    scale = 2.0 if conj_sym else 1.0
+    pos = torch.arange(T, device=u.device, dtype=log_dA.real.dtype)
+
+    K = scale * vandermonde(C * dB, log_dA, T).real  # (H, T): the first T taps
+    if D is not None:
+        K = K + torch.nn.functional.pad(D.to(K.dtype)[:, None], (0, T - 1))
+    lag = pos[:, None] - pos[None, :]  # (T, T): t - s
+    toeplitz = torch.where(lag >= 0, K[:, lag.clamp(min=0).long()], 0.0)  # (H, T, T)
+    y = torch.einsum("hts,bcsh->bcth", toeplitz, uc)  # (B, n_chunks, T, H)
+    if n_chunks == 1:
+        return y.reshape(Bsz, T, H)[:, :L]
+
+    W = dB.unsqueeze(-1) * torch.exp(log_dA.unsqueeze(-1) * (T - 1 - pos))  # (H, N', T)
+    S = torch.einsum("hns,bcsh->bchn", torch.cat([W.real, W.imag], 1), uc)  # (B, nc, H, 2N')
+    S = torch.complex(*S.chunk(2, dim=-1))  # (B, n_chunks, H, N'): each chunk's own state
+    dA_T = torch.exp(log_dA * T)  # (H, N')
+    own = S.unbind(1)  # one backward for all chunks (indexing S[:, c] would zero-fill each)
+    states = [torch.zeros_like(own[0])]  # x_{c-1} for c = 0, 1, ...
+    for c in range(n_chunks - 1):
+        states.append(dA_T * states[-1] + own[c])
+    X = torch.stack(states, dim=1)  # (B, n_chunks, H, N')
+    V = scale * C.unsqueeze(-1) * torch.exp(log_dA.unsqueeze(-1) * (pos + 1))  # (H, N', T)
+    past = torch.einsum("hnt,bchn->bcth", torch.cat([V.real, -V.imag], 1), torch.cat([X.real, X.imag], -1))
+    return (y + past).reshape(Bsz, n_chunks * T, H)[:, :L]
+
+
 def ssm_recurrence(
     A: Tensor, B: Tensor, C: Tensor, dt: Tensor, u: Tensor, disc: str = "zoh", conj_sym: bool = True
 ) -> Tensor:
