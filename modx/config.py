@@ -41,7 +41,8 @@ class ModelConfig:
 
 @dataclass
 class ReplayConfig:
-    ratio: float | None = None  # share of each batch drawn from the buffer (None: 0, or 0.5 for `replay`)
+    ratio: float | None = None  # share of each batch drawn from the buffer (None: the strategy's
+    #                             default: 0.25 for `modx`, 0.5 for `replay`, else 0)
     size: int = 1000  # buffer capacity in samples (all processes together)
 
 
@@ -53,7 +54,8 @@ class StrategyConfig:
     cognition_align: bool = True  # Mod-X selective alignment of the old model's wrong rows
     reduction: str = "sum"  # KL summed over the batch (reference script) or averaged
     kl_diagonal: bool = True  # KL over whole rows (paper); false: over the other samples only
-    kl_on: str = "batch"  # samples the KL covers: batch (paper) | replay (the replayed ones only)
+    kl_on: str = "auto"  # samples the KL covers: batch (paper) | replay (the replayed ones only) |
+    #                      auto (replay when a replay buffer is on, else batch)
     align_initial: bool | str = "auto"  # phase 0 aligns with the initial model (auto: when
     #                                      its weights were loaded, as the authors' script)
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
@@ -287,7 +289,7 @@ def validate(cfg: Config) -> None:
     check(s.temperature > 0, "strategy.temperature", "must be > 0")
     check(s.reduction in REDUCTIONS, "strategy.reduction", f"choose one of {list(REDUCTIONS)}")
     check(s.align_initial in (True, False, "auto"), "strategy.align_initial", "choose auto, true or false")
-    check(s.kl_on in ("batch", "replay"), "strategy.kl_on", "choose batch or replay")
+    check(s.kl_on in ("auto", "batch", "replay"), "strategy.kl_on", "choose auto, batch or replay")
     check(s.ewc_batches > 0, "strategy.ewc_batches", "must be > 0")
     check(0.0 <= s.wiseft_alpha <= 1.0, "strategy.wiseft_alpha", "must be in [0, 1]")
     ratio = s.replay.ratio

@@ -58,7 +58,7 @@ def test_finetune_is_the_clip_loss(accelerator):
 
 def test_modx_first_phase_is_plain_clip_then_adds_alpha_kl(accelerator):
     model, old, b = TinyClip(0), TinyClip(1).eval(), batch(1)
-    strategy = build_strategy(StrategyConfig(name="modx", alpha=20.0), accelerator)
+    strategy = build_strategy(StrategyConfig(name="modx", alpha=20.0, kl_on="batch"), accelerator)
     first, logs = strategy.loss(model, b, None)
     assert "loss_kl" not in logs
     loss, logs = strategy.loss(model, b, old)
@@ -70,7 +70,7 @@ def test_modx_first_phase_is_plain_clip_then_adds_alpha_kl(accelerator):
 
 def test_modx_gradient_never_reaches_the_old_model(accelerator):
     model, old = TinyClip(0), TinyClip(1).eval().requires_grad_(False)
-    loss, _ = build_strategy(StrategyConfig(name="modx"), accelerator).loss(model, batch(2), old)
+    loss, _ = build_strategy(StrategyConfig(name="modx", kl_on="batch"), accelerator).loss(model, batch(2), old)
     loss.backward()
     assert all(p.grad is None for p in old.parameters())
     assert model.visual.weight.grad is not None
@@ -78,7 +78,7 @@ def test_modx_gradient_never_reaches_the_old_model(accelerator):
 
 def test_distill_aligns_every_row_unlike_modx(accelerator):
     model, old, b = TinyClip(0), TinyClip(1).eval(), batch(3, n=12)  # a random old model is often wrong
-    modx_loss = build_strategy(StrategyConfig(name="modx"), accelerator).loss(model, b, old)[1]["loss_kl"]
+    modx_loss = build_strategy(StrategyConfig(name="modx", kl_on="batch"), accelerator).loss(model, b, old)[1]["loss_kl"]
     distill = build_strategy(StrategyConfig(name="distill", cognition_align=True), accelerator)
     distill_loss = distill.loss(model, b, old)[1]["loss_kl"]
     out, out_old = model(b["image"], b["text"]), old(b["image"], b["text"])
@@ -116,10 +116,20 @@ def test_wiseft_interpolates_with_the_old_model(accelerator):
     assert torch.allclose(model.visual.weight, 0.75 * old.visual.weight + 0.25 * new_weight)
 
 
+def test_modx_default_is_the_kl_over_a_replay_buffer_and_the_paper_is_one_key_away(accelerator):
+    modx = build_strategy(StrategyConfig(name="modx"), accelerator)
+    assert replay_ratio(modx.cfg) == 0.25 and modx.kl_on == "auto"
+    paper = StrategyConfig(name="modx")
+    paper.replay.ratio = 0.0
+    assert build_strategy(paper, accelerator).kl_on == "batch"
+    assert build_strategy(StrategyConfig(name="distill"), accelerator).kl_on == "batch"
+
+
 def test_replay_ratio_defaults():
     assert replay_ratio(StrategyConfig(name="replay")) == 0.5
-    assert replay_ratio(StrategyConfig(name="modx")) == 0.0
-    cfg = StrategyConfig(name="modx")
+    assert replay_ratio(StrategyConfig(name="modx")) == 0.25
+    assert replay_ratio(StrategyConfig(name="finetune")) == 0.0
+    cfg = StrategyConfig(name="finetune")
     cfg.replay.ratio = 0.25
     assert replay_ratio(cfg) == 0.25
 
@@ -155,3 +165,14 @@ def test_modx_kl_on_replay_aligns_only_the_replayed_samples(accelerator):
     assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
     b["key"] = ["0", "1", "2", "3", "4", "replay"]  # fewer than two replayed samples: nothing to align
     assert build_strategy(cfg, accelerator).loss(model, b, old)[1]["loss_kl"] == 0.0
+
+
+def test_modx_auto_aligns_the_replayed_samples_or_the_whole_batch_before_any_replay(accelerator):
+    model, old, b = TinyClip(0), TinyClip(1).eval(), batch(4)
+    auto = build_strategy(StrategyConfig(name="modx", cognition_align=False), accelerator)
+    whole = build_strategy(StrategyConfig(name="modx", cognition_align=False, kl_on="batch"), accelerator)
+    only = build_strategy(StrategyConfig(name="modx", cognition_align=False, kl_on="replay"), accelerator)
+    assert auto.loss(model, b, old)[1]["loss_kl"] == whole.loss(model, b, old)[1]["loss_kl"] > 0  # nothing replayed
+    b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
+    assert auto.loss(model, b, old)[1]["loss_kl"] == only.loss(model, b, old)[1]["loss_kl"]
+    assert only.loss(model, b, old)[1]["loss_kl"] != whole.loss(model, b, old)[1]["loss_kl"]

@@ -48,6 +48,7 @@ def records(path: Path) -> list[dict]:
     [
         ["strategy.name=finetune"],
         ["strategy.name=modx"],
+        ["strategy.name=modx", "strategy.replay.ratio=0"],
         ["strategy.name=distill"],
         ["strategy.name=ewc", "strategy.ewc_batches=2"],
         ["strategy.name=replay"],
@@ -93,7 +94,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """Global-batch semantics: 2 x 4 samples on 2 processes == 8 samples on 1 process,
     for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b)."""
     script = str(ROOT / "tests" / "_train_helpers.py")
-    args = ["strategy.name=modx", "train.grad_accum=2", "train.workers=0"]
+    args = ["strategy.name=modx", "strategy.replay.ratio=0", "train.grad_accum=2", "train.workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *args],
                          capture_output=True, text=True, timeout=300, env=env)
@@ -210,13 +211,13 @@ def test_align_initial_gives_phase_0_the_initial_model_as_old_model(tmp_path, mo
     install_fake_stream([], monkeypatch.setattr)
     recording_build, calls = loop.build_strategy, []
 
-    def build(cfg, accelerator):
-        strategy = recording_build(cfg, accelerator)
+    def build(cfg, accelerator, **kwargs):
+        strategy = recording_build(cfg, accelerator, **kwargs)
         inner = strategy.loss
 
         def loss(model, batch, old_model):
             value, terms = inner(model, batch, old_model)
-            calls.append((old_model is not None, terms.get("loss_kl")))
+            calls.append((old_model is not None, None if "loss_kl" not in terms else float(terms["loss_kl"])))
             return value, terms
 
         strategy.loss = loss

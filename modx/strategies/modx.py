@@ -30,6 +30,7 @@ from modx.strategies.replay import REPLAY_KEY
 class ModX(Strategy):
     name = "modx"
     uses_old_model = True
+    default_replay_ratio = 0.25  # modx's default: the KL over a small replay buffer (docs/strategies.md)
 
     @classmethod
     def plain_phases(cls, cfg, align_initial: bool) -> int | None:
@@ -56,12 +57,14 @@ class ModX(Strategy):
         options = dict(
             temperature=self.cfg.temperature, cognition_align=self.cognition_align, reduction=self.cfg.reduction
         )
-        if self.cfg.kl_on == "replay":  # Mod-X's KL over the replayed samples alone
+        on = self.kl_on
+        if on != "batch":  # Mod-X's KL over the replayed samples alone
             keep = self.replayed(batch, img.device)
-            img, txt, img_old, txt_old = img[keep], txt[keep], img_old[keep], txt_old[keep]
-            if len(img) < 2:  # no pair to compare yet
-                return clip, {"loss_clip": clip.detach(), "loss_kl": torch.zeros(())}
-        if local and self.cfg.kl_on == "batch" and self.cfg.kl_diagonal:
+            if on == "replay" or keep.sum() >= 2:
+                img, txt, img_old, txt_old, on = img[keep], txt[keep], img_old[keep], txt_old[keep], "replay"
+                if len(img) < 2:  # no pair to compare yet
+                    return clip, {"loss_clip": clip.detach(), "loss_kl": torch.zeros(())}
+        if local and on != "replay" and self.cfg.kl_diagonal:
             kl = modx_kl_local(img, txt, img_old, txt_old, rank, world, **options)
         else:  # the global computation (every process computes the same value)
             kl = modx_kl(img, txt, img_old, txt_old, diagonal=self.cfg.kl_diagonal, **options)
@@ -71,6 +74,14 @@ class ModX(Strategy):
     @property
     def cognition_align(self) -> bool:
         return self.cfg.cognition_align
+
+    @property
+    def kl_on(self) -> str:
+        """strategy.kl_on: batch | replay | auto. `auto` without a replay buffer is `batch`;
+        with one it is the replayed samples of each batch, or the whole batch while the
+        buffer holds nothing earlier (phase 0 aligned with a pretrained start)."""
+        ratio = self.default_replay_ratio if self.cfg.replay.ratio is None else self.cfg.replay.ratio
+        return "batch" if self.cfg.kl_on == "auto" and ratio == 0 else self.cfg.kl_on
 
     @staticmethod
     def replayed(batch: Batch, device: torch.device) -> torch.Tensor:
@@ -83,6 +94,7 @@ class Distill(ModX):
     """The same KL without selective alignment: every old row is distilled (an ablation)."""
 
     name = "distill"
+    default_replay_ratio = 0.0  # the paper's KL over the whole batch, as an ablation of it
 
     @property
     def cognition_align(self) -> bool:

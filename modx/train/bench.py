@@ -200,6 +200,8 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
             own.write_text(json.dumps(cost, indent=1))
         shared = _read_json(r.shared_dir / "bench_cost.json") if r.shared_dir else {}
         r.cost = _combine_costs(r, _read_json(own), shared)
+        partial = collect(runs[:i])  # what is done so far, in case the bench is stopped
+        (out / "bench.json").write_text(json.dumps(partial, indent=1, default=_plain) + "\n")
     result = collect(runs)
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
     md, page = write_bench_report(result, runs, out)
