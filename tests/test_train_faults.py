@@ -278,14 +278,15 @@ def test_a_really_full_disk_keeps_the_previous_state_usable(tmp_path, small_disk
 
     install_fake_stream([], monkeypatch.setattr)
     out = small_disk / "run"
+    small = ("train.ckpt_every=1", "strategy.replay.ratio=0")  # no 12 MB replay buffer in each state
     with pytest.raises(CheckpointError, match=r"could not write checkpoint .*\.tmp-state-00000002: .*MiB free there"):
-        run(load_config(None, fake_stream_overrides(out, "train.ckpt_every=1")))
+        run(load_config(None, fake_stream_overrides(out, *small)))
     assert (out / "checkpoints" / "latest").read_text().strip() == "state-00000001"
     assert not list((out / "checkpoints").glob(".tmp-*"))
     moved = tmp_path / "moved"  # e.g. after freeing space: the kept state resumes
     shutil.copytree(out, moved)
     reset_accelerate()
-    run(load_config(None, fake_stream_overrides(moved, "train.ckpt_every=1")), resume="latest")
+    run(load_config(None, fake_stream_overrides(moved, *small)), resume="latest")
     assert (moved / "checkpoints" / "phase-1" / "model.safetensors").is_file()
 
 
@@ -298,8 +299,8 @@ def poison(monkeypatch, bad_steps: set[int], where: str) -> None:
 
     real_build, calls = loop.build_strategy, [0]
 
-    def build(cfg, accelerator):
-        strategy = real_build(cfg, accelerator)
+    def build(cfg, accelerator, **kwargs):
+        strategy = real_build(cfg, accelerator, **kwargs)
         real_loss = strategy.loss
 
         def loss(model, batch, old_model):

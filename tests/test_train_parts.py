@@ -82,3 +82,11 @@ def test_comparison_prints_this_run_beside_the_reference():
     assert "ref.json (shipped)" in lines[0]
     assert "this run (modx)" in lines[2] and "50.00 / 40.00" in lines[2] and "45.00" in lines[2]
     assert "reference (finetune)" in lines[3] and "30.00 / 44.00" in lines[3] and "52.00" in lines[3]
+
+
+def test_joint_headline_averages_every_domain_it_trained_on():
+    from modx.train.evaluate import headline
+
+    joint = {"strategy": "joint", "eval_sets": ["a", "b", "c"], "learned_recall": [60.0],
+             "last_recall": [60.0, 30.0, 30.0], "average_recall": 60.0}
+    assert headline(joint)["average_recall"] == headline(joint)["plasticity"] == 40.0

@@ -300,6 +300,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     out["plasticity"] = sum(learned) / len(learned) if learned else None
     out["first_learned"] = learned[0] if learned else None
     out["first_last"] = last[0]
+    if summary.get("strategy") == "joint" and None not in last:  # one phase over every domain
+        out["average_recall"] = out["plasticity"] = sum(last) / len(last)
     return out
 
 

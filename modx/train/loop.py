@@ -97,10 +97,12 @@ class Meter:
         time spent waiting for data and the loader's skipped-sample count; then start a new
         interval."""
         elapsed = time.perf_counter() - self.start
-        keys = sorted(self.sums)
-        sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).to(accelerator.device) for k in keys])
-        sums = accelerator.reduce(sums, reduction="mean") if accelerator.num_processes > 1 else sums
-        logs = {k: v / max(self.steps, 1) for k, v in zip(keys, sums.tolist())}
+        keys = sorted(self.sums)  # none when every step of the interval was skipped (on all processes)
+        logs: dict[str, float] = {}
+        if keys:
+            sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).to(accelerator.device) for k in keys])
+            sums = accelerator.reduce(sums, reduction="mean") if accelerator.num_processes > 1 else sums
+            logs = {k: v / max(self.steps, 1) for k, v in zip(keys, sums.tolist())}
         logs.update(
             samples_per_s=self.samples / elapsed,
             data_wait=batches.take_wait() / elapsed,
