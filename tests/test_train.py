@@ -188,8 +188,11 @@ def test_demo_runs_end_to_end(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recall matrix" in proc.stdout and "forgetting" in proc.stdout
+    assert "reference (finetune)" in proc.stdout  # fine-tuning's shipped result printed beside
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["n_phases"] == 3 and summary["strategy"] == "modx"
+    assert summary["learned_recall"][0] >= 40  # the demo learns its first domain
+    assert summary["last_recall"][0] >= summary["reference"]["first_last"] + 5  # and keeps it
 
 
 @pytest.mark.parametrize(
