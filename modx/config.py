@@ -49,7 +49,8 @@ class ReplayConfig:
 @dataclass
 class StrategyConfig:
     name: str = "modx"  # finetune | modx | distill | ewc | replay | wiseft | joint
-    alpha: float = 20.0  # weight of the Mod-X / distillation KL
+    alpha: float | None = None  # weight of the Mod-X / distillation KL (None: 20 for the KL over
+    #                             the batch, as the paper; 5 for the KL over replayed samples)
     temperature: float = 1.0  # tau inside the KL (1 = raw cosine similarities, as the reference)
     cognition_align: bool = True  # Mod-X selective alignment of the old model's wrong rows
     reduction: str = "sum"  # KL summed over the batch (reference script) or averaged
@@ -285,7 +286,7 @@ def validate(cfg: Config) -> None:
 
     s, t, e = cfg.strategy, cfg.train, cfg.eval
     check(s.name in STRATEGIES, "strategy.name", f"unknown strategy {s.name!r}; choose one of {sorted(STRATEGIES)}")
-    check(s.alpha >= 0, "strategy.alpha", "must be >= 0")
+    check(s.alpha is None or s.alpha >= 0, "strategy.alpha", "must be >= 0")
     check(s.temperature > 0, "strategy.temperature", "must be > 0")
     check(s.reduction in REDUCTIONS, "strategy.reduction", f"choose one of {list(REDUCTIONS)}")
     check(s.align_initial in (True, False, "auto"), "strategy.align_initial", "choose auto, true or false")

@@ -119,9 +119,10 @@ def test_wiseft_interpolates_with_the_old_model(accelerator):
 def test_modx_default_is_the_kl_over_a_replay_buffer_and_the_paper_is_one_key_away(accelerator):
     modx = build_strategy(StrategyConfig(name="modx"), accelerator)
     assert replay_ratio(modx.cfg) == 0.25 and modx.kl_on == "auto"
+    assert modx.alpha("replay") == 5.0 and modx.alpha("auto") == modx.alpha("batch") == 20.0
     paper = StrategyConfig(name="modx")
     paper.replay.ratio = 0.0
-    assert build_strategy(paper, accelerator).kl_on == "batch"
+    assert build_strategy(paper, accelerator).kl_on == "batch"  # alpha 20: the authors' script
     assert build_strategy(StrategyConfig(name="distill"), accelerator).kl_on == "batch"
 
 
@@ -176,3 +177,10 @@ def test_modx_auto_aligns_the_replayed_samples_or_the_whole_batch_before_any_rep
     b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
     assert auto.loss(model, b, old)[1]["loss_kl"] == only.loss(model, b, old)[1]["loss_kl"]
     assert only.loss(model, b, old)[1]["loss_kl"] != whole.loss(model, b, old)[1]["loss_kl"]
+
+
+def test_modx_loss_weighs_the_replay_kl_by_its_default_alpha(accelerator):
+    model, old, b = TinyClip(0), TinyClip(1).eval(), batch(5)
+    b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
+    loss, logs = build_strategy(StrategyConfig(name="modx", cognition_align=False), accelerator).loss(model, b, old)
+    assert loss.item() == pytest.approx(float(logs["loss_clip"]) + 5.0 * float(logs["loss_kl"]), rel=1e-6)
