@@ -18,24 +18,15 @@ import time
 
 from modx.data import DataError
 from modx.eval.embed import embed_dataset
-from modx.eval.load import load_model
+from modx.eval.load import load_model, model_arguments
 from modx.eval.retrieval import retrieval_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_FILE")
-    p.add_argument("--pretrained", metavar="FILE", help="local weights for a model name")
-    p.add_argument("--data", required=True, metavar="URLS", help="eval shards (brace URLs)")
+    p = model_arguments(__doc__, ("URLS", "eval shards (brace URLs)"))
     p.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--backend", choices=("faiss", "torch"), default="faiss")
     p.add_argument("--ranks", action="store_true", help="also mean / median rank")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
 
 

@@ -20,22 +20,12 @@ import sys
 import time
 
 from modx.data import DataError
-from modx.eval.load import load_model
+from modx.eval.load import load_model, model_arguments
 from modx.eval.zeroshot import evaluate_zeroshot
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR_OR_NAME")
-    p.add_argument("--pretrained", metavar="FILE", help="local weights for a model name")
-    p.add_argument("--data", required=True, metavar="ROOT", help="CLIP_benchmark dataset directory")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    return model_arguments(__doc__, ("ROOT", "CLIP_benchmark dataset directory")).parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:

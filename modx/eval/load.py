@@ -8,6 +8,7 @@ optionally with local weights via ``--pretrained FILE``.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +63,17 @@ def load_model(
     source = resolve_checkpoint(checkpoint)
     model, _, preprocess, tokenizer = create_model(source, pretrained=pretrained)
     return model.to(device).eval(), preprocess, tokenizer, source
+
+
+def model_arguments(description: str, data_help: tuple[str, str]) -> argparse.ArgumentParser:
+    """The arguments every single-model evaluation script takes: --checkpoint, --pretrained,
+    --data (metavar and help given), --batch-size, --workers, --device, --json."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR_OR_NAME")
+    p.add_argument("--pretrained", metavar="FILE", help="local weights for a model name")
+    p.add_argument("--data", required=True, metavar=data_help[0], help=data_help[1])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
