@@ -31,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "ClipLoss",
+    "all_gather",
     "clip_loss",
     "clip_loss_local",
     "full_precision",
@@ -57,6 +58,11 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def all_gather(x: torch.Tensor) -> torch.Tensor:
+    """(b, ...) -> (world * b, ...) without gradient; identity on one process."""
+    return x if world_info()[1] == 1 else _all_gather_no_grad(x)
 
 
 def _all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modx.losses import (
+    all_gather,
     clip_loss,
     clip_loss_local,
     gather_features,
@@ -93,8 +94,8 @@ class ModX(Strategy):
     @staticmethod
     def replayed(batch: Batch, device: torch.device) -> torch.Tensor:
         """(B_global,) bool: the samples the replay buffer put into the global batch."""
-        mine = torch.tensor([[k == REPLAY_KEY] for k in batch["key"]], dtype=torch.float32, device=device)
-        return gather_features(mine, mine, gather_with_grad=False)[0][:, 0] > 0
+        mine = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
+        return all_gather(mine) > 0
 
 
 class Distill(ModX):

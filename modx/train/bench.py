@@ -186,13 +186,11 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
     out = Path(out)
     runs = plan(config, specs, seeds, out, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    shared_costs: dict[Path, dict[str, Any]] = {}
     for i, r in enumerate(runs, 1):
         print(f"modx-bench [{i}/{len(runs)}] {r.label} seed {r.seed} -> {r.run_dir}", flush=True)
         own = r.run_dir / "bench_cost.json"
         if r.shared_dir is not None and not (r.run_dir / "checkpoints").is_dir():
-            if r.shared_dir not in shared_costs:
-                shared_costs[r.shared_dir] = _train_shared(r)
+            _train_shared(r)  # once per shared directory: later members find it done
             _fork(r.shared_dir, r.run_dir)
             save_config(r.cfg, r.run_dir / "config.yaml")
         if not (r.run_dir / "summary.json").is_file() or not own.is_file():
@@ -200,21 +198,19 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
             own.write_text(json.dumps(cost, indent=1))
         shared = _read_json(r.shared_dir / "bench_cost.json") if r.shared_dir else {}
         r.cost = _combine_costs(r, _read_json(own), shared)
-        partial = collect(runs[:i])  # what is done so far, in case the bench is stopped
-        (out / "bench.json").write_text(json.dumps(partial, indent=1, default=_plain) + "\n")
-    result = collect(runs)
-    (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
+        result = collect(runs[:i])  # rewritten after every run, in case the bench is stopped
+        (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
     md, page = write_bench_report(result, runs, out)
     print(format_table(result))
     print(f"wrote {out / 'bench.json'}, {md} and {page}")
     return result
 
 
-def _train_shared(r: BenchRun) -> dict[str, Any]:
+def _train_shared(r: BenchRun) -> None:
     """Train the shared leading phase(s) once as plain fine-tuning (resumable)."""
     done = r.shared_dir / "bench_cost.json"
     if done.is_file():
-        return _read_json(done)
+        return
     print(f"modx-bench: training the shared phase {r.cfg.stream.phases[0].name!r} once in {r.shared_dir}",
           flush=True)
     cfg = copy.deepcopy(r.cfg)
@@ -225,7 +221,6 @@ def _train_shared(r: BenchRun) -> dict[str, Any]:
     cfg.train.output_dir = str(r.shared_dir)
     cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
     done.write_text(json.dumps(cost, indent=1))
-    return cost
 
 
 def _fork(shared_dir: Path, run_dir: Path) -> None:
