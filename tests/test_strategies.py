@@ -184,3 +184,28 @@ def test_modx_loss_weighs_the_replay_kl_by_its_default_alpha(accelerator):
     b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
     loss, logs = build_strategy(StrategyConfig(name="modx", cognition_align=False), accelerator).loss(model, b, old)
     assert loss.item() == pytest.approx(float(logs["loss_clip"]) + 5.0 * float(logs["loss_kl"]), rel=1e-6)
+
+
+def test_modx_runs_the_old_model_on_the_replayed_samples_alone_when_its_kl_is_over_them(accelerator):
+    class Counting(TinyClip):
+        def forward(self, image, text):
+            self.seen.append(len(image))
+            return super().forward(image, text)
+
+    model, b = TinyClip(0), batch(6, n=8)
+    b["key"] = ["0", "1", "2", "3", "4", "replay", "replay", "replay"]
+    for kl_on, seen in [("replay", [3]), ("auto", [3]), ("batch", [8])]:
+        old = Counting(1).eval()
+        old.seen = []
+        loss, logs = build_strategy(StrategyConfig(name="modx", kl_on=kl_on), accelerator).loss(model, b, old)
+        assert old.seen == seen, kl_on
+        if kl_on != "batch":  # the same KL as with the whole batch through the old model
+            keep = torch.tensor([k == "replay" for k in b["key"]])
+            new, ref = model(b["image"], b["text"]), TinyClip(1)(b["image"], b["text"])
+            want = modx_kl(new["image_features"][keep], new["text_features"][keep], ref["image_features"][keep],
+                           ref["text_features"][keep])
+            assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
+    old.seen = []
+    b["key"] = ["0", "1", "2", "3", "4", "5", "6", "replay"]  # one replayed sample: no pair, no old forward
+    build_strategy(StrategyConfig(name="modx", kl_on="replay"), accelerator).loss(model, b, old)
+    assert old.seen == []

@@ -50,21 +50,23 @@ class ModX(Strategy):
             clip = clip_loss(img, txt, out["logit_scale"])  # = self.contrastive(out)
         if old_model is None:
             return clip, {"loss_clip": clip.detach()}
-        with torch.no_grad():
-            old = old_model(batch["image"], batch["text"])
-        img_old, txt_old = gather_features(
-            old["image_features"], old["text_features"], gather_with_grad=False
-        )
+        on, mine, keep = self.kl_on, None, None
+        if on != "batch":  # Mod-X's KL over the replayed samples alone
+            mine, keep = self.replayed(batch, img.device)
+            pairs = int(keep.sum()) >= 2
+            if on == "replay" or pairs:
+                on = "replay"
+                if not pairs:  # no pair to compare yet
+                    return clip, {"loss_clip": clip.detach(), "loss_kl": torch.zeros(())}
+        # The old model runs on the samples its KL compares: on the replayed ones alone when
+        # the KL is over them (a quarter of the batch at the default ratio).
+        img_old, txt_old = self.old_features(old_model, batch, mine if on == "replay" else None, out)
+        img_old, txt_old = gather_features(img_old, txt_old, gather_with_grad=False)
         options = dict(
             temperature=self.cfg.temperature, cognition_align=self.cognition_align, reduction=self.cfg.reduction
         )
-        on = self.kl_on
-        if on != "batch":  # Mod-X's KL over the replayed samples alone
-            keep = self.replayed(batch, img.device)
-            if on == "replay" or keep.sum() >= 2:
-                img, txt, img_old, txt_old, on = img[keep], txt[keep], img_old[keep], txt_old[keep], "replay"
-                if len(img) < 2:  # no pair to compare yet
-                    return clip, {"loss_clip": clip.detach(), "loss_kl": torch.zeros(())}
+        if on == "replay":
+            img, txt, img_old, txt_old = img[keep], txt[keep], img_old[keep], txt_old[keep]
         if local and on != "replay" and self.cfg.kl_diagonal:
             kl = modx_kl_local(img, txt, img_old, txt_old, rank, world, **options)
         else:  # the global computation (every process computes the same value)
@@ -92,10 +94,30 @@ class ModX(Strategy):
         return "batch" if self.cfg.kl_on == "auto" and ratio == 0 else self.cfg.kl_on
 
     @staticmethod
-    def replayed(batch: Batch, device: torch.device) -> torch.Tensor:
-        """(B_global,) bool: the samples the replay buffer put into the global batch."""
+    def replayed(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b,) and (B_global,) bool: the samples the replay buffer put into this process's
+        batch and into the global batch."""
         mine = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
-        return all_gather(mine) > 0
+        return mine > 0, all_gather(mine) > 0
+
+    @staticmethod
+    def old_features(
+        old_model: nn.Module, batch: Batch, rows: torch.Tensor | None, out: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The old model's (b, d) image and text features of this process's batch, computed
+        without autograd; with `rows` (b,) bool only those rows are computed (the others
+        are zeros, never read)."""
+        with torch.no_grad():
+            if rows is None:
+                old = old_model(batch["image"], batch["text"])
+                return old["image_features"], old["text_features"]
+            img = torch.zeros_like(out["image_features"], requires_grad=False)
+            txt = torch.zeros_like(out["text_features"], requires_grad=False)
+            idx = torch.nonzero(rows).flatten()
+            if len(idx):
+                old = old_model(batch["image"][idx], batch["text"][idx])
+                img[idx], txt[idx] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
+            return img, txt
 
 
 class Distill(ModX):
