@@ -94,6 +94,7 @@ class TrainConfig:
     grad_accum: int = 1  # gradient accumulation steps per optimiser step
     grad_clip: float | None = 1.0  # max global grad norm (None: no clipping)
     local_loss: bool = True  # each process scores its rows against the gathered columns (exact, O(b x B))
+    trim_padding: bool = True  # cut text batches to their longest caption where exact (modx.models.text)
     workers: int = 2  # data loader workers per process
     shuffle: int = 1000  # shuffle buffer of the training stream
     seed: int = 0

@@ -39,6 +39,18 @@ def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / name / "model.safetensors")
 
 
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    """Weights of two runs that differ only in float rounding."""
+    for k in want:
+        a, b = want[k], got[k]
+        if k.endswith("attn.in_proj_bias"):
+            # The key bias has zero true gradient (softmax is shift invariant): AdamW turns
+            # its rounding noise into +-lr steps, so only the query and value parts compare.
+            d = a.shape[0] // 3
+            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -84,6 +96,35 @@ def test_exported_phase_model_is_usable_by_create_model(tmp_path, monkeypatch):
     assert model.logit_scale.item() <= torch.log(torch.tensor(100.0)).item() + 1e-6
 
 
+def test_trimmed_text_padding_trains_like_the_padded_text(tmp_path, monkeypatch):
+    """train.trim_padding cuts each text batch to its longest caption (exact for this
+    causal tower): the same losses and weights as the padded batches, with replay mixing
+    fresh and buffered captions of other widths."""
+    from modx.train import run
+
+    widths: list[int] = []
+    runs = {}
+    for trim in (True, False):
+        losses: list[float] = []
+        with monkeypatch.context() as patch:
+            install_fake_stream(losses, patch.setattr)
+            import modx.train.loop as loop
+
+            class Recording(loop.TimedBatches):
+                def __next__(self):
+                    batch = super().__next__()
+                    widths.append(batch["text"].shape[1])
+                    return batch
+
+            patch.setattr(loop, "TimedBatches", Recording)
+            args = fake_stream_overrides(tmp_path / str(trim), "strategy.name=modx", f"train.trim_padding={trim}")
+            run_dir = run(load_config(None, args))
+        runs[trim] = losses, weights(run_dir, "phase-1")
+    assert max(widths[:4]) < 16 and set(widths[4:]) == {16}  # "w1 w2 w3" + start/end of 16 columns
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    assert_same_weights(runs[True][1], runs[False][1])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,14 +152,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert loss_one == pytest.approx(loss_two, rel=1e-5, abs=1e-6)
     w_one, w_two = weights(tmp_path / "one", "phase-1"), weights(tmp_path / "two", "phase-1")
     assert any(not torch.equal(w_one[k], v) for k, v in weights(tmp_path / "one", "initial").items())
-    for k in w_one:
-        a, b = w_one[k], w_two[k]
-        if k.endswith("attn.in_proj_bias"):
-            # The key bias has zero true gradient (softmax is shift invariant): AdamW turns
-            # its rounding noise into +-lr steps, so only the query and value parts compare.
-            d = a.shape[0] // 3
-            a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+    assert_same_weights(w_two, w_one)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch):

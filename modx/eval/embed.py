@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modx.data.urls import DataError
+from modx.models.text import trim_padding, trims_padding
 
 
 @dataclass
@@ -156,9 +157,10 @@ def _bar(loader: Any, progress: bool) -> Any:
 def _embed_local(net: nn.Module, loader: Any, device: torch.device, progress: bool) -> dict:
     images, texts, ids, keys = [], [], [], []
     n_images = 0
+    trim = trims_padding(net)  # captions cut to the batch's longest (exact: modx.models.text)
     for batch in _bar(loader, progress):
         img = net.encode_image(batch["image"].to(device))  # (B, d)
-        txt = net.encode_text(batch["text"].to(device))  # (M, d)
+        txt = net.encode_text((trim_padding(batch["text"]) if trim else batch["text"]).to(device))  # (M, d)
         images.append(F.normalize(img.float(), dim=-1).cpu())
         texts.append(F.normalize(txt.float(), dim=-1).cpu())
         ids.append(batch["text_image_idx"] + n_images)

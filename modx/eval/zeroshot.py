@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modx.models.text import trim_padding, trims_padding
+
 
 @torch.no_grad()
 def zeroshot_classifier(
@@ -51,7 +53,9 @@ def zeroshot_classifier(
         for i in range(0, len(mine), classes_per_batch):
             chunk = mine[i : i + classes_per_batch]
             texts = [_prompt(t, c) for c in chunk for t in templates]
-            emb = F.normalize(net.encode_text(tokenizer(texts).to(device)).float(), dim=-1)  # (c*T, d)
+            tokens = tokenizer(texts)
+            tokens = trim_padding(tokens) if trims_padding(net) else tokens  # an exact cut (modx.models.text)
+            emb = F.normalize(net.encode_text(tokens.to(device)).float(), dim=-1)  # (c*T, d)
             mean = emb.reshape(len(chunk), len(templates), -1).mean(dim=1)  # (c, d)
             parts.append(F.normalize(mean, dim=-1).T.cpu())  # (d, c)
     finally:

@@ -14,6 +14,7 @@ from modx.models.factory import (
 )
 from modx.models.model import ModxCLIP, build_model
 from modx.models.optim import is_ssm_parameter, model_param_groups
+from modx.models.text import trim_padding, trims_padding
 
 __all__ = [
     "ModelLoadError",
@@ -30,4 +31,6 @@ __all__ = [
     "model_param_groups",
     "read_state_dict",
     "swap_tower",
+    "trim_padding",
+    "trims_padding",
 ]

@@ -30,6 +30,7 @@ from modx.models.checkpoint import (
     load_weights,
 )
 from modx.models.model import build_model
+from modx.models.text import allow_short_text
 
 _log = logging.getLogger(__name__)
 _CONFIG_PATHS = [Path(__file__).parent / "model_configs"]
@@ -212,6 +213,7 @@ def create_model(
     _set_preprocess(model)
     for tower, tower_cfg in swap.items():
         model = swap_tower(model, tower, tower_cfg)
+    allow_short_text(model)  # text batches may be cut to their longest caption (modx.models.text)
     return (model, *_transforms(model, aug_cfg), get_tokenizer(model.modx_config["model_cfg"],
                                                                spec["name"]))
 

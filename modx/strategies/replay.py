@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from modx.models.text import PAD_ID, used_width
 from modx.strategies.base import Batch, Strategy
 
 REPLAY_KEY = "replay"  # the key of a replayed sample in a mixed batch
@@ -47,9 +48,13 @@ class ReplayBuffer:
             return batch
         pick = earlier[torch.randint(len(earlier), (n,), generator=self.generator)]
         device = batch["image"].device
+        # Text batches may be cut to their longest caption (train.trim_padding): the mixed
+        # batch is as wide as the widest of the fresh and the replayed captions.
+        replayed = self.text[pick]
+        width = max(batch["text"].shape[1], used_width(replayed))
         return {
             "image": torch.cat([batch["image"][: b - n], self.image[pick].to(device)]),
-            "text": torch.cat([batch["text"][: b - n], self.text[pick].to(device)]),
+            "text": torch.cat([_fit(batch["text"][: b - n], width), _fit(replayed, width).to(device)]),
             "key": list(batch.get("key", [""] * b))[: b - n] + [REPLAY_KEY] * n,
         }
 
@@ -59,6 +64,9 @@ class ReplayBuffer:
         if self.image is None:
             self.image = torch.zeros((self.capacity, *image.shape[1:]), dtype=image.dtype)
             self.text = torch.zeros((self.capacity, *text.shape[1:]), dtype=text.dtype)
+        if text.shape[1] > self.text.shape[1]:  # a wider text batch than any before: widen the buffer
+            self.text = _fit(self.text, text.shape[1])
+        text = _fit(text, self.text.shape[1])
         for i in range(image.shape[0]):
             if self.seen < self.capacity:
                 slot = self.seen
@@ -81,3 +89,10 @@ class ReplayBuffer:
         self.image, self.text, self.phase = state["image"], state["text"], state["phase"]
         self.seen = state["seen"]
         self.generator.set_state(state["generator"])
+
+
+def _fit(text: torch.Tensor, width: int) -> torch.Tensor:
+    """`text` (B, L) padded with token 0, or cut, to `width` columns (only padding is cut)."""
+    if text.shape[1] >= width:
+        return text[:, :width]
+    return torch.nn.functional.pad(text, (0, width - text.shape[1]), value=PAD_ID)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from modx.config import Config, ConfigError
+from modx.models.text import trim_padding
 
 
 @dataclass
@@ -145,11 +146,14 @@ def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Cal
 
 
 class TimedBatches:
-    """Endless batches from a loader moved to `device`, timing the wait for data."""
+    """Endless batches from a loader moved to `device`, timing the wait for data.
+    `trim`: cut each text batch to its longest caption first, on the CPU
+    (modx.models.text: only for text towers where that is exact)."""
 
-    def __init__(self, loader: Any, device: torch.device):
+    def __init__(self, loader: Any, device: torch.device, trim: bool = False):
         self.loader = loader
         self.device = device
+        self.trim = trim
         self.iterator: Iterator[dict[str, Any]] = iter(loader)
         self.epoch = 0
         self.wait = 0.0  # seconds spent waiting for batches since the last `take_wait`
@@ -172,6 +176,8 @@ class TimedBatches:
                 raise DataError(f"no training batch could be read: are the shards missing or unreadable? "
                                 f"(loader counts: {self.stats()})") from None
         self.wait += time.perf_counter() - start
+        if self.trim:
+            batch = {**batch, "text": trim_padding(batch["text"])}
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def take_wait(self) -> float:

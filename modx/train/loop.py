@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from modx.config import Config, ConfigError, save_config, to_dict
-from modx.models import ModelLoadError, create_model, model_param_groups
+from modx.models import ModelLoadError, create_model, model_param_groups, trims_padding
 from modx.strategies import ReplayBuffer, build_strategy, replay_ratio
 from modx.train.checkpoint import (
     export_phase,
@@ -204,6 +204,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     optimizer = adamw(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all),
                       accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
+    trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     ratio = replay_ratio(cfg.strategy)
     replay = ReplayBuffer(max(1, cfg.strategy.replay.size // world), ratio, seed=t.seed + rank) if ratio > 0 else None
@@ -252,7 +253,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
-        batches = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator)
+        batches = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator, trim)
         meter = Meter()
 
         for step in range(first_step, phase.steps):
@@ -320,7 +321,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
                             replay, t.keep_checkpoints, bad_steps)
                 batches.close()
-                batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator)
+                batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator,
+                                   trim)
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
@@ -350,14 +352,14 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
 def _segment(
     cfg: Config, phase: Phase, phase_step: int, global_step: int, preprocess: object, tokenizer: object,
-    accelerator: Accelerator,
+    accelerator: Accelerator, trim: bool = False,
 ) -> TimedBatches:
     """This process's batches from `phase_step` of `phase` on (a stream segment)."""
     loader = train_loader(
         cfg, phase, preprocess, tokenizer, phase_step=phase_step, global_step=global_step,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
-    return TimedBatches(loader, accelerator.device)
+    return TimedBatches(loader, accelerator.device, trim=trim)
 
 
 def _checkpoint(
