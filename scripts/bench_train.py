@@ -192,6 +192,7 @@ def ratios_of(rows: list[dict]) -> dict[str, float]:
         "modx / open_clip_train (fine-tuning samples/s)": ("modx finetune", "open_clip_train"),
         "Mod-X step time / plain CLIP step time (same run)": ("modx modx (phase 1)", "modx modx (phase 2)"),
         "Mod-X step time / fine-tuning step time (model only, interleaved)": ("step finetune", "step modx"),
+        "paper Mod-X step time / fine-tuning step time (model only, interleaved)": ("step finetune", "step modx-paper"),
         "loader modx / open_clip (samples/s, one worker)": ("loader modx", "loader open_clip"),
     }
     return {name: sps[a] / sps[b] for name, (a, b) in pairs.items() if a in sps and b in sps}
@@ -216,13 +217,17 @@ def loader_rows(args, arch: str, train: str, have_open_clip: bool, env) -> list[
 
 def step_rows(args, arch: str) -> list[dict]:
     """Model-only steps (strategy loss + backward + AdamW) on one fixed random batch,
-    fine-tuning and Mod-X (with its old model) interleaved, so both see the same load."""
+    fine-tuning and Mod-X (with its old model) interleaved, so both see the same load.
+    The batch is what the loop feeds: its last quarter replayed (modx's default buffer;
+    fine-tuning ignores it), captions cut to the longest (train.trim_padding). `modx` is
+    the default (KL over the replayed samples), `modx-paper` the KL over the whole batch."""
     import torch
     from accelerate import Accelerator
 
-    from modx.config import StrategyConfig
-    from modx.models import create_model
+    from modx.config import ReplayConfig, StrategyConfig
+    from modx.models import create_model, trim_padding, trims_padding
     from modx.strategies import build_strategy
+    from modx.strategies.replay import REPLAY_KEY
     from modx.train.loop import adamw, frozen_copy
 
     model, _, _, tok = create_model(arch)
@@ -231,10 +236,14 @@ def step_rows(args, arch: str) -> list[dict]:
     acc = Accelerator(cpu=True)
     g = torch.Generator().manual_seed(0)
     size = TINY_VIT["vision_cfg"]["image_size"]
+    text = tok([f"a photo of the digit {i % 10}" for i in range(args.batch)])
+    fresh = args.batch - round(0.25 * args.batch)
     batch = {"image": torch.randn(args.batch, 3, size, size, generator=g),
-             "text": tok([f"a photo of the digit {i % 10}" for i in range(args.batch)])}  # fmt: skip
-    runs = {name: (build_strategy(StrategyConfig(name=name), acc), old if name == "modx" else None)
-            for name in ("finetune", "modx")}  # fmt: skip
+             "text": trim_padding(text) if trims_padding(model) else text,
+             "key": [str(i) for i in range(fresh)] + [REPLAY_KEY] * (args.batch - fresh)}  # fmt: skip
+    configs = {"finetune": StrategyConfig(name="finetune"), "modx": StrategyConfig(name="modx"),
+               "modx-paper": StrategyConfig(name="modx", replay=ReplayConfig(ratio=0.0))}  # fmt: skip
+    runs = {name: (build_strategy(cfg, acc), None if name == "finetune" else old) for name, cfg in configs.items()}
     seconds = {name: [] for name in runs}
     for i in range(2 * args.step_repeats + 2):
         for name, (strategy, old_model) in runs.items():

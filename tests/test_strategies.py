@@ -209,3 +209,34 @@ def test_modx_runs_the_old_model_on_the_replayed_samples_alone_when_its_kl_is_ov
     b["key"] = ["0", "1", "2", "3", "4", "5", "6", "replay"]  # one replayed sample: no pair, no old forward
     build_strategy(StrategyConfig(name="modx", kl_on="replay"), accelerator).loss(model, b, old)
     assert old.seen == []
+
+
+def test_modx_teacher_cache_computes_each_replayed_sample_once_per_phase(accelerator):
+    class Counting(TinyClip):
+        def forward(self, image, text):
+            self.seen.append(len(image))
+            return super().forward(image, text)
+
+    model = TinyClip(0)
+    buf = ReplayBuffer(capacity=4, ratio=0.5, seed=0)
+    buf.add(batch(1, n=4), phase=0)  # four earlier samples: every mixed batch replays two of them
+    results = {}
+    mixed = [buf.mix(batch(10 + i, n=4), phase=1) for i in range(6)]
+    for cache in (True, False):
+        old = Counting(1).eval()
+        old.seen = []
+        strategy = build_strategy(StrategyConfig(name="modx", teacher_cache=cache), accelerator)
+        strategy.begin_phase(1, model, old)
+        results[cache] = [float(strategy.loss(model, b, old)[1]["loss_kl"]) for b in mixed]
+        ids = [b["replay_id"][2:] for b in mixed]
+        if cache:  # each stored sample once, at its first return
+            firsts = [len([j for j in set(now) if all(j not in earlier for earlier in ids[:i])])
+                      for i, now in enumerate(ids)]
+            assert old.seen == [n for n in firsts if n] and sum(old.seen) == len({j for now in ids for j in now})
+            strategy.begin_phase(2, model, old)  # a new phase, a new old model: computed again
+            old.seen = []
+            strategy.loss(model, mixed[0], old)
+            assert old.seen == [len(set(ids[0]))]
+        else:
+            assert old.seen == [2] * 6
+    assert results[True] == pytest.approx(results[False], rel=1e-4, abs=1e-7)  # float rounding only

@@ -100,23 +100,47 @@ class ModX(Strategy):
         mine = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
         return mine > 0, all_gather(mine) > 0
 
-    @staticmethod
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # replay id -> old features
+
+    def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
+        self.teacher = {}  # a new old model: nothing cached yet
+
     def old_features(
-        old_model: nn.Module, batch: Batch, rows: torch.Tensor | None, out: dict[str, torch.Tensor]
+        self, old_model: nn.Module, batch: Batch, rows: torch.Tensor | None, out: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The old model's (b, d) image and text features of this process's batch, computed
-        without autograd; with `rows` (b,) bool only those rows are computed (the others
-        are zeros, never read)."""
+        without autograd; with `rows` (b,) bool only those rows (the others are zeros, never
+        read). With strategy.teacher_cache a replayed sample's features are computed the
+        first time it comes back in a phase and reused after: the buffer returns the same
+        preprocessed tensors and the old model is fixed for the phase, so this is exact."""
         with torch.no_grad():
             if rows is None:
                 old = old_model(batch["image"], batch["text"])
                 return old["image_features"], old["text_features"]
             img = torch.zeros_like(out["image_features"], requires_grad=False)
             txt = torch.zeros_like(out["text_features"], requires_grad=False)
-            idx = torch.nonzero(rows).flatten()
-            if len(idx):
-                old = old_model(batch["image"][idx], batch["text"][idx])
-                img[idx], txt[idx] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
+            idx = torch.nonzero(rows).flatten().tolist()
+            ids = batch.get("replay_id") if self.cfg.teacher_cache else None
+            if ids is None:
+                if idx:
+                    old = old_model(batch["image"][idx], batch["text"][idx])
+                    img[idx], txt[idx] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
+                return img, txt
+            cache = self.teacher
+            missing: dict[int, int] = {}  # replay id -> its first row in this batch
+            for i in idx:
+                if ids[i] not in cache:
+                    missing.setdefault(ids[i], i)
+            if missing:
+                todo = list(missing.values())
+                old = old_model(batch["image"][todo], batch["text"][todo])
+                for k, key in enumerate(missing):
+                    cache[key] = (old["image_features"][k].to(img.dtype), old["text_features"][k].to(txt.dtype))
+            if idx:
+                img[idx] = torch.stack([cache[ids[i]][0] for i in idx])
+                txt[idx] = torch.stack([cache[ids[i]][1] for i in idx])
             return img, txt
 
 

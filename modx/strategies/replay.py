@@ -37,10 +37,14 @@ class ReplayBuffer:
         self.image: torch.Tensor | None = None  # (capacity, 3, H, W)
         self.text: torch.Tensor | None = None  # (capacity, ctx)
         self.phase = torch.full((capacity,), -1, dtype=torch.long)  # -1: empty slot
+        self.ids = torch.full((capacity,), -1, dtype=torch.long)  # each stored sample's index in the stream
         self.seen = 0
 
     def mix(self, batch: Batch, phase: int) -> Batch:
-        """Replace the last round(ratio * b) samples of `batch` by earlier phases' samples."""
+        """Replace the last round(ratio * b) samples of `batch` by earlier phases' samples.
+        Their "key" is REPLAY_KEY and "replay_id" names each stored sample (unique in this
+        process's stream; -1 for the fresh samples): a stored sample is the same
+        preprocessed tensor every time it comes back (Mod-X caches its old features)."""
         earlier = torch.nonzero((self.phase >= 0) & (self.phase < phase)).flatten()
         b = batch["image"].shape[0]
         n = min(round(self.ratio * b), b - 1) if len(earlier) else 0
@@ -56,6 +60,7 @@ class ReplayBuffer:
             "image": torch.cat([batch["image"][: b - n], self.image[pick].to(device)]),
             "text": torch.cat([_fit(batch["text"][: b - n], width), _fit(replayed, width).to(device)]),
             "key": list(batch.get("key", [""] * b))[: b - n] + [REPLAY_KEY] * n,
+            "replay_id": [-1] * (b - n) + self.ids[pick].tolist(),
         }
 
     def add(self, batch: Batch, phase: int) -> None:
@@ -74,6 +79,7 @@ class ReplayBuffer:
                 slot = int(torch.randint(self.seen + 1, (1,), generator=self.generator))
             if slot < self.capacity:
                 self.image[slot], self.text[slot], self.phase[slot] = image[i], text[i], phase
+                self.ids[slot] = self.seen
             self.seen += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,6 +87,7 @@ class ReplayBuffer:
             "image": self.image,
             "text": self.text,
             "phase": self.phase,
+            "ids": self.ids,
             "seen": self.seen,
             "generator": self.generator.get_state(),
         }
@@ -88,6 +95,8 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.image, self.text, self.phase = state["image"], state["text"], state["phase"]
         self.seen = state["seen"]
+        # (checkpoints before replay ids: the slots get ids no stream index can take)
+        self.ids = state.get("ids", torch.where(self.phase >= 0, -2 - torch.arange(len(self.phase)), -1))
         self.generator.set_state(state["generator"])
 
 
