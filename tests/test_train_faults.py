@@ -417,3 +417,41 @@ def test_vanishing_train_and_eval_shards_are_counted_and_skipped(tmp_path, data_
     skipped = [float(line.split(" skipped ")[1].split()[0]) for line in logged]
     assert skipped[:2] == [0, 0] and max(skipped[2:]) > 0  # the missing train shards
     assert json.loads((out / "summary.json").read_text())["n_phases"] == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_optimizer_step_skips_on_the_device_flag(fused):
+    from modx.train.loop import optimizer_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.1, fused=fused)
+    p.grad = torch.ones(3)
+    optimizer_step(opt, torch.zeros(()), scaled=False)
+    taken = p.detach().clone()
+    assert not torch.equal(taken, torch.ones(3)) and opt.state[p]["step"].item() == 1
+    p.grad = torch.full((3,), float("nan"))
+    optimizer_step(opt, torch.ones(()), scaled=False)  # skipped: no update, no weight decay, same count
+    assert torch.equal(p.detach(), taken) and opt.state[p]["step"].item() == 1
+    assert torch.isfinite(opt.state[p]["exp_avg"]).all()
+    p.grad = torch.ones(3)
+    optimizer_step(opt, torch.zeros(()), scaled=False)
+    assert opt.state[p]["step"].item() == 2 and not torch.equal(p.detach(), taken)
+
+
+def test_bad_steps_count_like_a_loop_over_the_flags():
+    from modx.train.loop import BadSteps
+
+    g = torch.Generator().manual_seed(0)
+    flags = (torch.rand(200, generator=g) < 0.4).tolist()
+    counter = BadSteps(limit=4, device=torch.device("cpu"), total=3, in_row=1)
+    total, row, longest, reads = 3, 1, 1, 0
+    for i, bad in enumerate(flags):
+        counter.update(torch.tensor(float(bad)))
+        row = row + 1 if bad else 0
+        total, longest = total + bad, max(longest, row)
+        if i % 7 == 6:  # a log line
+            before = counter.total
+            assert counter.read() == total - before
+            assert (counter.total, counter.in_row, counter.longest) == (total, row, longest)
+            longest, reads = row, reads + 1
+    assert reads == 28 and max(flags) and counter.limit == 4

@@ -59,7 +59,7 @@ class Strategy:
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         clip = self.contrastive(self.forward(model, batch))
-        return clip, {"loss_clip": clip.item()}
+        return clip, {"loss_clip": clip.detach()}
 
     def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
         """Called before the first step of `phase` (also after a resume inside it)."""

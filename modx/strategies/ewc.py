@@ -38,7 +38,7 @@ class EWC(Strategy):
         if not self.fisher:
             return clip, logs
         penalty = self.penalty(self.accelerator.unwrap_model(model))
-        logs["loss_ewc"] = penalty.item()
+        logs["loss_ewc"] = penalty.detach()
         return clip + self.cfg.ewc_lambda / 2 * penalty, logs
 
     def penalty(self, model: nn.Module) -> torch.Tensor:

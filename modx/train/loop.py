@@ -78,18 +78,26 @@ class Meter:
 
     Terms may be floats or tensors: tensors are summed where they live and read once per
     log line (no host sync per step), averaged over the processes (with train.local_loss
-    each process holds its share of the loss; their mean is the global value)."""
+    each process holds its share of the loss; their mean is the global value) and over
+    the optimiser steps that were taken (a skipped step's terms are left out)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float | torch.Tensor] = {}
         self.steps, self.samples, self.start = 0, 0, time.perf_counter()
+        self.pending: dict[str, float | torch.Tensor] = {}  # this optimiser step's terms
+        self.taken: float | torch.Tensor = 0.0  # optimiser steps taken
 
     def add(self, terms: dict[str, float | torch.Tensor], weight: float) -> None:
         for k, v in terms.items():
             v = v.detach().float() if isinstance(v, torch.Tensor) else v
-            self.sums[k] = self.sums.get(k, 0.0) + v * weight
+            self.pending[k] = self.pending.get(k, 0.0) + v * weight
 
-    def step(self, samples: int) -> None:
+    def step(self, samples: int, skipped: torch.Tensor) -> None:
+        """End an optimiser step; `skipped` (0-d, 1.0 = skipped) drops its terms."""
+        for k, v in self.pending.items():
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(skipped > 0, 0.0, torch.as_tensor(v).to(skipped.device))
+        self.taken = self.taken + (1 - skipped)
+        self.pending = {}
         self.steps, self.samples = self.steps + 1, self.samples + samples
 
     def flush(self, batches: TimedBatches, accelerator: Accelerator) -> dict[str, float]:
@@ -102,7 +110,8 @@ class Meter:
         if keys:
             sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float32).to(accelerator.device) for k in keys])
             sums = accelerator.reduce(sums, reduction="mean") if accelerator.num_processes > 1 else sums
-            logs = {k: v / max(self.steps, 1) for k, v in zip(keys, sums.tolist())}
+            taken = float(self.taken)
+            logs = {k: v / taken for k, v in zip(keys, sums.tolist())} if taken else {}
         logs.update(
             samples_per_s=self.samples / elapsed,
             data_wait=batches.take_wait() / elapsed,
@@ -117,35 +126,62 @@ class TrainingStopped(RuntimeError):
 
 
 class BadSteps:
-    """Optimiser steps skipped for a non-finite loss or gradients: in total and in a row."""
+    """Optimiser steps skipped for a non-finite loss or gradients: in total, in a row now,
+    and the longest run since the last `read`. Counted on the device, read at log lines
+    and checkpoints: no host sync per step."""
 
-    def __init__(self, limit: int, total: int = 0, in_row: int = 0):
-        self.limit, self.total, self.in_row = limit, total, in_row
+    def __init__(self, limit: int, device: torch.device, total: int = 0, in_row: int = 0):
+        self.limit = limit
+        self.counts = torch.tensor([total, in_row, in_row], dtype=torch.int64, device=device)
+        self.total, self.in_row, self.longest = total, in_row, in_row  # as of the last read
 
-    def update(self, finite: bool) -> bool:
-        """Count one step; True when `limit` steps in a row were skipped (stop the run)."""
-        if finite:
-            self.in_row = 0
-            return False
-        self.total, self.in_row = self.total + 1, self.in_row + 1
-        return self.in_row >= self.limit
+    def update(self, bad: torch.Tensor) -> None:
+        """Count one optimiser step; `bad` is 1 (skipped) or 0, a 0-d tensor."""
+        bad = bad.long()
+        total, row, longest = self.counts.unbind()
+        row = (row + 1) * bad
+        self.counts = torch.stack([total + bad, row, torch.maximum(longest, row)])
+
+    def read(self) -> int:
+        """Read the counts (one host sync); returns the steps skipped since the last read.
+        `longest >= limit` afterwards: stop the run."""
+        before = self.total
+        self.total, self.in_row, self.longest = self.counts.tolist()
+        self.counts[2] = self.in_row  # the next interval's longest run starts with the current one
+        return self.total - before
 
 
-def finite_step(accelerator: Accelerator, model: nn.Module, loss_finite: bool, grad_clip: float | None) -> bool:
-    """Clip the gradients; whether the optimiser step may go ahead: the loss is finite on
-    every process and so is the gradient norm. Under fp16 the GradScaler judges the
-    gradients itself (it skips an overflowing step and lowers its scale)."""
-    ok = torch.tensor([float(loss_finite)], device=accelerator.device)
-    if accelerator.reduce(ok, reduction="sum").item() < accelerator.num_processes:
-        return False  # before any unscaling: the GradScaler's state stays untouched
-    if grad_clip is not None:
-        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-    elif accelerator.scaler is None:
+def skip_step(accelerator: Accelerator, model: nn.Module, bad: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """Clip the gradients; 1 (a 0-d float tensor) when the optimiser step must be skipped:
+    some process's loss (`bad`, this process's) or the gradient norm is not finite. No
+    host sync. Under fp16 the GradScaler judges the gradients itself (it skips an
+    overflowing step and lowers its scale; not counted here)."""
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.reshape(1), reduction="sum").reshape(()).clamp(max=1)
+    norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip is not None else None
+    if accelerator.scaler is not None:
+        return bad
+    if norm is None:
         grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-        norm = torch.stack(grads).norm() if grads else torch.zeros(())
-    else:
-        return True
-    return accelerator.scaler is not None or bool(torch.isfinite(norm))
+        norm = torch.stack(grads).norm() if grads else torch.zeros((), device=bad.device)
+    return torch.maximum(bad, (~torch.isfinite(norm)).float().reshape(()))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor, scaled: bool) -> None:
+    """The optimiser step unless `skip` (0-d, 1.0 = skip). A fused AdamW takes the flag on
+    the device (the `found_inf` a GradScaler gives it: no update, step count kept), so
+    nothing waits for the device; other optimisers read it back. Under fp16 (`scaled`)
+    the GradScaler sets the flag itself."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer
+    if scaled:
+        optimizer.step()
+    elif inner.defaults.get("fused"):
+        inner.found_inf = skip.float()
+        optimizer.step()
+    elif not skip.item():
+        optimizer.step()
+
+
 def adamw(groups: list[dict], device: torch.device) -> torch.optim.AdamW:
     """AdamW, with the fused kernel where the device has one (CPU, CUDA): one pass over
     each tensor instead of foreach's several (its step took 8 ms against 52 ms for a
@@ -214,13 +250,14 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
     train_seconds = 0.0  # time in training steps (data waits included, evaluation not)
-    bad_steps = BadSteps(t.max_bad_steps)
+    bad_steps = BadSteps(t.max_bad_steps, accelerator.device)
     state_path = _resume_path(resume or t.resume, ckpt_dir)
     if state_path is not None:
         trainer_state = read_trainer_state(state_path)
         start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
         train_seconds = trainer_state.get("train_seconds", 0.0)
-        bad_steps = BadSteps(t.max_bad_steps, trainer_state.get("skipped_steps", 0), trainer_state.get("bad_in_row", 0))
+        bad_steps = BadSteps(t.max_bad_steps, accelerator.device, trainer_state.get("skipped_steps", 0),
+                             trainer_state.get("bad_in_row", 0))
         if start_phase > 0 or align_initial:  # the export that ended the previous phase
             previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
             old_model = frozen_copy(create_model(str(ckpt_dir / previous))[0]).to(accelerator.device)
@@ -259,8 +296,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         for step in range(first_step, phase.steps):
             step_start = time.perf_counter()
             # ---- one optimiser step = grad_accum micro-batches of the global batch;
-            #      skipped (not taken, counted) when the loss or the gradients are not finite
-            finite = True
+            #      skipped (not taken, counted) when the loss or the gradients are not finite,
+            #      decided on the device (no host sync per step)
+            skip = torch.zeros((), device=accelerator.device)
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 if replay is not None:
@@ -270,37 +308,32 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     with accelerator.autocast():
                         loss, terms = strategy.loss(model, batch, old_model)
                     accelerator.backward(loss)
-                    finite = finite and math.isfinite(loss.item())
+                    skip = torch.maximum(skip, (~torch.isfinite(loss.detach())).float())
                     if accelerator.sync_gradients:
-                        finite = finite_step(accelerator, model, finite, t.grad_clip)
-                    if finite:
-                        optimizer.step()
+                        skip = skip_step(accelerator, model, skip, t.grad_clip)
+                        optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
                     optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    meter.add({"loss": loss, **terms}, weight=1 / t.grad_accum)
+                meter.add({"loss": loss, **terms}, weight=1 / t.grad_accum)
             lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
             with torch.no_grad():
                 accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
             global_step += 1
             train_seconds += time.perf_counter() - step_start
-            meter.step(samples=t.batch_size * t.grad_accum)
+            meter.step(samples=t.batch_size * t.grad_accum, skipped=skip)
+            bad_steps.update(skip)
             progress.update(1)
             fault_point("step")
-            if bad_steps.update(finite):
-                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy, replay,
-                            t.keep_checkpoints, bad_steps)
-                raise TrainingStopped(
-                    f"training stopped at global step {global_step}: {bad_steps.in_row} optimiser steps in a row had "
-                    f"a non-finite loss or gradients (train.max_bad_steps={t.max_bad_steps}); the model and optimiser "
-                    f"of the last good step are saved in {find_latest(ckpt_dir)}. Lower train.lr, set train.grad_clip "
-                    "or use train.precision=bf16/fp32, then resume with --resume"
-                )
-            if not finite:
-                accelerator.print(f"step {global_step}: non-finite loss or gradients; step skipped ({bad_steps.in_row} in a row)")
 
-            # ---- log
+            # ---- log (and read the skipped-step counts: a run of train.max_bad_steps stops)
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
+                skipped = bad_steps.read()
+                if skipped:
+                    accelerator.print(f"step {global_step}: {skipped} optimiser step(s) since the last log line had a "
+                                      f"non-finite loss or gradients and were skipped ({bad_steps.in_row} in a row now)")
+                if bad_steps.longest >= bad_steps.limit:
+                    _stop_bad_steps(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds,
+                                    strategy, replay, t, bad_steps)
                 logs = meter.flush(batches, accelerator) | {
                     "lr": lr,
                     "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
@@ -345,6 +378,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         samples = global_step * t.batch_size * t.grad_accum
         cost = {"train_seconds": train_seconds, "train_samples": samples,
                 "samples_per_s": samples / train_seconds if train_seconds else None}
+        bad_steps.read()
         evaluator.finish(extra={"skipped_steps": bad_steps.total, "cost": cost})
     accelerator.end_training()
     return run_dir
@@ -374,12 +408,30 @@ def _checkpoint(
     keep: int,
     bad_steps: BadSteps,
 ) -> None:
+    bad_steps.read()
     trainer_state = {
         "phase": phase, "phase_step": phase_step, "global_step": global_step,
         "train_seconds": train_seconds, "skipped_steps": bad_steps.total, "bad_in_row": bad_steps.in_row,
     }
     strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
+
+
+def _stop_bad_steps(
+    accelerator: Accelerator, ckpt_dir: Path, phase: int, phase_step: int, global_step: int, train_seconds: float,
+    strategy: object, replay: ReplayBuffer | None, t: object, bad_steps: BadSteps,
+) -> None:
+    """train.max_bad_steps optimiser steps in a row were skipped: save the state and stop.
+    A skipped step leaves the model as it was, so the state is the last good step's
+    model and optimiser (the run is found at the log line after the limit was reached)."""
+    _checkpoint(accelerator, ckpt_dir, phase, phase_step, global_step, train_seconds, strategy, replay,
+                t.keep_checkpoints, bad_steps)
+    raise TrainingStopped(
+        f"training stopped at global step {global_step}: {bad_steps.longest} optimiser steps in a row had "
+        f"a non-finite loss or gradients (train.max_bad_steps={t.max_bad_steps}); the model and optimiser "
+        f"of the last good step are saved in {find_latest(ckpt_dir)}. Lower train.lr, set train.grad_clip "
+        "or use train.precision=bf16/fp32, then resume with --resume"
+    )
 
 
 def _align_initial(cfg: Config, model: nn.Module) -> bool:
