@@ -94,11 +94,13 @@ class ModX(Strategy):
         return "batch" if self.cfg.kl_on == "auto" and ratio == 0 else self.cfg.kl_on
 
     @staticmethod
-    def replayed(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b,) and (B_global,) bool: the samples the replay buffer put into this process's
-        batch and into the global batch."""
-        mine = torch.tensor([k == REPLAY_KEY for k in batch["key"]], dtype=torch.float32, device=device)
-        return mine > 0, all_gather(mine) > 0
+    def replayed(batch: Batch, device: torch.device) -> tuple[list[int], torch.Tensor]:
+        """The rows the replay buffer put into this process's batch, and the (B_global,)
+        bool mask of those in the global batch."""
+        mine = [i for i, k in enumerate(batch["key"]) if k == REPLAY_KEY]
+        mask = torch.zeros(len(batch["key"]), device=device)
+        mask[mine] = 1.0
+        return mine, all_gather(mask) > 0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -108,11 +110,10 @@ class ModX(Strategy):
         self.teacher = {}  # a new old model: nothing cached yet
 
     def old_features(
-        self, old_model: nn.Module, batch: Batch, rows: torch.Tensor | None, out: dict[str, torch.Tensor]
+        self, old_model: nn.Module, batch: Batch, rows: list[int] | None, out: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The old model's (b, d) image and text features of this process's batch, computed
-        without autograd; with `rows` (b,) bool only those rows (the others are zeros, never
-        read). With strategy.teacher_cache a replayed sample's features are computed the
+        without autograd; with `rows` only those rows (the others are zeros, never read). With strategy.teacher_cache a replayed sample's features are computed the
         first time it comes back in a phase and reused after: the buffer returns the same
         preprocessed tensors and the old model is fixed for the phase, so this is exact."""
         with torch.no_grad():
@@ -121,16 +122,15 @@ class ModX(Strategy):
                 return old["image_features"], old["text_features"]
             img = torch.zeros_like(out["image_features"], requires_grad=False)
             txt = torch.zeros_like(out["text_features"], requires_grad=False)
-            idx = torch.nonzero(rows).flatten().tolist()
             ids = batch.get("replay_id") if self.cfg.teacher_cache else None
             if ids is None:
-                if idx:
-                    old = old_model(batch["image"][idx], batch["text"][idx])
-                    img[idx], txt[idx] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
+                if rows:
+                    old = old_model(batch["image"][rows], batch["text"][rows])
+                    img[rows], txt[rows] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
                 return img, txt
             cache = self.teacher
             missing: dict[int, int] = {}  # replay id -> its first row in this batch
-            for i in idx:
+            for i in rows:
                 if ids[i] not in cache:
                     missing.setdefault(ids[i], i)
             if missing:
@@ -138,9 +138,9 @@ class ModX(Strategy):
                 old = old_model(batch["image"][todo], batch["text"][todo])
                 for k, key in enumerate(missing):
                     cache[key] = (old["image_features"][k].to(img.dtype), old["text_features"][k].to(txt.dtype))
-            if idx:
-                img[idx] = torch.stack([cache[ids[i]][0] for i in idx])
-                txt[idx] = torch.stack([cache[ids[i]][1] for i in idx])
+            if rows:
+                img[rows] = torch.stack([cache[ids[i]][0] for i in rows])
+                txt[rows] = torch.stack([cache[ids[i]][1] for i in rows])
             return img, txt
 
 
