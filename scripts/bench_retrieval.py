@@ -4,11 +4,15 @@ backends at a few gallery sizes (synthetic unit vectors, several captions per im
     python scripts/bench_retrieval.py                       # 10k and 100k captions, d=512
     python scripts/bench_retrieval.py --sizes 10000 --json bench.json
     python scripts/bench_retrieval.py --large --json big.json   # 100k images x 500k captions, d=256
+    python scripts/bench_retrieval.py --sizes 100000 --dim 256 --backends faiss --before HEAD~1
+                                      # the same data in one process: code at git REV, then now
 
 Each (backend, size) runs in a fresh process so that its peak resident memory can be
 measured; "extra peak" is the peak RSS during the call minus the RSS before it (the
 embeddings themselves excluded). "full matrix" is what an N x M float32 similarity
-matrix would take. Prints a table; --json writes the rows as JSON.
+matrix would take. Prints a table; --json writes the rows as JSON. ``--before REV`` also
+times ``modx/eval/retrieval.py`` as of git revision REV in the same process, on the same
+data, before the current code (rows "BACKEND@REV"), for a side-by-side under one load.
 """
 
 from __future__ import annotations
@@ -44,18 +48,48 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(backend: str, n_texts: int, per_image: int, dim: int, approximate: bool) -> dict:
-    from modx.eval.retrieval import retrieval_metrics
+def _module_at(rev: str):
+    """modx/eval/retrieval.py as of git revision ``rev``, imported as a separate module."""
+    import importlib.util
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = subprocess.run(["git", "-C", root, "show", f"{rev}:modx/eval/retrieval.py"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    path = os.path.join(tempfile.mkdtemp(), "retrieval_before.py")
+    with open(path, "w") as f:
+        f.write(text)
+    spec = importlib.util.spec_from_file_location("retrieval_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child(backend: str, n_texts: int, per_image: int, dim: int, approximate: bool,
+          before_rev: str | None = None) -> list[dict]:  # fmt: skip
+    from modx.eval import retrieval
 
     img, txt, ids = synthetic(n_texts, per_image, dim)
-    retrieval_metrics(img[:64], txt[: 64 * per_image], ids[: 64 * per_image], backend=backend)
+    runs = [("", retrieval)] + ([(f"@{before_rev}", _module_at(before_rev))] if before_rev else [])
+    rows = []
+    for tag, module in reversed(runs):  # the code before first, the current code last
+        rows.append(_timed(module.retrieval_metrics, img, txt, ids, backend, approximate, tag))
+    return rows
+
+
+def _timed(retrieval_metrics, img, txt, ids, backend: str, approximate: bool, tag: str) -> dict:
+    n_texts, dim = txt.shape
+    per = int(np.bincount(ids).max())
+    retrieval_metrics(img[:64], txt[: 64 * per], ids[: 64 * per], backend=backend)
     before = _rss_mib()
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     metrics = retrieval_metrics(img, txt, ids, backend=backend, approximate=approximate)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
     return {
-        "backend": backend + ("-hnsw" if approximate else ""),
+        "backend": backend + ("-hnsw" if approximate else "") + tag,
+        "cpu_seconds": round(cpu, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
         "n_images": len(img),
         "n_texts": n_texts,
         "dim": dim,
@@ -77,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--approximate", action="store_true", help="also faiss with an HNSW index")
     p.add_argument("--large", action="store_true",
                    help="the issue-11 size: 100k images x 500k captions, d=256, faiss backend only")
+    p.add_argument("--before", metavar="REV",
+                   help="also time modx/eval/retrieval.py at this git revision, same process and data")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--child-approximate", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        row = child(args.child[0], int(args.child[1]), args.captions_per_image, args.dim,
-                    args.child_approximate)  # fmt: skip
-        print(json.dumps(row))
+        rows = child(args.child[0], int(args.child[1]), args.captions_per_image, args.dim,
+                     args.child_approximate, args.before)  # fmt: skip
+        print(json.dumps(rows))
         return 0
     if args.large:
         args.sizes, args.dim, args.captions_per_image, args.backends = [500_000], 256, 5, ["faiss"]
@@ -95,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--child", backend, str(n), "--dim", str(args.dim),
                    "--captions-per-image", str(args.captions_per_image)]  # fmt: skip
             cmd += ["--child-approximate"] if approx else []
+            cmd += ["--before", args.before] if args.before and not approx else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows += json.loads(out.strip().splitlines()[-1])
             print(
                 f"done: {rows[-1]['backend']} {n} captions in {rows[-1]['seconds']} s",
                 file=sys.stderr,
@@ -104,10 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     exact = {}
     for r in rows:
-        if not r["backend"].endswith("hnsw"):
+        if not r["backend"].endswith("hnsw") and "@" not in r["backend"]:
             exact.setdefault(r["n_texts"], []).append(r["metrics"])
     same = all(all(m == ms[0] for m in ms) for ms in exact.values())
     print(f"\nexact backends give identical metrics: {'yes' if same else 'NO'}")
+    now = {(r["backend"], r["n_texts"]): r["metrics"] for r in rows}
+    for r in rows:
+        if "@" in r["backend"]:
+            equal = r["metrics"] == now.get((r["backend"].split("@")[0], r["n_texts"]))
+            print(f"{r['backend']} vs now at {r['n_texts']:,} captions: identical metrics: "
+                  f"{'yes' if equal else 'NO'}")  # fmt: skip
     if args.json:
         info = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                 "torch_threads": _torch_threads(), "identical": same, "rows": rows}  # fmt: skip
@@ -123,12 +166,14 @@ def _torch_threads() -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| backend | images | captions | dim | time (s) | extra peak (MiB) | full matrix (MiB) | mean recall |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| backend | images | captions | dim | time (s) | CPU time (s) | load | extra peak (MiB) "
+            "| full matrix (MiB) | mean recall |")  # fmt: skip
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['backend']} | {r['n_images']:,} | {r['n_texts']:,} | {r['dim']} | {r['seconds']:.2f} "
-            f"| {r['extra_peak_mib']:.0f} | {r['full_matrix_mib']:,.0f} | {r['metrics']['mean_recall']:.2f} |"
+            f"| {r['cpu_seconds']:.1f} | {r['load_avg_1m']:.1f} | {r['extra_peak_mib']:.0f} "
+            f"| {r['full_matrix_mib']:,.0f} | {r['metrics']['mean_recall']:.4f} |"
         )
     return "\n".join(lines)
 
