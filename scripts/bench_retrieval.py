@@ -5,6 +5,7 @@ backends at a few gallery sizes (synthetic unit vectors, several captions per im
     python scripts/bench_retrieval.py --sizes 10000 --json bench.json
     python scripts/bench_retrieval.py --large --json big.json   # 100k images x 500k captions, d=256
     python scripts/bench_retrieval.py --sizes 100000 --dim 256 --backends faiss --before HEAD~1
+    python scripts/bench_retrieval.py --bands --dim 256   # pairs a bfloat16 first pass must rescore
                                       # the same data in one process: code at git REV, then now
 
 Each (backend, size) runs in a fresh process so that its peak resident memory can be
@@ -100,6 +101,42 @@ def _timed(retrieval_metrics, img, txt, ids, backend: str, approximate: bool, ta
     }
 
 
+def band_report(n_texts: int, per_image: int, dim: int) -> dict:
+    """Fraction of (image, text) pairs whose score lies within a first pass's rigorous
+    error bound of the query's best match score (the pairs the exact count must rescore
+    in float64), for the float32 pass the module uses and for a bfloat16 one, on the
+    benchmark's data (full float64 matrix: keep n_texts <= ~50k)."""
+    import torch
+
+    img, txt, ids = synthetic(n_texts, per_image, dim)
+    a64, t64 = img.astype(np.float64), txt.astype(np.float64)
+    s = a64 @ t64.T  # (N, M)
+    pos_t = (a64[ids] * t64).sum(1)
+    pos_i = np.full(len(img), -np.inf)
+    np.maximum.at(pos_i, ids, pos_t)
+    out = {"n_images": len(img), "n_texts": n_texts, "dim": dim}
+    # float32: |fl(a.b) - a.b| <= d u |a||b| / (1 - d u), u = 2^-24 (what the module uses)
+    u = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+    na, nt = np.linalg.norm(a64, axis=1), np.linalg.norm(t64, axis=1)
+    bounds = {"float32": u * na[:, None] * nt[None, :]}
+    # bfloat16 inputs, exact products, float32 accumulation: with r = a - bf16(a),
+    # |a.b - bf16(a).bf16(b)| <= |r_a||bf16(b)| + |bf16(a)||r_b| + |r_a||r_b| (Cauchy-Schwarz
+    # on the residuals actually left, tighter than (2u + u^2)|a||b| with u = 2^-8), plus
+    # the accumulation term (and a bfloat16 output rounding, u |s|, which torch's CPU
+    # matmul adds and this leaves out: the fraction is a lower bound)
+    def split(x):
+        xb = torch.from_numpy(x).bfloat16().double().numpy()
+        return np.linalg.norm(xb, axis=1), np.linalg.norm(x.astype(np.float64) - xb, axis=1)
+    (ba, ra), (bt, rt) = split(img), split(txt)
+    bounds["bfloat16"] = (ra[:, None] * bt[None, :] + ba[:, None] * rt[None, :] + ra[:, None] * rt[None, :]
+                          + u * ba[:, None] * bt[None, :])  # fmt: skip
+    for name, b in bounds.items():
+        not_match = ids[None, :] != np.arange(len(img))[:, None]
+        out[f"{name}_i2t_band"] = float(((np.abs(s - pos_i[:, None]) <= b) & not_match).mean())
+        out[f"{name}_t2i_band"] = float(((np.abs(s - pos_t[None, :]) <= b) & not_match).mean())
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the issue-11 size: 100k images x 500k captions, d=256, faiss backend only")
     p.add_argument("--before", metavar="REV",
                    help="also time modx/eval/retrieval.py at this git revision, same process and data")
+    p.add_argument("--bands", action="store_true",
+                   help="report the share of pairs a float32 / bfloat16 first pass must rescore")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
     p.add_argument("--child-approximate", action="store_true", help=argparse.SUPPRESS)
@@ -121,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = child(args.child[0], int(args.child[1]), args.captions_per_image, args.dim,
                      args.child_approximate, args.before)  # fmt: skip
         print(json.dumps(rows))
+        return 0
+    if args.bands:
+        for n in args.sizes if args.sizes != [10_000, 100_000] else [10_000, 50_000]:
+            print(json.dumps(band_report(n, args.captions_per_image, args.dim)))
         return 0
     if args.large:
         args.sizes, args.dim, args.captions_per_image, args.backends = [500_000], 256, 5, ["faiss"]
