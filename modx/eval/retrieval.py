@@ -34,7 +34,36 @@ instead takes the top ``max(ks) + positives + margin`` candidates per query from
 HNSW index, rescored in float64 (fast on huge galleries; results may differ
 slightly from the exact ones); a query whose last candidate may still score s* or
 more is recounted exactly.
-Memory is bounded by a score tile (about 64 MiB) and a query chunk, never N x M.
+
+Why the band is exact. With u = 2^-24 (float32) and any summation order, blocking or
+FMA, the computed fl(q . g) satisfies |fl(q . g) - q . g| <= gamma_d sum_k |q_k g_k|
+<= gamma_d |q| |g| (Cauchy-Schwarz), gamma_d = d u / (1 - d u); the float64 reference
+differs from q . g by ~d 2^-53 |q||g|, which the 1% margin of ``_f32_error_bound``
+covers, and the band ends lo/hi, rounded to float32, are widened by one ulp. So a
+float32 score above hi is a float64 score above s*, one below lo is below, and only
+the band [lo, hi] is rescored: on the benchmark's data 5e-5 of the pairs (text ->
+image; 5e-6 image -> text), matching pairs excluded (``bench_retrieval.py --bands``).
+
+Why not a bfloat16 first pass (2.5x the float32 matmul rate on this CPU). Rounding the
+inputs to bfloat16 (u = 2^-8) moves a score by up to |r_a||b~| + |a~||r_b| + |r_a||r_b|
+(r = the rounding residual, |r| <= u|x|; the rigorous bound is the Cauchy-Schwarz one,
+as for float32, and the typical error is ~sqrt(d) times smaller), and torch's CPU
+matmul also rounds its output to bfloat16 (no float32 output). On the benchmark's
+data that band holds 1.1% of the pairs (text -> image), 200x the float32 band:
+5.5e8 float64 rescorings at 100k x 500k, minutes, against the ~90 s the cheaper
+matmul saves. The band is that wide because a caption's match score sits in the bulk
+of its scores (a weak model, recall ~5%); int8 with per-vector scales rounds worse
+than bfloat16. So the first pass stays float32; a reduced-precision pass pays only
+where matches sit in the tail (strong models), which exactness cannot assume.
+
+Speed of the one pass: tiles of ``_IMAGE_TILE`` x ``_TEXT_TILE`` (512 x 2048, 4 MiB of
+scores) so that the four comparisons per tile (above / within the band, along rows and
+columns) read it from cache, counted 8 bools at a time (uint64 byte lanes); image
+blocks are shared out to ``torch.get_num_threads()`` worker threads, each running its
+matmuls on one thread (numpy's comparisons are single-threaded; both release the GIL).
+Set ``torch.set_num_threads`` to limit it. Memory: per worker one tile, its mask and
+two counters per caption (16 bytes each), plus the band pairs of one image block;
+never N x M.
 """
 
 from __future__ import annotations
