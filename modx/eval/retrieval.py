@@ -316,13 +316,7 @@ def _counts_both_directions(
     (image -> text, against ``pos_img``) and along its columns (text -> image, against
     ``pos_txt``), with the same float32 error band and float64 rescoring. An image with
     ``pos_img = -inf`` (no caption) counts nothing. Returns ((above, tied) per image,
-    (above, tied) per text).
-
-    Speed: the tiles are small (_IMAGE_TILE x _TEXT_TILE, 4 MiB of scores) so that the
-    four comparisons and counts after each matmul read the tile from cache, and the
-    image blocks are shared out to ``torch.get_num_threads()`` worker threads, each
-    with a one-thread matmul and its own text-side counters (numpy's comparisons are
-    single-threaded; both release the GIL)."""
+    (above, tied) per text). Tiles, threads and memory: module docstring."""
     n_img, n_txt = len(img), len(txt)
     above_i, tied_i = np.zeros(n_img, dtype=np.int64), np.zeros(n_img, dtype=np.int64)
     bands = []
