@@ -348,7 +348,13 @@ def brute_counts(img, txt, ids):
         if mine.any():
             best = s[i, mine].max()
             wrong = s[i, ~mine]
-            i2t.append((int((wrong > best).sum()), int((wrong == best).sum()), int((s[i, mine] == best).sum())))
+            i2t.append(
+                (
+                    int((wrong > best).sum()),
+                    int((wrong == best).sum()),
+                    int((s[i, mine] == best).sum()),
+                )
+            )
     for j in range(len(txt)):
         best, wrong = s[ids[j], j], np.delete(s[:, j], ids[j])
         t2i.append((int((wrong > best).sum()), int((wrong == best).sum()), 1))
@@ -377,7 +383,9 @@ def adversarial(seed, dim=37):
     img[20:25] *= np.float32(1e-3)
     img[30:33] = img[33]  # duplicate images
     ids = np.concatenate([np.arange(n_img), np.full(40, 5), rng.integers(0, n_img, 100)])
-    txt = (img[ids] + rng.standard_normal((len(ids), dim)).astype(np.float32) * img[ids].std(1, keepdims=True))
+    txt = img[ids] + rng.standard_normal((len(ids), dim)).astype(np.float32) * img[ids].std(
+        1, keepdims=True
+    )
     txt = txt.astype(np.float32)
     # near-ties: copies of image 7's first caption nudged by one float32 ulp in one
     # coordinate, attached to other images (the score moves by ~1e-7 relative, where
@@ -387,7 +395,11 @@ def adversarial(seed, dim=37):
     for k in range(24):
         v = base.copy()
         c = k % dim
-        v[c] = np.nextafter(v[c], np.float32(np.inf) if k % 3 == 0 else np.float32(-np.inf)) if k % 3 < 2 else v[c]
+        v[c] = (
+            np.nextafter(v[c], np.float32(np.inf) if k % 3 == 0 else np.float32(-np.inf))
+            if k % 3 < 2
+            else v[c]
+        )
         nudged.append(v)
     txt = np.concatenate([txt, np.array(nudged, dtype=np.float32)])
     ids = np.concatenate([ids, rng.integers(0, n_img, 24)])
@@ -427,12 +439,16 @@ def test_one_pass_on_adversarial_data_equals_float64_brute_force(monkeypatch, th
     has = np.flatnonzero(np.bincount(ids, minlength=len(img)) > 0)
     assert [(a, t) for a, t, _ in want_i2t] == list(zip(a_i[has].tolist(), t_i[has].tolist()))
     assert [(a, t) for a, t, _ in want_t2i] == list(zip(a_t.tolist(), t_t.tolist()))
-    assert sum(t for _, t, _ in want_t2i) > 0 and sum(t for _, t, _ in want_i2t) > 0  # exact ties too
+    assert (
+        sum(t for _, t, _ in want_t2i) > 0 and sum(t for _, t, _ in want_i2t) > 0
+    )  # exact ties too
     assert got["faiss"] == got["torch"]
     assert got["torch"] == pytest.approx(metrics_from_counts(want_i2t, want_t2i, ks), rel=1e-12)
 
 
-@pytest.mark.parametrize("shape", [(512, 2048), (510, 2040), (300, 16), (7, 13), (256, 4096), (1, 8), (509, 24)])
+@pytest.mark.parametrize(
+    "shape", [(512, 2048), (510, 2040), (300, 16), (7, 13), (256, 4096), (1, 8), (509, 24)]
+)
 def test_tile_counts_equal_plain_sums(shape):
     """The uint64-lane counts of a bool tile equal numpy's sums, all-true included
     (the case where a byte lane would overflow past 255)."""
