@@ -33,10 +33,10 @@ import numpy as np
 def synthetic(n_texts: int, per_image: int, dim: int, seed: int = 0):
     """Unit image vectors; each caption is its image plus noise, renormalised."""
     rng = np.random.default_rng(seed)
-    n_images = n_texts // per_image
+    n_images = -(-n_texts // per_image)  # the last image has fewer captions if n_texts % per_image
     img = rng.standard_normal((n_images, dim), dtype=np.float32)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
-    ids = np.repeat(np.arange(n_images), per_image)
+    ids = np.arange(n_texts) // per_image
     txt = rng.standard_normal((n_texts, dim), dtype=np.float32)
     txt *= 8.0 / np.sqrt(dim)  # noise norm 8: caption-image cosine about 0.12
     txt += img[ids]
