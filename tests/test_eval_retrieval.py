@@ -334,3 +334,125 @@ def test_torch_tensors_accepted_and_approximate_index_close():
 def test_bad_input_is_a_clear_value_error(img, txt, ids, kwargs, match):
     with pytest.raises(ValueError, match=match):
         retrieval_metrics(img, txt, ids, **kwargs)
+
+
+def brute_counts(img, txt, ids):
+    """Reference for adversarial data: the full float64 score matrix, every product
+    summed along d exactly as the module's float64 rescoring does (so bit-equal scores
+    for equal vectors), then per query (a, t, q) by whole-row comparisons."""
+    a64, t64 = img.astype(np.float64), txt.astype(np.float64)
+    s = (a64[:, None, :] * t64[None, :, :]).sum(-1)  # (N, M)
+    i2t, t2i = [], []
+    for i in range(len(img)):
+        mine = ids == i
+        if mine.any():
+            best = s[i, mine].max()
+            wrong = s[i, ~mine]
+            i2t.append(
+                (
+                    int((wrong > best).sum()),
+                    int((wrong == best).sum()),
+                    int((s[i, mine] == best).sum()),
+                )
+            )
+    for j in range(len(txt)):
+        best, wrong = s[ids[j], j], np.delete(s[:, j], ids[j])
+        t2i.append((int((wrong > best).sum()), int((wrong == best).sum()), 1))
+    return i2t, t2i
+
+
+def metrics_from_counts(i2t, t2i, ks):
+    out = {}
+    for name, counts in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            out[f"{name}_R@{k}"] = float(100 * sum(exact_hit(*c, k) for c in counts) / len(counts))
+        expected = [a + Fraction(t, q + 1) for a, t, q in counts]
+        out[f"{name}_mean_rank"] = float(sum(expected) / len(expected) + 1)
+        out[f"{name}_median_rank"] = float(math.floor(np.median(np.array(expected, float))) + 1)
+    out["mean_recall"] = np.mean([v for key, v in out.items() if "R@" in key])
+    return out
+
+
+def adversarial(seed, dim=37):
+    """Near-ties far below the float32 error, exact duplicates, an image with many
+    captions, scores of large and small magnitude, d not a multiple of 16."""
+    rng = np.random.default_rng(seed)
+    n_img = 60
+    img = rng.standard_normal((n_img, dim)).astype(np.float32)
+    img[:20] *= np.float32(1e3)  # large scores next to unit-scale ones
+    img[20:25] *= np.float32(1e-3)
+    img[30:33] = img[33]  # duplicate images
+    ids = np.concatenate([np.arange(n_img), np.full(40, 5), rng.integers(0, n_img, 100)])
+    txt = img[ids] + rng.standard_normal((len(ids), dim)).astype(np.float32) * img[ids].std(
+        1, keepdims=True
+    )
+    txt = txt.astype(np.float32)
+    # near-ties: copies of image 7's first caption nudged by one float32 ulp in one
+    # coordinate, attached to other images (the score moves by ~1e-7 relative, where
+    # the float32 product errs by up to ~dim * 6e-8), plus exact duplicates of it
+    base = txt[7].copy()
+    nudged = []
+    for k in range(24):
+        v = base.copy()
+        c = k % dim
+        v[c] = (
+            np.nextafter(v[c], np.float32(np.inf) if k % 3 == 0 else np.float32(-np.inf))
+            if k % 3 < 2
+            else v[c]
+        )
+        nudged.append(v)
+    txt = np.concatenate([txt, np.array(nudged, dtype=np.float32)])
+    ids = np.concatenate([ids, rng.integers(0, n_img, 24)])
+    # and a text side near-tie: image 9's caption scored against images nudged from image 9
+    img = np.concatenate([img, np.repeat(img[9:10], 6, axis=0)])
+    for r in range(n_img, n_img + 6):
+        c = r % dim
+        img[r, c] = np.nextafter(img[r, c], np.float32(np.inf) if r % 2 else np.float32(-np.inf))
+    return img.astype(np.float32), txt, ids
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_one_pass_on_adversarial_data_equals_float64_brute_force(monkeypatch, threads, seed):
+    monkeypatch.setattr(retrieval, "_IMAGE_TILE", 16)  # several image blocks per worker
+    monkeypatch.setattr(retrieval, "_TEXT_TILE", 40)  # text tiles not a multiple of 8 at the edge
+    img, txt, ids = adversarial(seed)
+    a64 = img.astype(np.float64) @ txt.astype(np.float64).T
+    a32 = img @ txt.T
+    # the data is adversarial: float32 scores order some pairs differently from float64
+    order64 = np.sign(a64[:, :, None] - a64[:, None, :])
+    order32 = np.sign(a32[:, :, None] - a32[:, None, :]).astype(np.float64)
+    assert (order64 != order32).sum() > 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ks = (1, 5, 10, 50)
+        got = {b: retrieval_metrics(img, txt, ids, ks, backend=b, ranks=True) for b in BACKENDS}
+        pos_t2i = retrieval._dot64(txt, img, np.arange(len(ids)), ids)
+        pos_img = np.full(len(img), -np.inf)
+        np.maximum.at(pos_img, ids, pos_t2i)
+        (a_i, t_i), (a_t, t_t) = retrieval._counts_both_directions(img, txt, pos_img, pos_t2i, ids)
+        assert torch.get_num_threads() == threads  # the workers' one-thread setting does not leak
+    finally:
+        torch.set_num_threads(before)
+    want_i2t, want_t2i = brute_counts(img, txt, ids)
+    has = np.flatnonzero(np.bincount(ids, minlength=len(img)) > 0)
+    assert [(a, t) for a, t, _ in want_i2t] == list(zip(a_i[has].tolist(), t_i[has].tolist()))
+    assert [(a, t) for a, t, _ in want_t2i] == list(zip(a_t.tolist(), t_t.tolist()))
+    assert (
+        sum(t for _, t, _ in want_t2i) > 0 and sum(t for _, t, _ in want_i2t) > 0
+    )  # exact ties too
+    assert got["faiss"] == got["torch"]
+    assert got["torch"] == pytest.approx(metrics_from_counts(want_i2t, want_t2i, ks), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "shape", [(512, 2048), (510, 2040), (300, 16), (7, 13), (256, 4096), (1, 8), (509, 24)]
+)
+def test_tile_counts_equal_plain_sums(shape):
+    """The uint64-lane counts of a bool tile equal numpy's sums, all-true included
+    (the case where a byte lane would overflow past 255)."""
+    rng = np.random.default_rng(0)
+    for mask in (rng.random(shape) < 0.3, np.ones(shape, dtype=bool), np.zeros(shape, dtype=bool)):
+        assert (retrieval._count_rows(mask) == mask.sum(1)).all()
+        assert (retrieval._count_cols(mask) == mask.sum(0)).all()

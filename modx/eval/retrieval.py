@@ -34,12 +34,42 @@ instead takes the top ``max(ks) + positives + margin`` candidates per query from
 HNSW index, rescored in float64 (fast on huge galleries; results may differ
 slightly from the exact ones); a query whose last candidate may still score s* or
 more is recounted exactly.
-Memory is bounded by a score tile (about 64 MiB) and a query chunk, never N x M.
+
+Why the band is exact. With u = 2^-24 (float32) and any summation order, blocking or
+FMA, the computed fl(q . g) satisfies |fl(q . g) - q . g| <= gamma_d sum_k |q_k g_k|
+<= gamma_d |q| |g| (Cauchy-Schwarz), gamma_d = d u / (1 - d u); the float64 reference
+differs from q . g by ~d 2^-53 |q||g|, which the 1% margin of ``_f32_error_bound``
+covers, and the band ends lo/hi, rounded to float32, are widened by one ulp. So a
+float32 score above hi is a float64 score above s*, one below lo is below, and only
+the band [lo, hi] is rescored: on the benchmark's data 5e-5 of the pairs (text ->
+image; 5e-6 image -> text), matching pairs excluded (``bench_retrieval.py --bands``).
+
+Why not a bfloat16 first pass (2.5x the float32 matmul rate on this CPU). Rounding the
+inputs to bfloat16 (u = 2^-8) moves a score by up to |r_a||b~| + |a~||r_b| + |r_a||r_b|
+(r = the rounding residual, |r| <= u|x|; the rigorous bound is the Cauchy-Schwarz one,
+as for float32, and the typical error is ~sqrt(d) times smaller), and torch's CPU
+matmul also rounds its output to bfloat16 (no float32 output). On the benchmark's
+data that band holds 1.1% of the pairs (text -> image), 200x the float32 band:
+5.5e8 float64 rescorings at 100k x 500k, minutes, against the ~90 s the cheaper
+matmul saves. The band is that wide because a caption's match score sits in the bulk
+of its scores (a weak model, recall ~5%); int8 with per-vector scales rounds worse
+than bfloat16. So the first pass stays float32; a reduced-precision pass pays only
+where matches sit in the tail (strong models), which exactness cannot assume.
+
+Speed of the one pass: tiles of ``_IMAGE_TILE`` x ``_TEXT_TILE`` (512 x 2048, 4 MiB of
+scores) so that the four comparisons per tile (above / within the band, along rows and
+columns) read it from cache, counted 8 bools at a time (uint64 byte lanes); image
+blocks are shared out to ``torch.get_num_threads()`` worker threads, each running its
+matmuls on one thread (numpy's comparisons are single-threaded; both release the GIL).
+Set ``torch.set_num_threads`` to limit it. Memory: per worker one tile, its mask and
+two counters per caption (16 bytes each), plus the band pairs of one image block;
+never N x M.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
@@ -50,8 +80,8 @@ ArrayLike = np.ndarray | torch.Tensor
 
 _SCORE_CHUNK = 1 << 24  # float32 scores held at once by the torch backend (64 MiB)
 _QUERY_TILE = 1024  # queries per torch score tile (the gallery is tiled to fit the chunk)
-_IMAGE_TILE = 1024  # images per tile of the one-pass count (texts tiled to fit the chunk)
-_MAX_TILE_SIDE = 1 << 15  # tile side limit of the one-pass count (counts fit in uint16)
+_IMAGE_TILE = 512  # images per tile of the one-pass count (texts tiled to fit the chunk)
+_TEXT_TILE = 2048  # texts per tile of the one-pass count (512 x 2048 x 4 B = 4 MiB: cache-sized)
 _FAISS_CHUNK = 16384  # queries per faiss search call
 _PAIR_CHUNK = 1 << 12  # (query, item) pairs rescored in float64 at once
 _MARGIN = 8  # extra faiss candidates, so near-ties at the cut cannot change a rank
@@ -286,10 +316,9 @@ def _counts_both_directions(
     (image -> text, against ``pos_img``) and along its columns (text -> image, against
     ``pos_txt``), with the same float32 error band and float64 rescoring. An image with
     ``pos_img = -inf`` (no caption) counts nothing. Returns ((above, tied) per image,
-    (above, tied) per text)."""
-    counts = [np.zeros(len(img), dtype=np.int64) for _ in range(2)]
-    counts += [np.zeros(len(txt), dtype=np.int64) for _ in range(2)]
-    above_i, tied_i, above_t, tied_t = counts
+    (above, tied) per text). Tiles, threads and memory: module docstring."""
+    n_img, n_txt = len(img), len(txt)
+    above_i, tied_i = np.zeros(n_img, dtype=np.int64), np.zeros(n_img, dtype=np.int64)
     bands = []
     for q, g, pos in ((img, txt, pos_img), (txt, img, pos_txt)):
         tol = _f32_error_bound(q, g)
@@ -299,58 +328,124 @@ def _counts_both_directions(
         bands.append((np.nextafter(lo, np.float32(-np.inf)), np.nextafter(hi, np.float32(np.inf))))
     (lo_i, hi_i), (lo_t, hi_t) = bands
     it, tt = torch.from_numpy(img), torch.from_numpy(txt)
+    i_tile = min(_IMAGE_TILE, n_img)
+    t_tile = max(1, min(n_txt, _SCORE_CHUNK // i_tile, _TEXT_TILE))
+    blocks = list(range(0, n_img, i_tile))
+    n_workers = max(1, min(torch.get_num_threads(), len(blocks)))
 
-    def is_pos_i2t(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return ids[cols] == rows
+    def worker(first: int) -> tuple[np.ndarray, np.ndarray]:
+        if n_workers > 1:
+            torch.set_num_threads(1)  # this thread's matmuls; the other cores run the other workers
+        above_t, tied_t = np.zeros(n_txt, dtype=np.int64), np.zeros(n_txt, dtype=np.int64)
+        score_buf = torch.empty(i_tile * t_tile)
+        mask_buf = np.empty(i_tile * t_tile, dtype=bool)
+        for s in blocks[first::n_workers]:
+            e = min(s + i_tile, n_img)
+            lo_r, hi_r = lo_i[s:e, None], hi_i[s:e, None]  # (c, 1)
+            pairs_i: list[tuple[np.ndarray, np.ndarray]] = []  # (image, text) in the i2t band
+            pairs_t: list[tuple[np.ndarray, np.ndarray]] = []  # (image, text) in the t2i band
+            for gs in range(0, n_txt, t_tile):
+                ge = min(gs + t_tile, n_txt)
+                out = score_buf[: (e - s) * (ge - gs)].view(e - s, ge - gs)
+                scores = torch.mm(it[s:e], tt[gs:ge].T, out=out).numpy()  # (c, tile), contiguous
+                m = mask_buf[: scores.size].reshape(scores.shape)
+                lo_c, hi_c = lo_t[None, gs:ge], hi_t[None, gs:ge]  # (1, tile)
+                clear_r = _count_rows(np.greater(scores, hi_r, out=m))  # clearly above the image's match
+                band_r = _count_rows(np.greater_equal(scores, lo_r, out=m)) - clear_r
+                clear_c = _count_cols(np.greater(scores, hi_c, out=m))  # clearly above the caption's
+                band_c = _count_cols(np.greater_equal(scores, lo_c, out=m)) - clear_c
+                above_i[s:e] += clear_r
+                above_t[gs:ge] += clear_c
+                # the matching pairs in this tile sit in the band by construction: discount them
+                pc = np.flatnonzero((ids[gs:ge] >= s) & (ids[gs:ge] < e))  # their columns
+                if len(pc):
+                    pr = ids[gs + pc] - s  # their rows
+                    ps = scores[pr, pc]
+                    band_r -= np.bincount(pr[(ps >= lo_r[pr, 0]) & (ps <= hi_r[pr, 0])], minlength=e - s)
+                    band_c -= np.bincount(pc[(ps >= lo_c[0, pc]) & (ps <= hi_c[0, pc])], minlength=ge - gs)
+                if band_r.any():
+                    rows = np.flatnonzero(band_r)
+                    sub = scores[rows]
+                    r, c = np.nonzero((sub >= lo_r[rows]) & (sub <= hi_r[rows]))
+                    pairs_i.append((rows[r] + s, c + gs))
+                if band_c.any():
+                    cols = np.flatnonzero(band_c)
+                    sub = scores[:, cols]
+                    r, c = np.nonzero((sub >= lo_c[:, cols]) & (sub <= hi_c[:, cols]))
+                    pairs_t.append((r + s, cols[c] + gs))
+            if pairs_i:
+                _rescore_pairs(img, txt, ids, pairs_i, pos_img, True, above_i, tied_i)
+            if pairs_t:
+                _rescore_pairs(img, txt, ids, pairs_t, pos_txt, False, above_t, tied_t)
+        return above_t, tied_t
 
-    def is_pos_t2i(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return ids[rows] == cols
-
-    i_tile = min(_IMAGE_TILE, len(img))
-    t_tile = max(1, min(len(txt), _SCORE_CHUNK // i_tile, _MAX_TILE_SIDE))
-    buf = torch.empty(i_tile, t_tile)
-    mask = np.empty((i_tile, t_tile), dtype=bool)
-    for s in range(0, len(img), i_tile):
-        e = min(s + i_tile, len(img))
-        lo_r, hi_r = lo_i[s:e, None], hi_i[s:e, None]  # (c, 1)
-        for gs in range(0, len(txt), t_tile):
-            ge = min(gs + t_tile, len(txt))
-            scores = torch.mm(it[s:e], tt[gs:ge].T, out=buf[: e - s, : ge - gs]).numpy()  # (c, tile)
-            m = mask[: e - s, : ge - gs]
-            lo_c, hi_c = lo_t[None, gs:ge], hi_t[None, gs:ge]  # (1, tile)
-            # counts with numpy: a bool mask summed as uint8 is many times faster than torch's
-            clear_r = _count(np.greater(scores, hi_r, out=m), 1)  # (c,) clearly above the image's match
-            band_r = _count(np.greater_equal(scores, lo_r, out=m), 1) - clear_r  # usually all zero
-            clear_c = _count(np.greater(scores, hi_c, out=m), 0)  # (tile,) clearly above the caption's
-            band_c = _count(np.greater_equal(scores, lo_c, out=m), 0) - clear_c
-            above_i[s:e] += clear_r
-            above_t[gs:ge] += clear_c
-            # the matching pairs in this tile sit in the band by construction: discount them
-            pc = np.flatnonzero((ids[gs:ge] >= s) & (ids[gs:ge] < e))  # their columns
-            pr = ids[gs + pc] - s  # their rows
-            ps = scores[pr, pc]
-            band_r -= np.bincount(pr[(ps >= lo_r[pr, 0]) & (ps <= hi_r[pr, 0])], minlength=e - s)
-            band_c -= np.bincount(pc[(ps >= lo_c[0, pc]) & (ps <= hi_c[0, pc])], minlength=ge - gs)
-            if band_r.any():
-                rows = np.flatnonzero(band_r)
-                sub = scores[rows]
-                r, c = np.nonzero((sub >= lo_r[rows]) & (sub <= hi_r[rows]))
-                a, t = _count_above_and_tied(img, txt, pos_img, is_pos_i2t, rows[r], c + gs, s, e)
-                above_i[s:e] += a
-                tied_i[s:e] += t
-            if band_c.any():
-                cols = np.flatnonzero(band_c)
-                sub = scores[:, cols]
-                r, c = np.nonzero((sub >= lo_c[:, cols]) & (sub <= hi_c[:, cols]))
-                a, t = _count_above_and_tied(txt, img, pos_txt, is_pos_t2i, cols[c], r + s, gs, ge)
-                above_t[gs:ge] += a
-                tied_t[gs:ge] += t
+    if n_workers == 1:
+        above_t, tied_t = worker(0)
+    else:
+        threads = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(n_workers) as pool:
+                parts = list(pool.map(worker, range(n_workers)))
+        finally:
+            torch.set_num_threads(threads)  # in case the workers' setting leaked
+        above_t, tied_t = (np.sum([p[k] for p in parts], axis=0) for k in range(2))
     return (above_i, tied_i), (above_t, tied_t)
 
 
-def _count(mask: np.ndarray, axis: int) -> np.ndarray:
-    """True entries along `axis` (tiles are at most _MAX_TILE_SIDE long: uint16 is exact)."""
-    return mask.view(np.uint8).sum(axis=axis, dtype=np.uint16).astype(np.int64)
+def _rescore_pairs(
+    img: np.ndarray,
+    txt: np.ndarray,
+    ids: np.ndarray,
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+    pos: np.ndarray,
+    by_image: bool,
+    above: np.ndarray,
+    tied: np.ndarray,
+) -> None:
+    """Add the float64 verdicts of (image, text) pairs that fell in one direction's
+    float32 band: for each non-matching pair, +1 to ``above`` / ``tied`` of its query
+    (the image when ``by_image``, else the text) when its score is > / == the query's
+    best match score ``pos``."""
+    i = np.concatenate([p[0] for p in pairs])
+    j = np.concatenate([p[1] for p in pairs])
+    keep = ids[j] != i  # matching pairs are never counted
+    i, j = i[keep], j[keep]
+    score = _dot64(img, txt, i, j)
+    query = i if by_image else j
+    best = pos[query]
+    np.add.at(above, query[score > best], 1)
+    np.add.at(tied, query[score == best], 1)
+
+
+def _count_rows(mask: np.ndarray) -> np.ndarray:
+    """True entries per row of a C-contiguous bool (c, t) tile. Fast path: 8 bools
+    summed at once as the bytes of a uint64 (at most 255 words per partial sum, so no
+    byte overflows into the next), then the 8 byte lanes added."""
+    c, t = mask.shape
+    k = _chunks(t // 8) if t % 8 == 0 else 0
+    if not k:
+        return mask.view(np.uint8).sum(axis=1, dtype=np.int64)
+    words = mask.view(np.uint64).reshape(c, k, t // 8 // k).sum(axis=2, dtype=np.uint64)
+    return words.view(np.uint8).reshape(c, 8 * k).sum(axis=1, dtype=np.int64)
+
+
+def _count_cols(mask: np.ndarray) -> np.ndarray:
+    """True entries per column of a C-contiguous bool (c, t) tile (uint64 lanes as in
+    ``_count_rows``, summed over at most 255 rows at a time)."""
+    c, t = mask.shape
+    k = _chunks(c) if t % 8 == 0 else 0
+    if not k:
+        return mask.view(np.uint8).sum(axis=0, dtype=np.int64)
+    words = mask.view(np.uint64).reshape(k, c // k, t // 8).sum(axis=1, dtype=np.uint64)
+    return words.view(np.uint8).reshape(k, t).sum(axis=0, dtype=np.int64)
+
+
+def _chunks(n: int) -> int:
+    """Smallest k dividing n with n / k <= 255 (0 if none below 64)."""
+    for k in range(max(1, -(-n // 255)), 64):
+        if n % k == 0:
+            return k
+    return 0
 
 
 def _counts_from_candidates(
