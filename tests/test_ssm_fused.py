@@ -37,19 +37,22 @@ def _loop_conv(u, K):
 
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_conv_act_equals_a_double_loop(act, bidirectional):
+# rows per FFT block: channel slices of 2, 2, 1; 1 batch element; 2 + 1 batch elements; default
+@pytest.mark.parametrize("block", [2, 5, 11, None])
+def test_conv_act_equals_a_double_loop(act, bidirectional, block):
     torch.manual_seed(0)
-    B, L, H = 2, 11, 5
+    B, L, H = 3, 11, 5
     u = torch.randn(B, L, H, dtype=torch.float64)
     K = torch.randn(2, H, L, dtype=torch.float64) if bidirectional else torch.randn(H, L).double()
-    y = conv_act(u, circular_kernel(K, L), act, block=2)  # blocks of 2, 2 and 1 channels
+    y = conv_act(u, circular_kernel(K, L), act, block=block)
     assert y.shape == (B, L, H)
     torch.testing.assert_close(y, ACTS[act](_loop_conv(u, K)), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("project", [False, True])
-def test_fused_gradients_pass_gradcheck(act, project):
+@pytest.mark.parametrize("block", [2, 7])  # channel slices; 2 batch elements per block
+def test_fused_gradients_pass_gradcheck(act, project, block):
     torch.manual_seed(0)
     B, L, H = 2, 6, 3
     u = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
@@ -57,21 +60,22 @@ def test_fused_gradients_pass_gradcheck(act, project):
     if project:
         W = torch.randn(2 * H, H, dtype=torch.float64, requires_grad=True)
         b = torch.randn(2 * H, dtype=torch.float64, requires_grad=True)
-        fn, inputs = (lambda u, Kc, W, b: conv_act_glu(u, Kc, W, b, act, block=2)), (u, Kc, W, b)
+        fn, inputs = (lambda u, Kc, W, b: conv_act_glu(u, Kc, W, b, act, block)), (u, Kc, W, b)
     else:
-        fn, inputs = (lambda u, Kc: conv_act(u, Kc, act, block=2)), (u, Kc)
+        fn, inputs = (lambda u, Kc: conv_act(u, Kc, act, block)), (u, Kc)
     assert torch.autograd.gradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("act", list(ACTS))
-def test_fused_projection_equals_the_composed_modules_with_gradients(act):
+@pytest.mark.parametrize("block", [3, 16, None])  # channel slices; 2 + 1 batch elements; all
+def test_fused_projection_equals_the_composed_modules_with_gradients(act, block):
     torch.manual_seed(0)
     B, L, H = 3, 19, 8
     u = torch.randn(B, L, H, dtype=torch.float64, requires_grad=True)
     K = torch.randn(2, H, L, dtype=torch.float64, requires_grad=True)
     lin = nn.Linear(H, 2 * H).double()
     g = torch.randn(B, L, H, dtype=torch.float64)
-    fused = conv_act_glu(u, circular_kernel(K, L), lin.weight, lin.bias, act, block=3)
+    fused = conv_act_glu(u, circular_kernel(K, L), lin.weight, lin.bias, act, block)
     ref = nn.functional.glu(lin(ACTS[act](fft_conv(u, K))), dim=-1)
     torch.testing.assert_close(fused, ref)
     params = [u, K, lin.weight, lin.bias]

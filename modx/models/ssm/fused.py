@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 FUSED_ACTIVATIONS = ("gelu", "silu", "identity")
-_BLOCK = 64  # channels per FFT block: (64, 2L) buffers, 2 MB at L = 4096
+_BLOCK_ELEMS = 2**19  # one FFT block: (rows, 2L) float32, 2 MB (64 channels at L = 4096)
 
 
 def circular_kernel(K: Tensor, L: int) -> Tensor:
@@ -55,21 +55,39 @@ def _act_backward(g: Tensor, y: Tensor, name: str, out: Tensor) -> Tensor:
     return out.copy_(g)
 
 
-def _blocks(H: int, block: int) -> list[tuple[int, int]]:
-    return [(h, min(h + block, H)) for h in range(0, H, block)]
+def _plan(Bsz: int, H: int, L: int, block: int | None) -> list[tuple[int, int, list]]:
+    """Blocks of `block` (batch, channel) rows of length 2L (default: 2^19 elements, 64
+    channels at L = 4096): (b0, b1, [(h0, h1), ...]) with whole batch elements per group when
+    a block holds all H channels, else one batch element and channel slices."""
+    rows = block if block is not None else max(1, _BLOCK_ELEMS // (2 * L))
+    if rows >= H:
+        g = rows // H
+        return [(b, min(b + g, Bsz), [(0, H)]) for b in range(0, Bsz, g)]
+    hs = [(h, min(h + rows, H)) for h in range(0, H, rows)]
+    return [(b, b + 1, hs) for b in range(Bsz)]
+
+
+def _to_channel_major(dst: Tensor, src: Tensor) -> Tensor:
+    """dst (g, H, L) = src (g, L, H) transposed; one batch element as a 2-D copy, which torch
+    does with a blocked transpose (3x faster than a strided slice)."""
+    if dst.shape[0] == 1:
+        dst[0].copy_(src[0].T)
+    else:
+        dst.copy_(src.transpose(1, 2))
+    return dst
 
 
 def _padded_rfft(x: Tensor, buf: Tensor) -> Tensor:
-    """rfft of the rows of x (rows, L) zero-padded to buf's length (buf's tail is zero)."""
-    rows = buf[: x.shape[0]]
-    rows[:, : x.shape[1]].copy_(x)
+    """rfft along the last dim of x (g, rows, L) zero-padded to buf's length (tail zero)."""
+    rows = buf[: x.shape[0], : x.shape[1]]
+    rows[..., : x.shape[2]].copy_(x)
     return torch.fft.rfft(rows)
 
 
 def _rfft_of_act_backward(g: Tensor, y: Tensor, name: str, buf: Tensor) -> Tensor:
-    """rfft of g * act'(y) (rows, L), zero-padded to buf's length."""
-    rows = buf[: g.shape[0]]
-    _act_backward(g, y, name, out=rows[:, : g.shape[1]])
+    """rfft of g * act'(y) (g, rows, L), zero-padded to buf's length."""
+    rows = buf[: g.shape[0], : g.shape[1]]
+    _act_backward(g, y, name, out=rows[..., : g.shape[2]])
     return torch.fft.rfft(rows)
 
 
@@ -79,80 +97,97 @@ class _ConvActGLU(torch.autograd.Function):
         Bsz, L, H = u.shape
         n = Kc.shape[-1]  # 2L
         project = weight is not None
+        plan = _plan(Bsz, H, L, block)
+        g_max, h_max = max(b1 - b0 for b0, b1, _ in plan), plan[0][2][0][1]
         Kf = torch.fft.rfft(Kc)  # (H, L + 1)
-        buf = u.new_zeros(min(block, H), n)  # the tail stays zero: the padding
+        buf = u.new_zeros(g_max, h_max, n)  # the tail stays zero: the padding
+        ut = u.new_empty(g_max, H, L)  # channel-major input
         if project:
             out = u.new_empty(Bsz, L, H)
-            z = u.new_empty(H, L)
+            z = u.new_empty(g_max, H, L)
+            W = weight.T.expand(g_max, H, 2 * H)
         else:
             out = u.new_empty(Bsz, H, L)  # act(y), channel-major
-        ut = u.new_empty(H, L)
         ys, As = [], []
-        for b in range(Bsz):
-            ut.copy_(u[b].T)  # one whole-matrix transpose: 3x faster than per channel block
-            y = u.new_empty(H, L)
-            for h0, h1 in _blocks(H, block):
-                y[h0:h1] = torch.fft.irfft(_padded_rfft(ut[h0:h1], buf) * Kf[h0:h1], n=n)[:, :L]
-                if project and activation != "identity":
-                    _act(y[h0:h1], activation, out=z[h0:h1])
-                elif not project:
-                    _act(y[h0:h1], activation, out=out[b, h0:h1])
+        for b0, b1, hs in plan:
+            g = b1 - b0
+            ug = _to_channel_major(ut[:g], u[b0:b1])
+            y = u.new_empty(g, H, L)
+            zg = z[:g] if project else out[b0:b1]
+            for h0, h1 in hs:
+                Y = _padded_rfft(ug[:, h0:h1], buf) * Kf[h0:h1]
+                y[:, h0:h1] = torch.fft.irfft(Y, n=n)[..., :L]
+                if activation != "identity" or not project:
+                    _act(y[:, h0:h1], activation, out=zg[:, h0:h1])
             ys.append(y)
             if project:
-                a = torch.addmm(bias, (y if activation == "identity" else z).T, weight.T)
-                torch.sigmoid(a[:, H:], out=a[:, H:])  # kept for backward: a1, sigmoid(a2)
-                torch.mul(a[:, :H], a[:, H:], out=out[b])  # GLU
+                zT = (y if activation == "identity" else zg).transpose(1, 2)  # (g, L, H)
+                a = torch.baddbmm(bias, zT, W[:g])  # (g, L, 2H) = z^T W^T + bias
+                torch.sigmoid(a[..., H:], out=a[..., H:])  # kept for backward: a1, sigmoid(a2)
+                torch.mul(a[..., :H], a[..., H:], out=out[b0:b1])  # GLU
                 As.append(a)
-        ctx.activation, ctx.block, ctx.project, ctx.n_batch = activation, block, project, Bsz
+        ctx.activation, ctx.project, ctx.plan = activation, project, plan
         ctx.save_for_backward(u, Kf, weight, *ys, *As)
         return out if project else out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):  # noqa: ANN001, ANN205
+    def backward(ctx, gout):  # noqa: ANN001, ANN205
         u, Kf, weight, *saved = ctx.saved_tensors
-        ys, As = saved[: ctx.n_batch], saved[ctx.n_batch :]
         Bsz, L, H = u.shape
-        n, act, project = 2 * L, ctx.activation, ctx.project
+        plan, act, project, n = ctx.plan, ctx.activation, ctx.project, 2 * L
+        ys, As = saved[: len(plan)], saved[len(plan) :]
         need_u, need_K, need_w, need_b = ctx.needs_input_grad[:4]
+        g_max, h_max = max(b1 - b0 for b0, b1, _ in plan), plan[0][2][0][1]
         gu = u.new_empty(Bsz, L, H) if need_u else None
         gKf = torch.zeros_like(Kf) if need_K else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = weight.new_zeros(2 * H) if need_b else None
         Kf_conj = Kf.conj().resolve_conj()  # once: a lazy conj in `*` is copied on every use
-        buf = u.new_zeros(min(ctx.block, H), n)
-        ubuf = u.new_zeros(min(ctx.block, H), n) if need_K else None
-        ut, gut = u.new_empty(H, L), u.new_empty(H, L)  # channel-major u[b], gu[b]
-        if not project:
-            g = g.transpose(1, 2)  # (B, H, L)
-        for b in range(Bsz):
-            y = ys[b]
-            if project:  # GLU and the linear map, per batch element
-                a1, s = As[b][:, :H], As[b][:, H:]  # a1, sigmoid(a2)
-                ga = torch.empty_like(As[b])
-                torch.mul(g[b], s, out=ga[:, :H])  # d out / d a1 = sigmoid(a2)
-                t = ga[:, :H] * a1
-                torch.addcmul(t, t, s, value=-1, out=ga[:, H:])  # d out / d a2 = a1 s (1 - s)
+        buf = u.new_zeros(g_max, h_max, n)
+        ubuf = u.new_zeros(g_max, h_max, n) if need_K else None
+        ut, gut = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)  # channel-major u, gu
+        if project:  # scratch reused for every group
+            ga, t = u.new_empty(g_max, L, 2 * H), u.new_empty(g_max, L, H)
+            gz_all, z = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)
+            WT = weight.T.expand(g_max, H, 2 * H)
+        else:
+            gout = gout.transpose(1, 2)  # (B, H, L)
+        for (b0, b1, hs), y, a in zip(plan, ys, As if project else [None] * len(plan)):
+            g = b1 - b0
+            if project:  # GLU and the linear map
+                a1, s, gag = a[..., :H], a[..., H:], ga[:g]  # a1, sigmoid(a2)
+                torch.mul(gout[b0:b1], s, out=gag[..., :H])  # d out / d a1 = sigmoid(a2)
+                torch.mul(gag[..., :H], a1, out=t[:g])
+                torch.addcmul(t[:g], t[:g], s, value=-1, out=gag[..., H:])  # a1 s (1 - s)
                 if need_w:
-                    z = y if act == "identity" else _act(y, act, out=torch.empty_like(y))
-                    gw.addmm_(ga.T, z.T)
+                    zg = y if act == "identity" else _act(y, act, out=z[:g])
+                    for i in range(g):
+                        gw.addmm_(gag[i].T, zg[i].T)
                 if need_b:
-                    gb += ga.sum(0)
-                gz = torch.mm(weight.T, ga.T)  # (H, L): channel-major
+                    gb += gag.sum((0, 1))
+                gz = torch.bmm(WT[:g], gag.transpose(1, 2), out=gz_all[:g])  # (g, H, L)
             else:
-                gz = g[b]
+                gz = gout[b0:b1]
             if not (need_u or need_K):
                 continue
             if need_K:
-                ut.copy_(u[b].T)
-            for h0, h1 in _blocks(H, ctx.block):
-                G = _rfft_of_act_backward(gz[h0:h1], y[h0:h1], act, buf)
+                ug = _to_channel_major(ut[:g], u[b0:b1])
+            for h0, h1 in hs:
+                G = _rfft_of_act_backward(gz[:, h0:h1], y[:, h0:h1], act, buf)
                 if need_u:  # gu[s] = sum_t gy[t] Kc[(t - s) mod 2L]
-                    gut[h0:h1] = torch.fft.irfft(G * Kf_conj[h0:h1], n=n)[:, :L]
+                    gut[:g, h0:h1] = torch.fft.irfft(G * Kf_conj[h0:h1], n=n)[..., :L]
                 if need_K:  # gKc[j] = sum_t gy[t] u[t - j], summed over the batch
-                    gKf[h0:h1].addcmul_(G, _padded_rfft(ut[h0:h1], ubuf).conj())
+                    U = _padded_rfft(ug[:, h0:h1], ubuf)
+                    if g == 1:
+                        gKf[h0:h1].addcmul_(G[0], U[0].conj())
+                    else:
+                        gKf[h0:h1] += (G * U.conj()).sum(0)
             if need_u:
-                gu[b].copy_(gut.T)
+                if g == 1:
+                    gu[b0].copy_(gut[0].T)
+                else:
+                    gu[b0:b1].copy_(gut[:g].transpose(1, 2))
         gKc = torch.fft.irfft(gKf, n=n) if need_K else None
         return gu, gKc, gw, gb, None, None
 
@@ -164,13 +199,16 @@ def _check(u: Tensor, Kc: Tensor, activation: str) -> None:
         raise ValueError(f"kernel shape {tuple(Kc.shape)} != (H, 2L) for input {tuple(u.shape)}")
 
 
-def conv_act(u: Tensor, Kc: Tensor, activation: str = "identity", block: int = _BLOCK) -> Tensor:
+def conv_act(
+    u: Tensor, Kc: Tensor, activation: str = "identity", block: int | None = None
+) -> Tensor:
     """act(y), y[b, t, h] = sum_{s < L} Kc[h, (t - s) mod 2L] u[b, s, h]: with
     Kc = circular_kernel(K, L) the same y as `fft_conv(u, K)`.
 
     u (B, L, H) real, Kc (H, 2L) -> (B, L, H), a transposed view of a channel-major
     (B, H, L) tensor. activation: one of FUSED_ACTIVATIONS (nn.GELU's exact erf form,
-    nn.SiLU, identity). Not twice differentiable.
+    nn.SiLU, identity). block: (batch, channel) rows per FFT block (default: 2^19 / 2L;
+    tests set it small). Not twice differentiable.
     """
     _check(u, Kc, activation)
     return _ConvActGLU.apply(u, Kc.to(u.dtype), None, None, activation, block)
@@ -182,7 +220,7 @@ def conv_act_glu(
     weight: Tensor,
     bias: Tensor,
     activation: str = "identity",
-    block: int = _BLOCK,
+    block: int | None = None,
 ) -> Tensor:
     """nn.GLU(dim=-1)(nn.functional.linear(conv_act(u, Kc, activation), weight, bias)):
     weight (2H, H), bias (2H,) -> (B, L, H) contiguous. Not twice differentiable."""
