@@ -84,13 +84,6 @@ def _padded_rfft(x: Tensor, buf: Tensor) -> Tensor:
     return torch.fft.rfft(rows)
 
 
-def _rfft_of_act_backward(g: Tensor, y: Tensor, name: str, buf: Tensor) -> Tensor:
-    """rfft of g * act'(y) (g, rows, L), zero-padded to buf's length."""
-    rows = buf[: g.shape[0], : g.shape[1]]
-    _act_backward(g, y, name, out=rows[..., : g.shape[2]])
-    return torch.fft.rfft(rows)
-
-
 class _ConvActGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, Kc, weight, bias, activation, block):  # noqa: ANN001, ANN205
@@ -144,8 +137,8 @@ class _ConvActGLU(torch.autograd.Function):
         gw = torch.zeros_like(weight) if need_w else None
         gb = weight.new_zeros(2 * H) if need_b else None
         Kf_conj = Kf.conj().resolve_conj()  # once: a lazy conj in `*` is copied on every use
-        buf = u.new_zeros(g_max, h_max, n)
-        ubuf = u.new_zeros(g_max, h_max, n) if need_K else None
+        # gy and u side by side: one rfft for both (larger FFT batches use both threads better)
+        buf = u.new_zeros(2 if need_K else 1, g_max, h_max, n)
         ut, gut = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)  # channel-major u, gu
         if project:  # scratch reused for every group
             ga, t = u.new_empty(g_max, L, 2 * H), u.new_empty(g_max, L, H)
@@ -174,11 +167,16 @@ class _ConvActGLU(torch.autograd.Function):
             if need_K:
                 ug = _to_channel_major(ut[:g], u[b0:b1])
             for h0, h1 in hs:
-                G = _rfft_of_act_backward(gz[:, h0:h1], y[:, h0:h1], act, buf)
+                rows = buf[:, :g, : h1 - h0]
+                _act_backward(gz[:, h0:h1], y[:, h0:h1], act, out=rows[0, ..., :L])  # gy
+                if need_K:
+                    rows[1, ..., :L].copy_(ug[:, h0:h1])
+                spectra = torch.fft.rfft(rows)
+                G = spectra[0]
                 if need_u:  # gu[s] = sum_t gy[t] Kc[(t - s) mod 2L]
                     gut[:g, h0:h1] = torch.fft.irfft(G * Kf_conj[h0:h1], n=n)[..., :L]
                 if need_K:  # gKc[j] = sum_t gy[t] u[t - j], summed over the batch
-                    U = _padded_rfft(ug[:, h0:h1], ubuf)
+                    U = spectra[1]
                     if g == 1:
                         gKf[h0:h1].addcmul_(G[0], U[0].conj())
                     else:
