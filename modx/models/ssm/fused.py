@@ -116,8 +116,7 @@ class _ConvActGLU(torch.autograd.Function):
             if project:
                 zT = (y if activation == "identity" else zg).transpose(1, 2)  # (g, L, H)
                 a = torch.baddbmm(bias, zT, W[:g])  # (g, L, 2H) = z^T W^T + bias
-                torch.sigmoid(a[..., H:], out=a[..., H:])  # kept for backward: a1, sigmoid(a2)
-                torch.mul(a[..., :H], a[..., H:], out=out[b0:b1])  # GLU
+                torch.ops.aten.glu.out(a, -1, out=out[b0:b1])  # a1 sigmoid(a2), one pass
                 As.append(a)
         ctx.activation, ctx.project, ctx.plan = activation, project, plan
         ctx.save_for_backward(u, Kf, weight, *ys, *As)
@@ -141,7 +140,7 @@ class _ConvActGLU(torch.autograd.Function):
         buf = u.new_zeros(2 if need_K else 1, g_max, h_max, n)
         ut, gut = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)  # channel-major u, gu
         if project:  # scratch reused for every group
-            ga, t = u.new_empty(g_max, L, 2 * H), u.new_empty(g_max, L, H)
+            ga = u.new_empty(g_max, L, 2 * H)
             gz_all, z = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)
             WT = weight.T.expand(g_max, H, 2 * H)
         else:
@@ -149,10 +148,7 @@ class _ConvActGLU(torch.autograd.Function):
         for (b0, b1, hs), y, a in zip(plan, ys, As if project else [None] * len(plan)):
             g = b1 - b0
             if project:  # GLU and the linear map
-                a1, s, gag = a[..., :H], a[..., H:], ga[:g]  # a1, sigmoid(a2)
-                torch.mul(gout[b0:b1], s, out=gag[..., :H])  # d out / d a1 = sigmoid(a2)
-                torch.mul(gag[..., :H], a1, out=t[:g])
-                torch.addcmul(t[:g], t[:g], s, value=-1, out=gag[..., H:])  # a1 s (1 - s)
+                gag = torch.ops.aten.glu_backward.grad_input(gout[b0:b1], a, -1, grad_input=ga[:g])
                 if need_w:
                     zg = y if act == "identity" else _act(y, act, out=z[:g])
                     for i in range(g):
