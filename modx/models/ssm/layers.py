@@ -228,7 +228,8 @@ class S4D(_SSMBase):
             K_fwd = K[0] + nn.functional.pad(self.D.to(K.dtype)[:, None], (0, L - 1))
             K = torch.stack([K_fwd, K[1]]) if self.bidirectional else K_fwd
             act = _fused_activation(self.activation)
-            fused = act is not None and u.dtype == K.dtype
+            # CPU only: on a GPU one cuFFT over the whole batch needs no blocking (untested)
+            fused = act is not None and u.dtype == K.dtype and u.device.type == "cpu"
             if fused:
                 Kc = circular_kernel(K, L)  # (H, 2L)
                 drop = self.training and self.dropout.p > 0
