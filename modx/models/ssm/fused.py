@@ -1,19 +1,20 @@
 """S4D's FFT convolution + activation (+ GLU output projection) as one autograd Function that
-works on one batch element and a block of channels at a time.
+works on a block of (batch, channel) rows at a time: 64 channels of one batch element at
+L = 4096, whole batch elements at short L (`_plan`).
 
 The same function as `fft_conv` -> activation -> nn.Linear(H, 2H) -> nn.GLU(dim=-1), to
 float32 rounding. What changes is the memory traffic, which is what the composed version
 spends its time on at long L on a CPU (BENCHMARKS.md, "S4D speed"):
 
-- the FFT runs on (channels, 2L) blocks of one batch element: the input block is gathered
+- the FFT runs on (rows, 2L) blocks: the input block is gathered
   (transposed) into a zero-padded buffer, FFT'd, multiplied by the kernel's spectrum, inverse
   FFT'd and passed through the activation while it is in cache; no (B, H, L + 1) spectrum
   and no (B, H, 2L) padded copy ever exist;
 - activations stay channel-major, (H, L) per batch element, and the projection reads them
   transposed through BLAS (a = z^T W^T + bias), so no layout copies are made;
-- what backward needs is kept per batch element, the pre-activation y (H, L) and the
-  projection's a (L, 2H): tensors of a few MB that the allocator reuses from step to step,
-  where (B, ...)-sized ones are fresh memory mappings, page-faulted in on every step;
+- what backward needs is kept per group of batch elements, the pre-activation y (g, H, L)
+  and the projection's a (g, L, 2H): tensors of a few MB that the allocator reuses from step
+  to step, where (B, ...)-sized ones are fresh memory mappings, page-faulted in every step;
 - backward recomputes the input's spectrum per block instead of storing it and accumulates
   the kernel's gradient in the frequency domain; z = act(y) is recomputed for the weight
   gradient.
