@@ -1,6 +1,11 @@
 """Forward+backward time and peak memory of S4D, S5 and softmax attention layers.
 
     python scripts/bench_ssm.py [--lengths 77 256 1024 4096] [--repeats 3] [--out runs/bench_ssm.json]
+    python scripts/bench_ssm.py --interleave --layers s4d s4d-unfused attention --lengths 4096
+
+--interleave: all layers in this one process, one timed step of each in turn (after one
+warm-up step each), so that a shared machine's load hits every layer alike; reports the
+minimum and median wall time and the minimum process CPU time of --repeats steps, no memory.
 
 Each layer maps (batch, L, H) -> (batch, L, H); the loss is the mean square of the output.
 Every (layer, L) runs in a fresh subprocess so that peak memory is its own: on CUDA
@@ -31,9 +36,20 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modx.models.ssm import S4D, S5  # noqa: E402
-from modx.models.ssm.kernel import chunked_ssm_conv  # noqa: E402
+from modx.models.ssm.kernel import chunked_ssm_conv, fft_conv  # noqa: E402
 
-LAYERS = ("s4d", "s4d-chunked", "s5", "attention")
+LAYERS = ("s4d", "s4d-unfused", "s4d-chunked", "s5", "attention")
+
+
+class S4DUnfused(S4D):
+    """S4D composed from modules, as before the fused path (modx.models.ssm.fused): one FFT
+    convolution over the whole (B, L, H) batch, then nn.GELU, nn.Dropout, nn.Linear, nn.GLU."""
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        L = u.shape[1]
+        K = self.kernel(L)[0]
+        K = K + F.pad(self.D.to(K.dtype)[:, None], (0, L - 1))  # D u as the lag-0 tap
+        return self.output(self.dropout(self.activation(fft_conv(u, K))))
 
 
 class S4DChunked(S4D):
@@ -64,6 +80,8 @@ class Attention(nn.Module):
 def build(layer: str, d_model: int, d_state: int) -> nn.Module:
     if layer == "s4d":
         return S4D(d_model, d_state)
+    if layer == "s4d-unfused":
+        return S4DUnfused(d_model, d_state)
     if layer == "s4d-chunked":
         return S4DChunked(d_model, d_state)
     if layer == "s5":
@@ -119,6 +137,52 @@ def measure(layer: str, L: int, args: argparse.Namespace) -> dict:
     }
 
 
+def interleaved(args: argparse.Namespace) -> list[dict]:
+    """Every (layer, L) in this process, one timed step of each layer in turn."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    rows = []
+    print(f"{'layer':<12} {'L':>5} {'min ms':>9} {'median ms':>10} {'min CPU ms':>11} {'runs':>4}")
+    for L in args.lengths:
+        torch.manual_seed(0)
+        models = {layer: build(layer, args.d_model, args.d_state).to(device) for layer in args.layers}
+        x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
+
+        def step(model: nn.Module, x: torch.Tensor = x) -> tuple[float, float]:
+            if cuda:
+                torch.cuda.synchronize()
+            t, c = time.perf_counter(), time.process_time()
+            model(x).square().mean().backward()
+            if cuda:
+                torch.cuda.synchronize()
+            t, c = time.perf_counter() - t, time.process_time() - c
+            model.zero_grad(set_to_none=True)
+            x.grad = None
+            return t, c
+
+        for model in models.values():
+            step(model)
+        times: dict[str, list[tuple[float, float]]] = {layer: [] for layer in models}
+        for _ in range(args.repeats):
+            for layer, model in models.items():
+                times[layer].append(step(model))
+        for layer, ts in times.items():
+            row = {
+                "layer": layer,
+                "L": L,
+                "ms": 1000 * min(t for t, _ in ts),
+                "median_ms": 1000 * statistics.median(t for t, _ in ts),
+                "cpu_ms": 1000 * min(c for _, c in ts),
+                "runs": len(ts),
+            }
+            rows.append(row)
+            print(
+                f"{layer:<12} {L:>5} {row['ms']:>9.1f} {row['median_ms']:>10.1f} "
+                f"{row['cpu_ms']:>11.1f} {row['runs']:>4}"
+            )
+    return rows
+
+
 def _loadavg() -> float | None:
     """1-minute load average: other processes on the machine distort CPU timings."""
     try:
@@ -166,6 +230,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_ssm.json"))
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="all layers in one process, alternating steps (min / median of --repeats)",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("LAYER", "L"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -184,6 +253,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         passthrough.append(f"--threads={args.threads}")
     load_before = _loadavg()
+    if args.interleave:
+        if "OMP_WAIT_POLICY" not in os.environ and argv is None:  # as the workers below
+            env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+            os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], env)
+        rows = interleaved(args)
+        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+        return _write(args, argv, rows, load_before, env)
     # spinning OpenMP threads collapse on a shared machine (10x slower at load 10 on 2 cores);
     # passive waiting costs little on an idle one. An explicit setting in the environment wins.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -202,6 +278,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"{layer:<10} {L:>5} {row['ms']:>11.1f} {row['runs']:>4} {row['peak_mib']:>9.1f}"
                 )
             rows.append(row)
+    return _write(args, argv, rows, load_before, env)
+
+
+def _write(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    rows: list[dict],
+    load_before: float | None,
+    env: dict,
+) -> list[dict]:
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
         "machine": {

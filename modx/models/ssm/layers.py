@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .fused import circular_kernel, conv_act, conv_act_glu
 from .hippo import nplr
 from .init import FULL_INITS, INITS, diagonal_init, ptd_for_init
 from .kernel import discretize, dss_kernel, fft_conv, ssm_kernel
@@ -219,15 +220,51 @@ class S4D(_SSMBase):
         return ssm_kernel(A, B, C, dt, L, disc=self.disc, conj_sym=self.conj_sym)
 
     def forward(self, u: Tensor) -> Tensor:  # (B, L, H) -> (B, L, H)
+        autocast = torch.is_autocast_enabled(u.device.type)
         with torch.autocast(device_type=u.device.type, enabled=False):
             L = u.shape[1]
             K = self.kernel(L)  # (dirs, H, L)
             # the skip D u is the lag-0 tap of the causal kernel: one convolution does both
             K_fwd = K[0] + nn.functional.pad(self.D.to(K.dtype)[:, None], (0, L - 1))
             K = torch.stack([K_fwd, K[1]]) if self.bidirectional else K_fwd
-            y = fft_conv(u.to(K.dtype), K)  # (B, L, H)
-        y = self.dropout(self.activation(y.to(u.dtype)))
+            act = _fused_activation(self.activation)
+            # CPU only: on a GPU one cuFFT over the whole batch needs no blocking (untested)
+            fused = act is not None and u.dtype == K.dtype and u.device.type == "cpu"
+            if fused:
+                Kc = circular_kernel(K, L)  # (H, 2L)
+                drop = self.training and self.dropout.p > 0
+                glu = self.output[0] if _is_glu(self.output) else None
+                if glu is not None and not autocast and not drop and glu.weight.dtype == K.dtype:
+                    # convolution, activation and GLU projection per batch element
+                    return conv_act_glu(u, Kc, glu.weight, glu.bias, act)
+                y = conv_act(u, Kc, act)  # (B, L, H) view of a channel-major (B, H, L)
+            else:
+                y = fft_conv(u.to(K.dtype), K)  # (B, L, H)
+        y = self.dropout(y if fused else self.activation(y.to(u.dtype)))
         return self.output(y)
+
+
+def _fused_activation(module: nn.Module) -> str | None:
+    """The `conv_act` name of an activation module, None if it has no fused form."""
+    if type(module) is nn.GELU and module.approximate == "none":
+        return "gelu"
+    if type(module) is nn.SiLU:
+        return "silu"
+    if type(module) is nn.Identity:
+        return "identity"
+    return None
+
+
+def _is_glu(module: nn.Module) -> bool:
+    """Is `module` the 'glu' output, nn.Sequential(nn.Linear(H, 2H), nn.GLU(dim=-1))?"""
+    return (
+        type(module) is nn.Sequential
+        and len(module) == 2
+        and type(module[0]) is nn.Linear
+        and module[0].bias is not None
+        and type(module[1]) is nn.GLU
+        and module[1].dim == -1
+    )
 
 
 def linear_scan(log_dA: Tensor, b: Tensor) -> Tensor:
