@@ -39,7 +39,7 @@ def weights(run_dir: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / name / "model.safetensors")
 
 
-def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
     """Weights of two runs that differ only in float rounding."""
     for k in want:
         a, b = want[k], got[k]
@@ -48,7 +48,7 @@ def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
             # its rounding noise into +-lr steps, so only the query and value parts compare.
             d = a.shape[0] // 3
             a, b = torch.cat([a[:d], a[2 * d :]]), torch.cat([b[:d], b[2 * d :]])
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=k)
 
 
 def records(path: Path) -> list[dict]:
@@ -122,7 +122,9 @@ def test_trimmed_text_padding_trains_like_the_padded_text(tmp_path, monkeypatch)
         runs[trim] = losses, weights(run_dir, "phase-1")
     assert max(widths[:4]) < 16 and set(widths[4:]) == {16}  # "w1 w2 w3" + start/end of 16 columns
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
-    assert_same_weights(runs[True][1], runs[False][1])
+    # other sequence lengths round differently, and AdamW turns rounding noise in the
+    # near-zero gradients of the one text block's value projection into steps of up to lr
+    assert_weights_close(runs[True][1], runs[False][1], atol=1e-4)
 
 
 def _free_port() -> int:
@@ -152,7 +154,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert loss_one == pytest.approx(loss_two, rel=1e-5, abs=1e-6)
     w_one, w_two = weights(tmp_path / "one", "phase-1"), weights(tmp_path / "two", "phase-1")
     assert any(not torch.equal(w_one[k], v) for k, v in weights(tmp_path / "one", "initial").items())
-    assert_same_weights(w_two, w_one)
+    assert_weights_close(w_two, w_one)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch):

@@ -30,6 +30,7 @@ from modx.models.checkpoint import (
     load_weights,
 )
 from modx.models.model import build_model
+from modx.models.pooled import pool_last_block
 from modx.models.text import allow_short_text
 
 _log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def create_model(
     for tower, tower_cfg in swap.items():
         model = swap_tower(model, tower, tower_cfg)
     allow_short_text(model)  # text batches may be cut to their longest caption (modx.models.text)
+    pool_last_block(model)  # the last block computes only the pooled token's row (modx.models.pooled)
     return (model, *_transforms(model, aug_cfg), get_tokenizer(model.modx_config["model_cfg"],
                                                                spec["name"]))
 

@@ -40,7 +40,7 @@ def trims_padding(model: nn.Module) -> bool:
         return (
             getattr(model, "attn_mask", None) is not None
             and getattr(model, "text_pool_type", "argmax") in _POOLS
-            and _patched(model, "encode_text", _sliced_encode_text)
+            and _short_text_encoder(model)
         )
     tower = getattr(model, "text", None)
     if isinstance(tower, SSMTextTower):
@@ -65,6 +65,13 @@ def allow_short_text(model: nn.Module) -> nn.Module:
     if isinstance(tower, TextTransformer) and tower.attn_mask is not None:
         tower._embeds = types.MethodType(_sliced_embeds, tower)
     return model
+
+
+def _short_text_encoder(model: CLIP) -> bool:
+    """Does `model.encode_text` take a batch shorter than the context length?"""
+    from modx.models.pooled import _clip_encode_text
+
+    return _patched(model, "encode_text", _sliced_encode_text) or _patched(model, "encode_text", _clip_encode_text)
 
 
 def _patched(obj: object, name: str, func: object) -> bool:
