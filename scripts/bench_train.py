@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if "loader" in args.only:
         rows += loader_rows(args, arch, train, have_open_clip, env)
     if "step" in args.only:
-        rows += step_rows(args, arch)
+        rows += step_rows(args, arch, train)
     load.append(os.getloadavg()[0])
     ratios = ratios_of(rows)
     print(table(rows))
@@ -193,6 +193,8 @@ def ratios_of(rows: list[dict]) -> dict[str, float]:
         "Mod-X step time / plain CLIP step time (same run)": ("modx modx (phase 1)", "modx modx (phase 2)"),
         "Mod-X step time / fine-tuning step time (model only, interleaved)": ("step finetune", "step modx"),
         "paper Mod-X step time / fine-tuning step time (model only, interleaved)": ("step finetune", "step modx-paper"),
+        "modx model step speed-up over open_clip's forward (samples/s, interleaved)": (
+            "step finetune", "step finetune, open_clip forward"),
         "loader modx / open_clip (samples/s, one worker)": ("loader modx", "loader open_clip"),
     }
     return {name: sps[a] / sps[b] for name, (a, b) in pairs.items() if a in sps and b in sps}
@@ -215,43 +217,54 @@ def loader_rows(args, arch: str, train: str, have_open_clip: bool, env) -> list[
     return rows
 
 
-def step_rows(args, arch: str) -> list[dict]:
-    """Model-only steps (strategy loss + backward + AdamW) on one fixed random batch,
-    fine-tuning and Mod-X (with its old model) interleaved, so both see the same load.
-    The batch is what the loop feeds: its last quarter replayed (modx's default buffer;
-    fine-tuning ignores it), captions cut to the longest (train.trim_padding). `modx` is
-    the default (KL over the replayed samples), `modx-paper` the KL over the whole batch."""
+def step_rows(args, arch: str, train: str) -> list[dict]:
+    """Model-only steps (strategy loss + backward + AdamW) on one fixed batch of the
+    digits shards, interleaved so that every row sees the same load. The batch is what the
+    loop feeds: its last quarter replayed (modx's default buffer; fine-tuning ignores it),
+    captions cut to the longest (train.trim_padding). `modx` is the default Mod-X (KL over
+    the replayed samples), `modx-paper` the KL over the whole batch; `open_clip forward`
+    is fine-tuning with open_clip's own forward of the same weights (full-length captions,
+    every row of every block): what modx's exact shortcuts save."""
+    import open_clip
     import torch
     from accelerate import Accelerator
 
-    from modx.config import ReplayConfig, StrategyConfig
+    from modx.config import ReplayConfig, StrategyConfig, load_config
     from modx.models import create_model, trim_padding, trims_padding
     from modx.strategies import build_strategy
     from modx.strategies.replay import REPLAY_KEY
+    from modx.train.data import resolve_phases, train_loader
     from modx.train.loop import adamw, frozen_copy
 
-    model, _, _, tok = create_model(arch)
+    model, pre_train, _, tok = create_model(arch)
+    cfg = load_config(None, [f"model.arch={arch}", f"stream.phases=[{{name: a, train: '{train}', eval: '{train}', "
+                             "steps: 1}]", f"train.batch_size={args.batch}", "train.workers=0"])  # fmt: skip
+    data = next(iter(train_loader(cfg, resolve_phases(cfg)[0], pre_train, tok, phase_step=0, global_step=0,
+                                  rank=0, world_size=1)))  # fmt: skip
+    plain = open_clip.model.CLIP(**TINY_VIT, output_dict=True)
+    plain.load_state_dict(model.state_dict())
     old = frozen_copy(model)
-    opt = adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], torch.device("cpu"))
+    models = {"modx": model, "open_clip": plain}
+    opts = {k: adamw([{"params": [p for p in m.parameters() if p.requires_grad]}], torch.device("cpu"))
+            for k, m in models.items()}  # fmt: skip
     acc = Accelerator(cpu=True)
-    g = torch.Generator().manual_seed(0)
-    size = TINY_VIT["vision_cfg"]["image_size"]
-    text = tok([f"a photo of the digit {i % 10}" for i in range(args.batch)])
     fresh = args.batch - round(0.25 * args.batch)
-    batch = {"image": torch.randn(args.batch, 3, size, size, generator=g),
-             "text": trim_padding(text) if trims_padding(model) else text,
+    batch = {"image": data["image"], "text": trim_padding(data["text"]) if trims_padding(model) else data["text"],
              "key": [str(i) for i in range(fresh)] + [REPLAY_KEY] * (args.batch - fresh)}  # fmt: skip
     configs = {"finetune": StrategyConfig(name="finetune"), "modx": StrategyConfig(name="modx"),
-               "modx-paper": StrategyConfig(name="modx", replay=ReplayConfig(ratio=0.0))}  # fmt: skip
-    runs = {name: (build_strategy(cfg, acc), None if name == "finetune" else old) for name, cfg in configs.items()}
+               "modx-paper": StrategyConfig(name="modx", replay=ReplayConfig(ratio=0.0)),
+               "finetune, open_clip forward": StrategyConfig(name="finetune")}  # fmt: skip
+    runs = {name: (build_strategy(c, acc), None if "finetune" in name else old) for name, c in configs.items()}
     seconds = {name: [] for name in runs}
     for i in range(2 * args.step_repeats + 2):
         for name, (strategy, old_model) in runs.items():
+            which = "open_clip" if "open_clip" in name else "modx"
+            feed = {**batch, "text": data["text"]} if which == "open_clip" else batch
             start = time.perf_counter()
-            loss, _ = strategy.loss(model, batch, old_model)
+            loss, _ = strategy.loss(models[which], feed, old_model)
             loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            opts[which].step()
+            opts[which].zero_grad(set_to_none=True)
             if i >= 2:  # warm-up
                 seconds[name].append(time.perf_counter() - start)
     rows = []
