@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -113,6 +114,7 @@ def run_modx(args, arch: str, train: str, evals: str, strategy: str, phases: int
 
 
 def run_open_clip(args, arch: str, train: str, out: Path, env) -> dict:
+    shutil.rmtree(out / "run", ignore_errors=True)  # open_clip_train refuses an existing experiment
     n = args.steps * args.batch
     cmd = [
         sys.executable, "-m", "open_clip_train.main", "--model", arch, "--train-data", train,
