@@ -103,6 +103,9 @@ def run_modx(args, arch: str, train: str, evals: str, strategy: str, phases: int
         "train.grad_clip=1.0", f"train.output_dir={out}", "train.tracker=none", "train.progress=false",
         f"train.log_every={args.log_every}", "train.ckpt_every=100000", "eval.initial=false",
         "eval.report=false", "eval.probe=64", "eval.backend=torch",
+        # phase 1 without an old model (the weights are loaded, so `auto` would align it
+        # with the initial model): plain CLIP, against which phase 2's Mod-X step compares
+        "strategy.align_initial=false",
     ]  # fmt: skip
     lines = timed_lines(cmd, env, out.with_suffix(".log"))
     per_phase: dict[int, list[tuple[float, int]]] = {}
