@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _train_helpers import MICRO_MODEL
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer, VisionTransformer
 
-from _train_helpers import MICRO_MODEL
 from modx.models import create_model, trim_padding
 from modx.models.pooled import pools_last_block
 
@@ -19,12 +19,7 @@ BASE = {
 CAPTIONS = ["a digit", "a photo of the handwritten digit seven, in black ink!", "three", "a red circle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(vision: dict | None = None, text: dict | None = None) -> dict:

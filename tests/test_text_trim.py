@@ -21,12 +21,7 @@ SMALL = {"width": 16, "layers": 2, "ssm": {"d_state": 8}}
 CAPTIONS = ["a digit", "a photo of the handwritten digit seven, in black ink!", "three", "a red circle"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("arch, overrides", [
