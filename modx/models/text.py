@@ -25,6 +25,8 @@ from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
+from modx.models.pooled import _clip_encode_text
+
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with token 0
 _POOLS = ("argmax", "eos", "first")  # pooling positions a causal tower fixes before any padding
 
@@ -69,8 +71,6 @@ def allow_short_text(model: nn.Module) -> nn.Module:
 
 def _short_text_encoder(model: CLIP) -> bool:
     """Does `model.encode_text` take a batch shorter than the context length?"""
-    from modx.models.pooled import _clip_encode_text
-
     return _patched(model, "encode_text", _sliced_encode_text) or _patched(model, "encode_text", _clip_encode_text)
 
 

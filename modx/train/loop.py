@@ -327,9 +327,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
             # ---- log (and read the skipped-step counts: a run of train.max_bad_steps stops)
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
-                skipped = bad_steps.read()
-                if skipped:
-                    accelerator.print(f"step {global_step}: {skipped} optimiser step(s) since the last log line had a "
+                newly_skipped = bad_steps.read()
+                if newly_skipped:
+                    accelerator.print(f"step {global_step}: {newly_skipped} optimiser step(s) since the last log line had a "
                                       f"non-finite loss or gradients and were skipped ({bad_steps.in_row} in a row now)")
                 if bad_steps.longest >= bad_steps.limit:
                     _stop_bad_steps(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds,
