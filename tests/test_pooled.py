@@ -8,7 +8,7 @@ from _train_helpers import MICRO_MODEL
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer, VisionTransformer
 
-from modx.models import create_model, trim_padding
+from modx.models import create_model, trim_padding, trims_padding
 from modx.models.pooled import pools_last_block
 
 BASE = {
@@ -86,3 +86,18 @@ def test_pooled_last_block_with_gradient_checkpointing_and_output_tokens():
     pooled, tokens = model.visual(image)
     assert tokens.shape == (2, 16, 32)
     torch.testing.assert_close(pooled, want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_whole_model_saved_with_torch_save_loads_with_its_shortcuts(tmp_path):
+    torch.manual_seed(0)
+    model, _, _, tokenizer = create_model(_cfg())
+    model.eval()
+    image, text = torch.randn(2, 3, 16, 16), tokenizer(CAPTIONS[:2])
+    torch.save(model, tmp_path / "model.pt")  # pickles the bound shortcuts by reference
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert pools_last_block(again) == {"vision": True, "text": True} and trims_padding(again)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(image), model.encode_image(image), rtol=0, atol=0)
+        torch.testing.assert_close(again.encode_text(trim_padding(text)), model.encode_text(text), rtol=1e-5, atol=1e-6)
+        again.visual.proj.zero_()  # bound to the loaded tower, not to the saved one
+        assert not again.encode_image(image).any() and model.encode_image(image).any()

@@ -14,7 +14,8 @@ open_clip's own forward.
 
 from __future__ import annotations
 
-import types
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,12 @@ def pool_last_block(model: nn.Module) -> nn.Module:
     """Give `model`'s eligible towers the pooled-row last block (in place); returns it."""
     visual = getattr(model, "visual", None)
     if isinstance(visual, VisionTransformer) and _vision_eligible(visual):
-        visual.forward = types.MethodType(_vision_forward, visual)
+        bind(visual, "forward", _vision_forward)
     if isinstance(model, CLIP) and _text_eligible(model, model.text_pool_type):
-        model.encode_text = types.MethodType(_clip_encode_text, model)
+        bind(model, "encode_text", _clip_encode_text)
     tower = getattr(model, "text", None)
     if isinstance(tower, TextTransformer) and tower.cls_emb is None and _text_eligible(tower, tower.pool_type):
-        tower.forward = types.MethodType(_text_tower_forward, tower)
+        bind(tower, "forward", _text_tower_forward)
     return model
 
 
@@ -48,13 +49,21 @@ def pools_last_block(model: nn.Module) -> dict[str, bool]:
     """Which towers of `model` run their last block at the pooled row only."""
     model = getattr(model, "module", model)
     tower = getattr(model, "text", None)
-    text = _patched(model, "encode_text", _clip_encode_text) or _patched(tower, "forward", _text_tower_forward)
-    return {"vision": _patched(getattr(model, "visual", None), "forward", _vision_forward), "text": text}
+    text = bound(model, "encode_text", _clip_encode_text) or bound(tower, "forward", _text_tower_forward)
+    return {"vision": bound(getattr(model, "visual", None), "forward", _vision_forward), "text": text}
 
 
-def _patched(obj: object, name: str, func: object) -> bool:
-    method = getattr(obj, name, None)
-    return isinstance(method, types.MethodType) and method.__func__ is func
+def bind(obj: nn.Module, name: str, func: Callable) -> None:
+    """obj.name = func bound to obj, for this instance only. A `partial`, not a bound
+    method: it pickles by reference to `func` (torch.save of a whole model loads back) and
+    deepcopy binds the copy (the old model of Mod-X)."""
+    setattr(obj, name, functools.partial(func, obj))
+
+
+def bound(obj: object, name: str, func: Callable) -> bool:
+    """Is obj.name `func` bound by `bind`?"""
+    method = obj.__dict__.get(name) if isinstance(obj, nn.Module) else None
+    return isinstance(method, functools.partial) and method.func is func and method.args[0] is obj
 
 
 def _plain_stack(transformer: object) -> bool:

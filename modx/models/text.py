@@ -17,15 +17,13 @@ same computation otherwise). modx's SSM text towers slice them already.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
-from modx.models.pooled import _clip_encode_text
+from modx.models.pooled import _clip_encode_text, bind, bound
 
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with token 0
 _POOLS = ("argmax", "eos", "first")  # pooling positions a causal tower fixes before any padding
@@ -49,7 +47,7 @@ def trims_padding(model: nn.Module) -> bool:
         return tower.pool_type in _POOLS
     if isinstance(tower, TextTransformer):
         return (
-            _patched(tower, "_embeds", _sliced_embeds)
+            bound(tower, "_embeds", _sliced_embeds)
             and tower.attn_mask is not None
             and tower.cls_emb is None
             and not tower.use_pad_mask
@@ -62,21 +60,16 @@ def trims_padding(model: nn.Module) -> bool:
 def allow_short_text(model: nn.Module) -> nn.Module:
     """Let an open_clip `CLIP` encode a batch shorter than its context length (in place)."""
     if isinstance(model, CLIP) and getattr(model, "attn_mask", None) is not None:
-        model.encode_text = types.MethodType(_sliced_encode_text, model)
+        bind(model, "encode_text", _sliced_encode_text)
     tower = getattr(model, "text", None)
     if isinstance(tower, TextTransformer) and tower.attn_mask is not None:
-        tower._embeds = types.MethodType(_sliced_embeds, tower)
+        bind(tower, "_embeds", _sliced_embeds)
     return model
 
 
 def _short_text_encoder(model: CLIP) -> bool:
     """Does `model.encode_text` take a batch shorter than the context length?"""
-    return _patched(model, "encode_text", _sliced_encode_text) or _patched(model, "encode_text", _clip_encode_text)
-
-
-def _patched(obj: object, name: str, func: object) -> bool:
-    method = getattr(obj, name, None)
-    return isinstance(method, types.MethodType) and method.__func__ is func
+    return bound(model, "encode_text", _sliced_encode_text) or bound(model, "encode_text", _clip_encode_text)
 
 
 def _sliced_embeds(self: TextTransformer, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
