@@ -50,11 +50,12 @@ def zeroshot_classifier(
     net.eval()
     parts = []
     try:
+        trim = trims_padding(net)  # prompts cut to the longest of a chunk (exact: modx.models.text)
         for i in range(0, len(mine), classes_per_batch):
             chunk = mine[i : i + classes_per_batch]
             texts = [_prompt(t, c) for c in chunk for t in templates]
             tokens = tokenizer(texts)
-            tokens = trim_padding(tokens) if trims_padding(net) else tokens  # an exact cut (modx.models.text)
+            tokens = trim_padding(tokens) if trim else tokens
             emb = F.normalize(net.encode_text(tokens.to(device)).float(), dim=-1)  # (c*T, d)
             mean = emb.reshape(len(chunk), len(templates), -1).mean(dim=1)  # (c, d)
             parts.append(F.normalize(mean, dim=-1).T.cpu())  # (d, c)

@@ -146,13 +146,24 @@ def _text_rows(owner: nn.Module, x: torch.Tensor, text: torch.Tensor, pool_type:
 def _clip_encode_text(self: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """open_clip's CLIP.encode_text at the batch's length (a batch cut to its longest caption
     is fine: modx.models.text), its last block at the pooled row."""
+    x = self.ln_final(_text_rows(self, clip_text_embeds(self, text), text, self.text_pool_type,
+                                 getattr(self, "text_eos_id", None)))
+    x = project_text(self.text_projection, x)
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def clip_text_embeds(self: CLIP, text: torch.Tensor) -> torch.Tensor:
+    """CLIP.encode_text's token + positional embeddings, at the batch's length (B, n, W)."""
     cast_dtype = self.transformer.get_cast_dtype()
     n = text.shape[1]
-    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
-    x = self.ln_final(_text_rows(self, x, text, self.text_pool_type, getattr(self, "text_eos_id", None)))
-    if self.text_projection is not None:
-        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-    return F.normalize(x, dim=-1) if normalize else x
+    return self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:n].to(cast_dtype)
+
+
+def project_text(projection: nn.Linear | torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's text projection: a Linear, a (W, D) matrix, or none."""
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
 def _text_tower_forward(self: TextTransformer, text: torch.Tensor) -> torch.Tensor:
@@ -161,9 +172,7 @@ def _text_tower_forward(self: TextTransformer, text: torch.Tensor) -> torch.Tens
         return TextTransformer.forward(self, text)
     x, _ = TextTransformer._embeds(self, text)
     pooled = self.ln_final(_text_rows(self, x, text, self.pool_type, getattr(self, "eos_id", None)))
-    if self.text_projection is not None:
-        pooled = self.text_projection(pooled) if isinstance(self.text_projection, nn.Linear) else pooled @ self.text_projection
-    return pooled
+    return project_text(self.text_projection, pooled)
 
 
 __all__ = ["last_block_at", "pool_last_block", "pools_last_block"]

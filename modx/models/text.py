@@ -23,7 +23,8 @@ from open_clip.model import CLIP
 from open_clip.transformer import TextTransformer, text_global_pool
 from torch import nn
 
-from modx.models.pooled import _clip_encode_text, bind, bound
+from modx.models.pooled import _clip_encode_text, bind, bound, clip_text_embeds, project_text
+from modx.models.towers import SSMTextTower
 
 PAD_ID = 0  # open_clip's SimpleTokenizer pads with token 0
 _POOLS = ("argmax", "eos", "first")  # pooling positions a causal tower fixes before any padding
@@ -33,8 +34,6 @@ def trims_padding(model: nn.Module) -> bool:
     """Whether cutting trailing all-padding columns from a text batch leaves `model`'s text
     features unchanged (a causal tower with absolute positions, pooling at the end-of-text
     or first token, no appended class token, padding id 0)."""
-    from modx.models.towers import SSMTextTower
-
     model = getattr(model, "module", model)  # DistributedDataParallel
     if isinstance(model, CLIP):
         return (
@@ -83,15 +82,11 @@ def _sliced_embeds(self: TextTransformer, text: torch.Tensor) -> tuple[torch.Ten
 def _sliced_encode_text(self: CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """open_clip's `CLIP.encode_text` with the positional table and causal mask cut to the
     batch's length (identical at the full length)."""
-    cast_dtype = self.transformer.get_cast_dtype()
     n = text.shape[1]
-    x = self.token_embedding(text).to(cast_dtype)  # (B, n, width)
-    x = x + self.positional_embedding[:n].to(cast_dtype)
-    x = self.transformer(x, attn_mask=self.attn_mask[:n, :n])
+    x = self.transformer(clip_text_embeds(self, text), attn_mask=self.attn_mask[:n, :n])  # (B, n, W)
     x = self.ln_final(x)
     x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, "text_eos_id", None))
-    if self.text_projection is not None:
-        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+    x = project_text(self.text_projection, x)
     return F.normalize(x, dim=-1) if normalize else x
 
 
