@@ -11,15 +11,12 @@ as in the trainer's phase-end evaluation. --old / --new accept what eval/retriev
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 import torch
 
-from modx.data import DataError
 from modx.eval.disorder import spatial_disorder
 from modx.eval.embed import Embeddings, embed_dataset
-from modx.eval.load import load_model
+from modx.eval.load import load_model, script_main
 
 ROWS = (
     ("rotation_image_deg", "rotation, image (deg, mean)"),
@@ -103,13 +100,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, ModelLoadError
-        print(f"eval/disorder.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
+    return script_main("eval/disorder.py", args, run, format_table)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,10 @@ Prints a table (or one JSON object with --json). Bad input exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
-from modx.data import DataError
 from modx.eval.embed import embed_dataset
-from modx.eval.load import load_model, model_arguments
+from modx.eval.load import load_model, model_arguments, script_main
 from modx.eval.retrieval import retrieval_metrics
 
 
@@ -72,13 +69,7 @@ def format_table(result: dict, ks: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, ModelLoadError
-        print(f"eval/retrieval.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_table(result, args.ks))
-    return 0
+    return script_main("eval/retrieval.py", args, run, lambda result: format_table(result, args.ks))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,9 @@ the metrics under "metrics"). Bad input exits with status 2.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 
-from modx.data import DataError
-from modx.eval.load import load_model, model_arguments
+from modx.eval.load import load_model, model_arguments, script_main
 from modx.eval.zeroshot import evaluate_zeroshot
 
 
@@ -61,13 +58,7 @@ def format_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, ModelLoadError
-        print(f"eval/zeroshot.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
+    return script_main("eval/zeroshot.py", args, run, format_table)
 
 
 if __name__ == "__main__":

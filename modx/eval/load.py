@@ -9,7 +9,9 @@ optionally with local weights via ``--pretrained FILE``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,3 +79,20 @@ def model_arguments(description: str, data_help: tuple[str, str]) -> argparse.Ar
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+def script_main(
+    script: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], dict], table: Callable[[dict], str]
+) -> int:
+    """An evaluation script's main: `run(args)`, printed as JSON (`--json`) or as `table`; a
+    user mistake (missing data, a checkpoint that names nothing, a bad value) is one line on
+    stderr and exit status 2."""
+    from modx.data import DataError
+
+    try:
+        result = run(args)
+    except (DataError, ValueError, FileNotFoundError) as e:  # CheckpointError, ModelLoadError
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else table(result))
+    return 0
