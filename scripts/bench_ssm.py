@@ -7,7 +7,10 @@
 warm-up step each), so that a shared machine's load hits every layer alike; reports the
 minimum and median wall time and the minimum process CPU time of --repeats steps, no memory.
 
-Each layer maps (batch, L, H) -> (batch, L, H); the loss is the mean square of the output.
+Each layer maps (batch, L, H) -> (batch, L, H). Backward starts from a fixed random gradient
+of the output (`y.backward(g)`, --loss grad, the default): the layer's own forward+backward;
+--loss square-mean times `y.square().mean().backward()` instead, which adds that loss's two
+(batch, L, H) passes and their fresh 32 MB tensors at L = 4096 (the runs before 2026-12).
 Every (layer, L) runs in a fresh subprocess so that peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated, on CPU the growth of the peak resident set size over the
 process after the model and input were built. Time is the median of --repeats timed
@@ -96,19 +99,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+LOSSES = ("grad", "square-mean")
+
+
+def fwd_bwd(model: nn.Module, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+    """One forward+backward: from the output gradient `grad`, or through the mean square."""
+    y = model(x)
+    if grad is None:
+        y.square().mean().backward()
+    else:
+        y.backward(grad)
+
+
 def measure(layer: str, L: int, args: argparse.Namespace) -> dict:
     """One (layer, L) configuration in this process: time and peak memory of fwd+bwd."""
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build(layer, args.d_model, args.d_state).to(device)
     x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
+    grad = torch.randn_like(x) if args.loss == "grad" else None
     cuda = device.type == "cuda"
 
     def step() -> float:
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
-        model(x).square().mean().backward()
+        fwd_bwd(model, x, grad)
         if cuda:
             torch.cuda.synchronize()
         model.zero_grad(set_to_none=True)
@@ -147,12 +163,13 @@ def interleaved(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(0)
         models = {layer: build(layer, args.d_model, args.d_state).to(device) for layer in args.layers}
         x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
+        grad = torch.randn_like(x) if args.loss == "grad" else None
 
         def step(model: nn.Module, x: torch.Tensor = x) -> tuple[float, float]:
             if cuda:
                 torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()
-            model(x).square().mean().backward()
+            fwd_bwd(model, x, grad)
             if cuda:
                 torch.cuda.synchronize()
             t, c = time.perf_counter() - t, time.process_time() - c
@@ -223,6 +240,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--loss", choices=LOSSES, default="grad", help="where backward starts (see above)"
+    )
+    parser.add_argument(
         "--max-seconds", type=float, default=5.0, help="warm-up longer than this: report it alone"
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -248,7 +268,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("d_model", "d_state", "batch")
     ]
     passthrough += [
-        f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("repeats", "max_seconds", "device")
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("repeats", "max_seconds", "device", "loss")
     ]
     if args.threads:
         passthrough.append(f"--threads={args.threads}")

@@ -3,6 +3,7 @@ projection) against a direct double loop, torch's own autograd of the composed m
 differences (gradcheck) and the float64 recurrence."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -181,3 +182,57 @@ def test_kernel_is_unchanged_by_the_real_vandermonde():
     powers = dA[..., None] ** torch.arange(L, dtype=torch.float64)  # explicit powers
     K_ref = 2 * torch.einsum("hn,hnl->hl", C * dB, powers).real
     torch.testing.assert_close(ssm_kernel(A, B, C, dt, L), K_ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def three_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _fused_and_grads(act, project, block, seed=0):
+    torch.manual_seed(seed)
+    B, L, H = 5, 13, 6
+    u = torch.randn(B, L, H, requires_grad=True)
+    Kc = torch.randn(H, 2 * L, requires_grad=True)
+    W = torch.randn(2 * H, H, requires_grad=True)
+    b = torch.randn(2 * H, requires_grad=True)
+    out = conv_act_glu(u, Kc, W, b, act, block) if project else conv_act(u, Kc, act, block)
+    params = [u, Kc, W, b] if project else [u, Kc]
+    return out, torch.autograd.grad(out, params, torch.randn_like(out))
+
+
+@pytest.mark.parametrize("act", ["gelu", "identity"])
+@pytest.mark.parametrize("project", [False, True])
+@pytest.mark.parametrize("block", [4, 6, 12])  # channel slices; 1 and 2 batch elements per group
+def test_worker_threads_give_the_one_thread_results(three_threads, act, project, block):
+    """Groups of batch elements run on torch.get_num_threads() worker threads: each group's
+    output and input gradient are bit-identical to one thread; the parameter gradients are
+    the workers' partial sums, equal to rounding. torch's thread count is restored."""
+    threaded = _fused_and_grads(act, project, block)
+    assert torch.get_num_threads() == 3
+    torch.set_num_threads(1)
+    single = _fused_and_grads(act, project, block)
+    torch.set_num_threads(3)
+    assert torch.equal(threaded[0], single[0])
+    assert torch.equal(threaded[1][0], single[1][0])  # the input's gradient
+    for a, b in zip(threaded[1][1:], single[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forked_child_starts_its_own_worker_pool(three_threads):
+    """The parent's pool threads do not exist in a fork: a child that reused the parent's pool
+    would wait forever on its first call."""
+    import multiprocessing as mp
+
+    from modx.models.ssm import fused
+
+    _fused_and_grads("gelu", True, 6)  # 5 batch elements, 3 threads: the pool is running
+    assert fused._POOL is not None
+    child = mp.get_context("fork").Process(target=lambda: os._exit(0 if fused._POOL is None else 3))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert fused._POOL is not None  # the parent keeps its own

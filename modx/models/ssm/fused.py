@@ -6,22 +6,26 @@ The same function as `fft_conv` -> activation -> nn.Linear(H, 2H) -> nn.GLU(dim=
 float32 rounding. What changes is the memory traffic, which is what the composed version
 spends its time on at long L on a CPU (BENCHMARKS.md, "S4D speed"):
 
-- the FFT runs on (rows, 2L) blocks: the input block is gathered
-  (transposed) into a zero-padded buffer, FFT'd, multiplied by the kernel's spectrum, inverse
-  FFT'd and passed through the activation while it is in cache; no (B, H, L + 1) spectrum
-  and no (B, H, 2L) padded copy ever exist;
+- the FFT runs on (rows, 2L) blocks: the input block is gathered (transposed) into a
+  zero-padded buffer, FFT'd, multiplied by the kernel's spectrum, inverse FFT'd and passed
+  through the activation while it is in cache; no (B, H, 2L) padded copy ever exists;
 - activations stay channel-major, (H, L) per batch element, and the projection reads them
   transposed through BLAS (a = z^T W^T + bias), so no layout copies are made;
-- what backward needs is kept per group of batch elements, the pre-activation y (g, H, L)
-  and the projection's a (g, L, 2H): tensors of a few MB that the allocator reuses from step
-  to step, where (B, ...)-sized ones are fresh memory mappings, page-faulted in every step;
-- backward recomputes the input's spectrum per block instead of storing it and accumulates
-  the kernel's gradient in the frequency domain; z = act(y) is recomputed for the weight
-  gradient.
-Memory is O(B H L): y, a, the output and the input's gradient.
+- what backward needs is kept per group of batch elements: the pre-activation y and
+  z = act(y) (g, H, L), the projection's a (g, L, 2H) and the input's spectrum per FFT
+  block, tensors of a few MB that the allocator reuses from step to step, where
+  (B, ...)-sized ones are fresh memory mappings, page-faulted in every step; backward FFTs
+  only the output gradient and accumulates the kernel's gradient in the frequency domain;
+- the groups run on torch.get_num_threads() worker threads with one torch thread each
+  (`_map_groups`): the copies, FFTs and elementwise passes over 2 MB blocks gain little from
+  torch's own threads, whole groups side by side scale with the cores (BENCHMARKS.md).
+Memory is O(B H L): y, z, a, the input's spectrum, the output and the input's gradient.
 """
 
 from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -29,6 +33,7 @@ from torch.autograd.function import once_differentiable
 
 FUSED_ACTIVATIONS = ("gelu", "silu", "identity")
 _BLOCK_ELEMS = 2**19  # one FFT block: (rows, 2L) float32, 2 MB (64 channels at L = 4096)
+_MAX_WORKERS = 64  # threads for the groups of one call (see `_map_groups`)
 
 
 def circular_kernel(K: Tensor, L: int) -> Tensor:
@@ -85,106 +90,173 @@ def _padded_rfft(x: Tensor, buf: Tensor) -> Tensor:
     return torch.fft.rfft(rows)
 
 
+def _workers(n_groups: int) -> int:
+    """Threads for the groups of one call: torch's thread count, at most one per group."""
+    return max(1, min(torch.get_num_threads(), n_groups, _MAX_WORKERS))
+
+
+def _map_groups(work, plan: list, n_workers: int) -> list:  # noqa: ANN001
+    """[work(groups) for each worker's share of `plan`], the shares run on `n_workers` threads
+    with one torch thread each (whole groups per thread: no OpenMP wake-ups per op, and the
+    copies, FFTs and elementwise passes that do not scale with torch's threads run side by
+    side). Autograd recording is off in the workers, as in the Function's forward."""
+    shares = [plan[k::n_workers] for k in range(n_workers)]
+    if n_workers == 1:
+        return [work(shares[0])]
+    threads = torch.get_num_threads()
+
+    def run(share: list) -> object:
+        torch.set_num_threads(1)  # this thread's ops; the other threads run the other groups
+        with torch.no_grad():
+            return work(share)
+
+    try:
+        return list(_pool().map(run, shares))
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting is global to torch
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="modx-s4d")
+    return _POOL
+
+
+def _forget_pool() -> None:
+    """A forked child has none of the parent's threads: it starts its own pool."""
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class _ConvActGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, Kc, weight, bias, activation, block):  # noqa: ANN001, ANN205
         Bsz, L, H = u.shape
         n = Kc.shape[-1]  # 2L
         project = weight is not None
+        keep_spectra = ctx.needs_input_grad[1]  # the kernel's gradient needs u's spectrum
         plan = _plan(Bsz, H, L, block)
-        g_max, h_max = max(b1 - b0 for b0, b1, _ in plan), plan[0][2][0][1]
         Kf = torch.fft.rfft(Kc)  # (H, L + 1)
-        buf = u.new_zeros(g_max, h_max, n)  # the tail stays zero: the padding
-        ut = u.new_empty(g_max, H, L)  # channel-major input
-        if project:
-            out = u.new_empty(Bsz, L, H)
-            z = u.new_empty(g_max, H, L)
-            W = weight.T.expand(g_max, H, 2 * H)
-        else:
-            out = u.new_empty(Bsz, H, L)  # act(y), channel-major
-        ys, As = [], []
-        for b0, b1, hs in plan:
-            g = b1 - b0
-            ug = _to_channel_major(ut[:g], u[b0:b1])
-            y = u.new_empty(g, H, L)
-            zg = z[:g] if project else out[b0:b1]
-            for h0, h1 in hs:
-                Y = _padded_rfft(ug[:, h0:h1], buf) * Kf[h0:h1]
-                y[:, h0:h1] = torch.fft.irfft(Y, n=n)[..., :L]
-                if activation != "identity" or not project:
-                    _act(y[:, h0:h1], activation, out=zg[:, h0:h1])
-            ys.append(y)
-            if project:
-                zT = (y if activation == "identity" else zg).transpose(1, 2)  # (g, L, H)
-                a = torch.baddbmm(bias, zT, W[:g])  # (g, L, 2H) = z^T W^T + bias
-                torch.ops.aten.glu.out(a, -1, out=out[b0:b1])  # a1 sigmoid(a2), one pass
-                As.append(a)
-        ctx.activation, ctx.project, ctx.plan = activation, project, plan
-        ctx.save_for_backward(u, Kf, weight, *ys, *As)
+        out = u.new_empty(Bsz, L, H) if project else u.new_empty(Bsz, H, L)
+
+        def work(groups: list) -> list[tuple]:
+            g_max, h_max = max(b1 - b0 for b0, b1, _ in groups), groups[0][2][0][1]
+            buf = u.new_zeros(g_max, h_max, n)  # the tail stays zero: the padding
+            ut = u.new_empty(g_max, H, L)  # channel-major input
+            saved = []
+            for b0, b1, hs in groups:
+                g = b1 - b0
+                ug = _to_channel_major(ut[:g], u[b0:b1])
+                y = u.new_empty(g, H, L)
+                # z = act(y), kept for the weight gradient when projecting (not recomputed)
+                z = (y if activation == "identity" else u.new_empty(g, H, L)) if project else out[b0:b1]
+                spectra = []
+                for h0, h1 in hs:
+                    U = _padded_rfft(ug[:, h0:h1], buf)
+                    y[:, h0:h1] = torch.fft.irfft(U * Kf[h0:h1], n=n)[..., :L]
+                    if z is not y:
+                        _act(y[:, h0:h1], activation, out=z[:, h0:h1])
+                    if keep_spectra:
+                        spectra.append(U)  # (g, rows, L + 1): backward's correlation with gy
+                a = None
+                if project:  # a = z^T W^T + bias (g, L, 2H); out = a1 sigmoid(a2), one pass
+                    a = torch.baddbmm(bias, z.transpose(1, 2), weight.T.expand(g, H, 2 * H))
+                    torch.ops.aten.glu.out(a, -1, out=out[b0:b1])
+                saved.append((y, z if project else None, a, spectra))
+            return saved
+
+        shares = _map_groups(work, plan, _workers(len(plan)))
+        per_group = [None] * len(plan)  # back in plan order
+        for k, share in enumerate(shares):
+            per_group[k :: len(shares)] = share
+        tensors = [t for y, z, a, sp in per_group for t in (y, z, a, *sp) if t is not None]
+        ctx.activation, ctx.project, ctx.plan, ctx.u_shape = activation, project, plan, u.shape
+        ctx.layout = [(z is not None, a is not None, len(sp)) for y, z, a, sp in per_group]
+        ctx.save_for_backward(Kf, weight, *tensors)
         return out if project else out.transpose(1, 2)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gout):  # noqa: ANN001, ANN205
-        u, Kf, weight, *saved = ctx.saved_tensors
-        Bsz, L, H = u.shape
+        Kf, weight, *flat = ctx.saved_tensors
+        Bsz, L, H = ctx.u_shape
         plan, act, project, n = ctx.plan, ctx.activation, ctx.project, 2 * L
-        ys, As = saved[: len(plan)], saved[len(plan) :]
         need_u, need_K, need_w, need_b = ctx.needs_input_grad[:4]
-        g_max, h_max = max(b1 - b0 for b0, b1, _ in plan), plan[0][2][0][1]
-        gu = u.new_empty(Bsz, L, H) if need_u else None
-        gKf = torch.zeros_like(Kf) if need_K else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = weight.new_zeros(2 * H) if need_b else None
+        saved, it = [], iter(flat)
+        for has_z, has_a, n_spectra in ctx.layout:  # (y, z, a, spectra) per group
+            y = next(it)
+            z, a = (next(it) if has_z else None), (next(it) if has_a else None)
+            saved.append((y, z, a, [next(it) for _ in range(n_spectra)]))
+        gu = Kf.real.new_empty(Bsz, L, H) if need_u else None
         Kf_conj = Kf.conj().resolve_conj()  # once: a lazy conj in `*` is copied on every use
-        # gy and u side by side: one rfft for both (larger FFT batches use both threads better)
-        buf = u.new_zeros(2 if need_K else 1, g_max, h_max, n)
-        ut, gut = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)  # channel-major u, gu
-        if project:  # scratch reused for every group
-            ga = u.new_empty(g_max, L, 2 * H)
-            gz_all, z = u.new_empty(g_max, H, L), u.new_empty(g_max, H, L)
-            WT = weight.T.expand(g_max, H, 2 * H)
-        else:
+        if not project:
             gout = gout.transpose(1, 2)  # (B, H, L)
-        for (b0, b1, hs), y, a in zip(plan, ys, As if project else [None] * len(plan)):
-            g = b1 - b0
-            if project:  # GLU and the linear map
-                gag = torch.ops.aten.glu_backward.grad_input(gout[b0:b1], a, -1, grad_input=ga[:g])
-                if need_w:
-                    zg = y if act == "identity" else _act(y, act, out=z[:g])
-                    for i in range(g):
-                        gw.addmm_(gag[i].T, zg[i].T)
-                if need_b:
-                    gb += gag.sum((0, 1))
-                gz = torch.bmm(WT[:g], gag.transpose(1, 2), out=gz_all[:g])  # (g, H, L)
-            else:
-                gz = gout[b0:b1]
-            if not (need_u or need_K):
-                continue
-            if need_K:
-                ug = _to_channel_major(ut[:g], u[b0:b1])
-            for h0, h1 in hs:
-                rows = buf[:, :g, : h1 - h0]
-                _act_backward(gz[:, h0:h1], y[:, h0:h1], act, out=rows[0, ..., :L])  # gy
-                if need_K:
-                    rows[1, ..., :L].copy_(ug[:, h0:h1])
-                spectra = torch.fft.rfft(rows)
-                G = spectra[0]
-                if need_u:  # gu[s] = sum_t gy[t] Kc[(t - s) mod 2L]
-                    gut[:g, h0:h1] = torch.fft.irfft(G * Kf_conj[h0:h1], n=n)[..., :L]
-                if need_K:  # gKc[j] = sum_t gy[t] u[t - j], summed over the batch
-                    U = spectra[1]
-                    if g == 1:
-                        gKf[h0:h1].addcmul_(G[0], U[0].conj())
-                    else:
-                        gKf[h0:h1] += (G * U.conj()).sum(0)
-            if need_u:
-                if g == 1:
-                    gu[b0].copy_(gut[0].T)
+
+        def work(groups: list) -> tuple:
+            g_max, h_max = max(b1 - b0 for (b0, b1, _), _ in groups), groups[0][0][2][0][1]
+            gKf = torch.zeros_like(Kf) if need_K else None
+            gw = torch.zeros_like(weight) if need_w else None
+            gb = weight.new_zeros(2 * H) if need_b else None
+            buf = Kf.real.new_zeros(g_max, h_max, n)  # gy, zero-padded
+            gut = Kf.real.new_empty(g_max, H, L)  # channel-major gu
+            if project:
+                ga = Kf.real.new_empty(g_max, L, 2 * H)
+                gz_all = Kf.real.new_empty(g_max, H, L)
+                WT = weight.T.expand(g_max, H, 2 * H)
+            for (b0, b1, hs), (y, z, a, spectra) in groups:
+                g = b1 - b0
+                if project:  # GLU and the linear map
+                    gag = torch.ops.aten.glu_backward.grad_input(gout[b0:b1], a, -1, grad_input=ga[:g])
+                    if need_w:
+                        for i in range(g):
+                            gw.addmm_(gag[i].T, z[i].T)
+                    if need_b:
+                        gb += gag.sum((0, 1))
+                    gz = torch.bmm(WT[:g], gag.transpose(1, 2), out=gz_all[:g])  # (g, H, L)
                 else:
-                    gu[b0:b1].copy_(gut[:g].transpose(1, 2))
+                    gz = gout[b0:b1]
+                if not (need_u or need_K):
+                    continue
+                for (h0, h1), U in zip(hs, spectra if need_K else [None] * len(hs)):
+                    rows = buf[:g, : h1 - h0]
+                    _act_backward(gz[:, h0:h1], y[:, h0:h1], act, out=rows[..., :L])  # gy
+                    G = torch.fft.rfft(rows)
+                    if need_u:  # gu[s] = sum_t gy[t] Kc[(t - s) mod 2L]
+                        gut[:g, h0:h1] = torch.fft.irfft(G * Kf_conj[h0:h1], n=n)[..., :L]
+                    if need_K:  # gKc[j] = sum_t gy[t] u[t - j], summed over the batch
+                        if g == 1:
+                            gKf[h0:h1].addcmul_(G[0], U[0].conj())
+                        else:
+                            gKf[h0:h1] += (G * U.conj()).sum(0)
+                if need_u:
+                    if g == 1:
+                        gu[b0].copy_(gut[0].T)
+                    else:
+                        gu[b0:b1].copy_(gut[:g].transpose(1, 2))
+            return gKf, gw, gb
+
+        groups = list(zip(plan, saved))
+        parts = _map_groups(work, groups, _workers(len(groups)))
+        gKf, gw, gb = (_sum([p[k] for p in parts]) for k in range(3))
         gKc = torch.fft.irfft(gKf, n=n) if need_K else None
         return gu, gKc, gw, gb, None, None
+
+
+def _sum(parts: list) -> Tensor | None:
+    """The workers' partial sums added in worker order (None when not computed)."""
+    if parts[0] is None:
+        return None
+    total = parts[0]
+    for p in parts[1:]:
+        total += p
+    return total
 
 
 def _check(u: Tensor, Kc: Tensor, activation: str) -> None:
