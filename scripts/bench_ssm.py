@@ -165,7 +165,9 @@ def interleaved(args: argparse.Namespace) -> list[dict]:
         x = torch.randn(args.batch, L, args.d_model, device=device, requires_grad=True)
         grad = torch.randn_like(x) if args.loss == "grad" else None
 
-        def step(model: nn.Module, x: torch.Tensor = x) -> tuple[float, float]:
+        def step(
+            model: nn.Module, x: torch.Tensor = x, grad: torch.Tensor | None = grad
+        ) -> tuple[float, float]:
             if cuda:
                 torch.cuda.synchronize()
             t, c = time.perf_counter(), time.process_time()

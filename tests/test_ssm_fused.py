@@ -236,3 +236,14 @@ def test_a_forked_child_starts_its_own_worker_pool(three_threads):
     child.join(timeout=60)
     assert child.exitcode == 0
     assert fused._POOL is not None  # the parent keeps its own
+
+
+def test_spinning_openmp_threads_keep_the_groups_on_one_thread(monkeypatch, three_threads):
+    from modx.models.ssm.fused import _workers
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _workers(8) == 3 and _workers(2) == 2 and _workers(1) == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
+    assert _workers(8) == 1
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert _workers(8) == 3
