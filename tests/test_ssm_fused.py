@@ -185,7 +185,9 @@ def test_kernel_is_unchanged_by_the_real_vandermonde():
 
 
 @pytest.fixture
-def three_threads():
+def three_threads(monkeypatch):
+    """Three torch threads, and OpenMP's passive policy so that small calls use workers."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield
@@ -238,12 +240,13 @@ def test_a_forked_child_starts_its_own_worker_pool(three_threads):
     assert fused._POOL is not None  # the parent keeps its own
 
 
-def test_spinning_openmp_threads_keep_the_groups_on_one_thread(monkeypatch, three_threads):
+def test_worker_count_follows_the_openmp_wait_policy(monkeypatch, three_threads):
+    from modx.models.ssm.fused import _MIN_ELEMS_SPINNING as big
     from modx.models.ssm.fused import _workers
 
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert _workers(8) == 3 and _workers(2) == 2 and _workers(1) == 1
-    monkeypatch.setenv("OMP_WAIT_POLICY", "active")
-    assert _workers(8) == 1
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert _workers(8) == 3
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # sleeping OpenMP threads: always
+    assert _workers(8, 10) == 3 and _workers(2, 10) == 2 and _workers(1, big) == 1
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # libgomp's spin-then-sleep: large calls only
+    assert _workers(8, big - 1) == 1 and _workers(8, big) == 3
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # spinning OpenMP threads: never
+    assert _workers(8, 4 * big) == 1

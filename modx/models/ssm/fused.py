@@ -17,8 +17,9 @@ spends its time on at long L on a CPU (BENCHMARKS.md, "S4D speed"):
   (B, ...)-sized ones are fresh memory mappings, page-faulted in every step; backward FFTs
   only the output gradient and accumulates the kernel's gradient in the frequency domain;
 - the groups run on torch.get_num_threads() worker threads with one torch thread each
-  (`_map_groups`): the copies, FFTs and elementwise passes over 2 MB blocks gain little from
-  torch's own threads, whole groups side by side scale with the cores (BENCHMARKS.md).
+  (`_map_groups`; when: `_workers`): the copies, FFTs and elementwise passes over 2 MB
+  blocks gain little from torch's own threads, whole groups side by side scale with the
+  cores (BENCHMARKS.md).
 Memory is O(B H L): y, z, a, the input's spectrum, the output and the input's gradient.
 """
 
@@ -34,6 +35,7 @@ from torch.autograd.function import once_differentiable
 FUSED_ACTIVATIONS = ("gelu", "silu", "identity")
 _BLOCK_ELEMS = 2**19  # one FFT block: (rows, 2L) float32, 2 MB (64 channels at L = 4096)
 _MAX_WORKERS = 64  # threads for the groups of one call (see `_map_groups`)
+_MIN_ELEMS_SPINNING = 2**22  # B L H from which workers pay under the default wait policy
 
 
 def circular_kernel(K: Tensor, L: int) -> Tensor:
@@ -90,11 +92,17 @@ def _padded_rfft(x: Tensor, buf: Tensor) -> Tensor:
     return torch.fft.rfft(rows)
 
 
-def _workers(n_groups: int) -> int:
-    """Threads for the groups of one call: torch's thread count, at most one per group; one
-    under OMP_WAIT_POLICY=ACTIVE, whose OpenMP threads spin on the cores the workers need
-    (1.6x slower at L = 4096 on 2 cores)."""
-    if os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "ACTIVE":
+def _workers(n_groups: int, elems: int) -> int:
+    """Threads for the groups of one call of `elems` = B L H input values: torch's thread
+    count, at most one per group. What pays depends on OpenMP's wait policy (measured on 2
+    cores, BENCHMARKS.md "S4D speed"):
+    - PASSIVE (sleeping OpenMP threads, as modx's benchmarks run): workers win at every size;
+    - unset (libgomp spins a while after each parallel region, then sleeps): the spinning
+      threads of the main thread's ops take the workers' cores; workers win at L = 4096
+      (B = 8, H = 256: 2^23 values), lose at L = 256, so they start at 2^22 values;
+    - ACTIVE (always spinning): never (1.2x slower at L = 4096)."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    if policy == "ACTIVE" or (policy != "PASSIVE" and elems < _MIN_ELEMS_SPINNING):
         return 1
     return max(1, min(torch.get_num_threads(), n_groups, _MAX_WORKERS))
 
@@ -176,7 +184,7 @@ class _ConvActGLU(torch.autograd.Function):
                 saved.append((y, z if project else None, a, spectra))
             return saved
 
-        shares = _map_groups(work, plan, _workers(len(plan)))
+        shares = _map_groups(work, plan, _workers(len(plan), u.numel()))
         per_group = [None] * len(plan)  # back in plan order
         for k, share in enumerate(shares):
             per_group[k :: len(shares)] = share
@@ -247,7 +255,7 @@ class _ConvActGLU(torch.autograd.Function):
             return gKf, gw, gb
 
         groups = list(zip(plan, saved))
-        parts = _map_groups(work, groups, _workers(len(groups)))
+        parts = _map_groups(work, groups, _workers(len(groups), Bsz * L * H))
         gKf, gw, gb = (_sum([p[k] for p in parts]) for k in range(3))
         gKc = torch.fft.irfft(gKf, n=n) if need_K else None
         return gu, gKc, gw, gb, None, None
