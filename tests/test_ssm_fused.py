@@ -229,15 +229,15 @@ def test_a_forked_child_starts_its_own_worker_pool(three_threads):
     would wait forever on its first call."""
     import multiprocessing as mp
 
-    from modx.models.ssm import fused
+    from modx import threads
 
     _fused_and_grads("gelu", True, 6)  # 5 batch elements, 3 threads: the pool is running
-    assert fused._POOL is not None
-    child = mp.get_context("fork").Process(target=lambda: os._exit(0 if fused._POOL is None else 3))
+    assert threads._POOL is not None
+    child = mp.get_context("fork").Process(target=lambda: os._exit(0 if threads._POOL is None else 3))
     child.start()
     child.join(timeout=60)
     assert child.exitcode == 0
-    assert fused._POOL is not None  # the parent keeps its own
+    assert threads._POOL is not None  # the parent keeps its own
 
 
 def test_worker_count_follows_the_openmp_wait_policy(monkeypatch, three_threads):

@@ -69,11 +69,12 @@ never N x M.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 import torch
+
+from modx.threads import MAX_THREADS, map_one_thread_each
 
 Backend = Literal["faiss", "torch"]
 ArrayLike = np.ndarray | torch.Tensor
@@ -331,15 +332,13 @@ def _counts_both_directions(
     i_tile = min(_IMAGE_TILE, n_img)
     t_tile = max(1, min(n_txt, _SCORE_CHUNK // i_tile, _TEXT_TILE))
     blocks = list(range(0, n_img, i_tile))
-    n_workers = max(1, min(torch.get_num_threads(), len(blocks)))
+    n_workers = max(1, min(torch.get_num_threads(), len(blocks), MAX_THREADS))
 
-    def worker(first: int) -> tuple[np.ndarray, np.ndarray]:
-        if n_workers > 1:
-            torch.set_num_threads(1)  # this thread's matmuls; the other cores run the other workers
+    def worker(share: list[int]) -> tuple[np.ndarray, np.ndarray]:
         above_t, tied_t = np.zeros(n_txt, dtype=np.int64), np.zeros(n_txt, dtype=np.int64)
         score_buf = torch.empty(i_tile * t_tile)
         mask_buf = np.empty(i_tile * t_tile, dtype=bool)
-        for s in blocks[first::n_workers]:
+        for s in share:
             e = min(s + i_tile, n_img)
             lo_r, hi_r = lo_i[s:e, None], hi_i[s:e, None]  # (c, 1)
             pairs_i: list[tuple[np.ndarray, np.ndarray]] = []  # (image, text) in the i2t band
@@ -379,16 +378,9 @@ def _counts_both_directions(
                 _rescore_pairs(img, txt, ids, pairs_t, pos_txt, False, above_t, tied_t)
         return above_t, tied_t
 
-    if n_workers == 1:
-        above_t, tied_t = worker(0)
-    else:
-        threads = torch.get_num_threads()
-        try:
-            with ThreadPoolExecutor(n_workers) as pool:
-                parts = list(pool.map(worker, range(n_workers)))
-        finally:
-            torch.set_num_threads(threads)  # in case the workers' setting leaked
-        above_t, tied_t = (np.sum([p[k] for p in parts], axis=0) for k in range(2))
+    # image blocks on threads with one torch thread each: their matmuls, numpy's comparisons
+    parts = map_one_thread_each(worker, [blocks[k::n_workers] for k in range(n_workers)])
+    above_t, tied_t = (np.sum([p[k] for p in parts], axis=0) for k in range(2))
     return (above_i, tied_i), (above_t, tied_t)
 
 

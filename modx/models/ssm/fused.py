@@ -26,15 +26,15 @@ Memory is O(B H L): y, z, a, the input's spectrum, the output and the input's gr
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from modx.threads import MAX_THREADS, map_one_thread_each
+
 FUSED_ACTIVATIONS = ("gelu", "silu", "identity")
 _BLOCK_ELEMS = 2**19  # one FFT block: (rows, 2L) float32, 2 MB (64 channels at L = 4096)
-_MAX_WORKERS = 64  # threads for the groups of one call (see `_map_groups`)
 _MIN_ELEMS_SPINNING = 2**22  # B L H from which workers pay under the default wait policy
 
 
@@ -104,47 +104,14 @@ def _workers(n_groups: int, elems: int) -> int:
     policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
     if policy == "ACTIVE" or (policy != "PASSIVE" and elems < _MIN_ELEMS_SPINNING):
         return 1
-    return max(1, min(torch.get_num_threads(), n_groups, _MAX_WORKERS))
+    return max(1, min(torch.get_num_threads(), n_groups, MAX_THREADS))
 
 
 def _map_groups(work, plan: list, n_workers: int) -> list:  # noqa: ANN001
-    """[work(groups) for each worker's share of `plan`], the shares run on `n_workers` threads
-    with one torch thread each (whole groups per thread: no OpenMP wake-ups per op, and the
-    copies, FFTs and elementwise passes that do not scale with torch's threads run side by
-    side). Autograd recording is off in the workers, as in the Function's forward."""
-    shares = [plan[k::n_workers] for k in range(n_workers)]
-    if n_workers == 1:
-        return [work(shares[0])]
-    threads = torch.get_num_threads()
-
-    def run(share: list) -> object:
-        torch.set_num_threads(1)  # this thread's ops; the other threads run the other groups
-        with torch.no_grad():
-            return work(share)
-
-    try:
-        return list(_pool().map(run, shares))
-    finally:
-        torch.set_num_threads(threads)  # the workers' setting is global to torch
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_MAX_WORKERS, thread_name_prefix="modx-s4d")
-    return _POOL
-
-
-def _forget_pool() -> None:
-    """A forked child has none of the parent's threads: it starts its own pool."""
-    global _POOL
-    _POOL = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
+    """[work(share) for each worker's share of `plan`], the shares on `n_workers` threads with
+    one torch thread each (`modx.threads`: no OpenMP wake-ups per op, and the copies, FFTs
+    and elementwise passes that do not scale with torch's threads run side by side)."""
+    return map_one_thread_each(work, [plan[k::n_workers] for k in range(n_workers)])
 
 
 class _ConvActGLU(torch.autograd.Function):
@@ -188,10 +155,11 @@ class _ConvActGLU(torch.autograd.Function):
         per_group = [None] * len(plan)  # back in plan order
         for k, share in enumerate(shares):
             per_group[k :: len(shares)] = share
-        tensors = [t for y, z, a, sp in per_group for t in (y, z, a, *sp) if t is not None]
         ctx.activation, ctx.project, ctx.plan, ctx.u_shape = activation, project, plan, u.shape
-        ctx.layout = [(z is not None, a is not None, len(sp)) for y, z, a, sp in per_group]
-        ctx.save_for_backward(Kf, weight, *tensors)
+        # per group: y, then z and a when projecting, then the spectra when keep_spectra
+        ctx.save_for_backward(
+            Kf, weight, *(t for y, z, a, sp in per_group for t in (y, z, a, *sp) if t is not None)
+        )
         return out if project else out.transpose(1, 2)
 
     @staticmethod
@@ -202,10 +170,10 @@ class _ConvActGLU(torch.autograd.Function):
         plan, act, project, n = ctx.plan, ctx.activation, ctx.project, 2 * L
         need_u, need_K, need_w, need_b = ctx.needs_input_grad[:4]
         saved, it = [], iter(flat)
-        for has_z, has_a, n_spectra in ctx.layout:  # (y, z, a, spectra) per group
+        for _, _, hs in plan:  # (y, z, a, spectra) per group, as forward saved them
             y = next(it)
-            z, a = (next(it) if has_z else None), (next(it) if has_a else None)
-            saved.append((y, z, a, [next(it) for _ in range(n_spectra)]))
+            z, a = (next(it), next(it)) if project else (None, None)
+            saved.append((y, z, a, [next(it) for _ in hs] if need_K else []))
         gu = Kf.real.new_empty(Bsz, L, H) if need_u else None
         Kf_conj = Kf.conj().resolve_conj()  # once: a lazy conj in `*` is copied on every use
         if not project:
