@@ -247,7 +247,9 @@ def test_local_modx_kl_averages_to_the_global_kl_and_gradient(world, tau, align,
     assert got.item() == pytest.approx(naive_modx_kl(img, txt, img_o, txt_o, tau, align, reduction), rel=1e-6)
     assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-9)
     for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+        # the KL runs in float32: its rounding (a few ulps of the largest gradient) differs
+        # between the local and the global order of operations, and from one CPU to another
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=4 * 2**-23 * w.abs().max().item())
 
 
 def test_local_modx_kl_rejects_a_batch_that_does_not_split():
