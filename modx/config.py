@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+SOURCES = ("stream", "buffer")  # strategy.replay.source (modx.data.replay)
+SCHEDULES = ("equal", "all", "exp")  # strategy.replay.schedule
 TRACKERS = ("tensorboard", "wandb", "none")
 REDUCTIONS = ("sum", "mean")
 
@@ -41,9 +43,13 @@ class ModelConfig:
 
 @dataclass
 class ReplayConfig:
-    ratio: float | None = None  # share of each batch drawn from the buffer (None: the strategy's
-    #                             default: 0.25 for `modx`, 0.5 for `replay`, else 0)
-    size: int = 1000  # buffer capacity in samples (all processes together)
+    ratio: float | None = None  # share of the GLOBAL batch replayed from earlier phases (None: the
+    #                             strategy's default: 0.25 for `modx`, 0.5 for `replay`, else 0)
+    source: str = "buffer"  # stream: re-read earlier phases' shards | buffer: a reservoir of encoded samples
+    schedule: str = "equal"  # stream: the share of each earlier phase: equal | all (by size) | exp
+    data: str | None = None  # stream: more shards to replay from the first phase on (e.g. pretraining data)
+    size: int = 1000  # buffer: capacity in samples (one buffer for all processes, held by each)
+    max_mb: float = 1024.0  # buffer: bound on the samples' encoded bytes, in MiB
 
 
 @dataclass
@@ -57,8 +63,8 @@ class StrategyConfig:
     kl_diagonal: bool = True  # KL over whole rows (paper); false: over the other samples only
     kl_on: str = "auto"  # samples the KL covers: batch (paper) | replay (the replayed ones only) |
     #                      auto (replay when a replay buffer is on, else batch)
-    teacher_cache: bool = True  # Mod-X: the old model's features of each replayed sample computed
-    #                             once per phase (exact: the buffer holds preprocessed samples)
+    teacher_cache: bool = True  # Mod-X: the old model's features of a replayed view computed once per
+    #                             phase (keyed by the view's input: a re-augmented sample is a new view)
     align_initial: bool | str = "auto"  # phase 0 aligns with the initial model (auto: when
     #                                      its weights were loaded, as the authors' script)
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
@@ -299,6 +305,13 @@ def validate(cfg: Config) -> None:
     ratio = s.replay.ratio
     check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
     check(s.replay.size > 0, "strategy.replay.size", "must be > 0")
+    check(s.replay.source in SOURCES, "strategy.replay.source", f"choose one of {list(SOURCES)}")
+    check(s.replay.schedule in SCHEDULES, "strategy.replay.schedule", f"choose one of {list(SCHEDULES)}")
+    check(s.replay.max_mb > 0, "strategy.replay.max_mb", "must be > 0")
+    check(not s.replay.data or s.replay.source == "stream", "strategy.replay.data",
+          "replaying shards of your own needs strategy.replay.source=stream")
+    check(not s.replay.data or ratio != 0.0, "strategy.replay.data",
+          "set strategy.replay.ratio > 0 to replay these shards")
 
     phases = cfg.stream.phases
     check(len(phases) > 0, "stream.phases", "the stream needs at least one phase")

@@ -237,7 +237,6 @@ def step_rows(args, arch: str, train: str) -> list[dict]:
     from modx.config import ReplayConfig, StrategyConfig, load_config
     from modx.models import create_model, trim_padding, trims_padding
     from modx.strategies import build_strategy
-    from modx.strategies.replay import REPLAY_KEY
     from modx.train.data import resolve_phases, train_loader
     from modx.train.loop import adamw, frozen_copy
 
@@ -255,7 +254,8 @@ def step_rows(args, arch: str, train: str) -> list[dict]:
     acc = Accelerator(cpu=True)
     fresh = args.batch - round(0.25 * args.batch)
     batch = {"image": data["image"], "text": trim_padding(data["text"]) if trims_padding(model) else data["text"],
-             "key": [str(i) for i in range(fresh)] + [REPLAY_KEY] * (args.batch - fresh)}  # fmt: skip
+             "key": [str(i) for i in range(args.batch)],
+             "replayed": [False] * fresh + [True] * (args.batch - fresh)}  # fmt: skip
     configs = {"finetune": StrategyConfig(name="finetune"), "modx": StrategyConfig(name="modx"),
                "modx-paper": StrategyConfig(name="modx", replay=ReplayConfig(ratio=0.0)),
                "finetune, open_clip forward": StrategyConfig(name="finetune")}  # fmt: skip

@@ -1,16 +1,19 @@
 """Helpers for tests/test_train*.py: tiny configs, a deterministic fake data stream, and a
 script entry point that `accelerate launch` runs with that stream.
 
-    python tests/_train_helpers.py OUT_DIR [KEY=VALUE ...]       # 1 process
+    python tests/_train_helpers.py OUT_DIR [--resume] [KEY=VALUE ...]       # 1 process
     accelerate launch --multi_gpu --num_processes 2 tests/_train_helpers.py OUT_DIR ...
 
 The fake stream draws the GLOBAL batch of every micro-step from a generator seeded by
 (step, micro-step) and gives each process its slice, so any number of processes sees the
-same global batches; evaluation is skipped. The script writes OUT_DIR/losses.json.
+same global batches; evaluation is skipped. The script writes OUT_DIR/losses.json and
+OUT_DIR/replayed_<rank>.json (per micro-step, the ids of the buffered samples that
+process replayed); with --resume, losses-resumed.json and replayed-resumed_<rank>.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,22 +66,65 @@ def tiny_overrides(run_dir: Path, data_root: Path, **extra: Any) -> list[str]:
 
 
 class FakeLoader:
-    """The loader interface the loop uses (iter, stats, set_epoch, close) over fixed data."""
+    """The loader interface the loop uses (iter, stats, set_epoch, close) over fixed data.
 
-    def __init__(self, global_batch: int, rank: int, world: int, tokenizer: Any, seed: int):
+    Global micro-batch i (of the stream segment seeded by `seed`) is drawn from a generator
+    seeded by (seed, i): its fresh samples are PNG images with captions of three words,
+    each decoded and augmented under a seed of its own, and each process takes its slice.
+    With a replay plan (modx.data.replay, source buffer) the replayed samples are picked,
+    decoded and augmented by modx's own functions. So any number of processes sees the
+    same global batches."""
+
+    def __init__(self, global_batch: int, rank: int, world: int, tokenizer: Any, seed: int,
+                 preprocess: Any = None, replay: Any = None):
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.tokenizer, self.seed = tokenizer, seed
+        self.preprocess, self.replay = preprocess, replay
         self.stats = SimpleNamespace(as_dict=lambda: {"samples": 0, "skipped": 0, "reasons": {}})
 
     def __iter__(self):
+        from modx.data.loader import _collate_mixed
+        from modx.data.replay import buffer_picks, decode_entry, rank_slice, seeded, view_seed
+        from modx.data.stats import SkipStats
+
+        counts = self.replay.counts if self.replay is not None else (0,) * self.world
         b = self.global_batch // self.world
+        fresh = [b - c for c in counts]
+        mine = slice(sum(fresh[: self.rank]), sum(fresh[: self.rank + 1]))
         for i in range(10**6):
             g = torch.Generator().manual_seed(self.seed * 100_003 + i)
-            image = torch.randn(self.global_batch, 3, 32, 32, generator=g)
-            words = torch.randint(0, 10, (self.global_batch, 3), generator=g).tolist()
-            text = self.tokenizer([" ".join(f"w{w}" for w in ws) for ws in words])
-            part = slice(self.rank * b, (self.rank + 1) * b)
-            yield {"image": image[part], "text": text[part], "key": [str(k) for k in range(part.start, part.stop)]}
+            pixels = torch.randint(0, 256, (sum(fresh), 32, 32, 3), dtype=torch.uint8, generator=g)
+            words = torch.randint(0, 10, (sum(fresh), 3), generator=g).tolist()
+            samples = []
+            for p in range(mine.start, mine.stop):
+                key = f"s{self.seed}-{i}-{p}"
+                image = Image.fromarray(pixels[p].numpy())
+                caption = " ".join(f"w{w}" for w in words[p])
+                view = seeded(self.preprocess, self.seed * 7919 + i * 131 + p, image) if self.preprocess else image
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                samples.append({"key": key, "image": view, "captions": [caption],
+                                "raw": (key, "png", buffer.getvalue(), (caption,))})
+            if counts[self.rank] and self.replay.entries:  # source buffer: modx's picks and views
+                batch = self.replay.first_batch + i
+                own = rank_slice(counts, self.rank)
+                picks = buffer_picks(self.replay, batch)[own]
+                samples += [decode_entry(self.replay.entries[j], self.preprocess, view_seed(self.replay, batch, own.start + k))
+                            for k, j in enumerate(picks)]
+            elif counts[self.rank]:  # source stream: "earlier" samples drawn like the fresh ones
+                own = rank_slice(counts, self.rank)
+                r = torch.Generator().manual_seed(self.seed * 100_003 + i + 10**9)
+                pixels = torch.randint(0, 256, (sum(counts), 32, 32, 3), dtype=torch.uint8, generator=r)
+                for p in range(own.start, own.stop):
+                    image = Image.fromarray(pixels[p].numpy())
+                    view = seeded(self.preprocess, self.seed * 7919 + i * 131 + p + 10**6, image)
+                    samples.append({"key": f"r{self.seed}-{i}-{p}", "image": view, "captions": ["w1 w2 w3"],
+                                    "replayed": True, "id": -1})
+            keep_raw = self.replay is not None and self.replay.keep_raw
+            out = _collate_mixed(samples, self.tokenizer, SkipStats(), keep_raw)
+            if self.replay is None:
+                out = {k: out[k] for k in ("image", "text", "key")}
+            yield out
 
     def set_epoch(self, epoch: int) -> None:
         pass
@@ -109,13 +156,14 @@ class NullEvaluator:
         return {}
 
 
-def install_fake_stream(losses: list[float], setattr: Any = setattr) -> None:
+def install_fake_stream(losses: list[float], setattr: Any = setattr, replayed: list | None = None) -> None:
     """Patch modx.train.loop: fake data (reseeded by global step), no evaluation, and
-    record every micro-step's loss (`setattr`: pytest's monkeypatch.setattr in-process)."""
+    record every micro-step's loss (`setattr`: pytest's monkeypatch.setattr in-process)
+    and, into `replayed`, the ids of the buffered samples this process replayed in it."""
     import modx.train.loop as loop
 
-    def fake_loader(cfg, phase, preprocess, tokenizer, *, phase_step, global_step, rank, world_size):
-        return FakeLoader(cfg.train.batch_size, rank, world_size, tokenizer, global_step)
+    def fake_loader(cfg, phase, preprocess, tokenizer, *, phase_step, global_step, rank, world_size, replay=None):
+        return FakeLoader(cfg.train.batch_size, rank, world_size, tokenizer, global_step, preprocess, replay)
 
     real_build = loop.build_strategy
 
@@ -127,6 +175,9 @@ def install_fake_stream(losses: list[float], setattr: Any = setattr) -> None:
             value, terms = real_loss(*args, **kwargs)
             # with train.local_loss each process holds its share: their mean is the loss
             losses.append(accelerator.reduce(value.detach().clone(), reduction="mean").item())
+            if replayed is not None:
+                batch = args[1]
+                replayed.append([i for i, f in zip(batch.get("sample_id", []), batch.get("replayed", [])) if f])
             return value, terms
 
         strategy.loss = loss
@@ -157,12 +208,16 @@ def main(argv: list[str]) -> None:
     from modx.config import load_config
     from modx.train import run
 
-    out = Path(argv[0])
+    out, resume = Path(argv[0]), "--resume" in argv
     losses: list[float] = []
-    install_fake_stream(losses)
-    run(load_config(None, fake_stream_overrides(out, *argv[1:])))
-    if PartialState().is_main_process:
-        (out / "losses.json").write_text(json.dumps(losses))
+    replayed: list[list[int]] = []
+    install_fake_stream(losses, replayed=replayed)
+    run(load_config(None, fake_stream_overrides(out, *[a for a in argv[1:] if a != "--resume"])),
+        resume="latest" if resume else None)
+    state, tag = PartialState(), "-resumed" if resume else ""
+    (out / f"replayed{tag}_{state.process_index}.json").write_text(json.dumps(replayed))
+    if state.is_main_process:
+        (out / f"losses{tag}.json").write_text(json.dumps(losses))
 
 
 if __name__ == "__main__":

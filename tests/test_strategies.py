@@ -11,8 +11,9 @@ from accelerate import Accelerator
 from torch import nn
 
 from modx.config import StrategyConfig
+from modx.data.replay import view_digest
 from modx.losses import clip_loss, modx_kl
-from modx.strategies import STRATEGIES, ReplayBuffer, build_strategy, replay_ratio
+from modx.strategies import STRATEGIES, build_strategy, replay_ratio
 
 
 class TinyClip(nn.Module):
@@ -42,6 +43,11 @@ def batch(seed: int, n: int = 6) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"image": torch.randn(n, 3, 2, 2, generator=g), "text": torch.randint(50, (n, 4), generator=g),
             "key": [str(i) for i in range(n)]}
+
+
+def mark(b: dict, keys: list[str]) -> None:
+    """Flag the rows named "replay" as replayed (what the loader's batches carry)."""
+    b["replayed"] = [k == "replay" for k in keys]
 
 
 def test_registry_has_every_strategy():
@@ -135,36 +141,17 @@ def test_replay_ratio_defaults():
     assert replay_ratio(cfg) == 0.25
 
 
-def test_replay_buffer_mixes_only_earlier_phases_and_stays_bounded():
-    buf = ReplayBuffer(capacity=10, ratio=0.5, seed=0)
-    first = batch(0, n=8)
-    assert buf.mix(first, 0) is first  # empty buffer
-    for i in range(5):
-        buf.add(batch(i, n=8), phase=0)
-    assert buf.seen == 40 and len(buf.image) == 10
-    assert buf.mix(batch(7, n=8), 0)["key"] == batch(7, n=8)["key"]  # phase 0 sees nothing earlier
-    mixed = buf.mix(batch(7, n=8), 1)
-    assert mixed["image"].shape == (8, 3, 2, 2) and mixed["text"].shape == (8, 4)
-    assert mixed["key"][4:] == ["replay"] * 4
-    assert torch.equal(mixed["image"][:4], batch(7, n=8)["image"][:4])
-    stored = {tuple(x.flatten().tolist()) for x in buf.image}
-    assert all(tuple(x.flatten().tolist()) in stored for x in mixed["image"][4:])
-    again = ReplayBuffer(capacity=10, ratio=0.5)
-    again.load_state_dict(buf.state_dict())
-    assert torch.equal(again.mix(batch(7, n=8), 1)["image"], buf.mix(batch(7, n=8), 1)["image"])
-
-
 def test_modx_kl_on_replay_aligns_only_the_replayed_samples(accelerator):
     model, old, b = TinyClip(0), TinyClip(1).eval(), batch(3)
-    b["key"] = ["0", "1", "replay", "3", "replay", "replay"]
+    mark(b, ["0", "1", "replay", "3", "replay", "replay"])
     cfg = StrategyConfig(name="modx", alpha=1.0, cognition_align=False, kl_on="replay")
     loss, logs = build_strategy(cfg, accelerator).loss(model, b, old)
     new, ref = model(b["image"], b["text"]), old(b["image"], b["text"])
-    keep = torch.tensor([k == "replay" for k in b["key"]])
+    keep = torch.tensor(b["replayed"])
     want = modx_kl(new["image_features"][keep], new["text_features"][keep], ref["image_features"][keep],
                    ref["text_features"][keep], cognition_align=False)
     assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
-    b["key"] = ["0", "1", "2", "3", "4", "replay"]  # fewer than two replayed samples: nothing to align
+    mark(b, ["0", "1", "2", "3", "4", "replay"])  # fewer than two replayed samples: nothing to align
     assert build_strategy(cfg, accelerator).loss(model, b, old)[1]["loss_kl"] == 0.0
 
 
@@ -174,14 +161,14 @@ def test_modx_auto_aligns_the_replayed_samples_or_the_whole_batch_before_any_rep
     whole = build_strategy(StrategyConfig(name="modx", cognition_align=False, kl_on="batch"), accelerator)
     only = build_strategy(StrategyConfig(name="modx", cognition_align=False, kl_on="replay"), accelerator)
     assert auto.loss(model, b, old)[1]["loss_kl"] == whole.loss(model, b, old)[1]["loss_kl"] > 0  # nothing replayed
-    b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
+    mark(b, ["0", "replay", "2", "replay", "replay", "5"])
     assert auto.loss(model, b, old)[1]["loss_kl"] == only.loss(model, b, old)[1]["loss_kl"]
     assert only.loss(model, b, old)[1]["loss_kl"] != whole.loss(model, b, old)[1]["loss_kl"]
 
 
 def test_modx_loss_weighs_the_replay_kl_by_its_default_alpha(accelerator):
     model, old, b = TinyClip(0), TinyClip(1).eval(), batch(5)
-    b["key"] = ["0", "replay", "2", "replay", "replay", "5"]
+    mark(b, ["0", "replay", "2", "replay", "replay", "5"])
     loss, logs = build_strategy(StrategyConfig(name="modx", cognition_align=False), accelerator).loss(model, b, old)
     assert loss.item() == pytest.approx(float(logs["loss_clip"]) + 5.0 * float(logs["loss_kl"]), rel=1e-6)
 
@@ -193,50 +180,60 @@ def test_modx_runs_the_old_model_on_the_replayed_samples_alone_when_its_kl_is_ov
             return super().forward(image, text)
 
     model, b = TinyClip(0), batch(6, n=8)
-    b["key"] = ["0", "1", "2", "3", "4", "replay", "replay", "replay"]
+    mark(b, ["0", "1", "2", "3", "4", "replay", "replay", "replay"])
     for kl_on, seen in [("replay", [3]), ("auto", [3]), ("batch", [8])]:
         old = Counting(1).eval()
         old.seen = []
         loss, logs = build_strategy(StrategyConfig(name="modx", kl_on=kl_on), accelerator).loss(model, b, old)
         assert old.seen == seen, kl_on
         if kl_on != "batch":  # the same KL as with the whole batch through the old model
-            keep = torch.tensor([k == "replay" for k in b["key"]])
+            keep = torch.tensor(b["replayed"])
             new, ref = model(b["image"], b["text"]), TinyClip(1)(b["image"], b["text"])
             want = modx_kl(new["image_features"][keep], new["text_features"][keep], ref["image_features"][keep],
                            ref["text_features"][keep])
             assert logs["loss_kl"] == pytest.approx(want.item(), rel=1e-6) and want.item() > 0
     old.seen = []
-    b["key"] = ["0", "1", "2", "3", "4", "5", "6", "replay"]  # one replayed sample: no pair, no old forward
+    mark(b, ["0", "1", "2", "3", "4", "5", "6", "replay"])  # one replayed sample: no pair, no old forward
     build_strategy(StrategyConfig(name="modx", kl_on="replay"), accelerator).loss(model, b, old)
     assert old.seen == []
 
 
-def test_modx_teacher_cache_computes_each_replayed_sample_once_per_phase(accelerator):
+def test_modx_teacher_cache_is_keyed_by_the_view_never_by_the_sample(accelerator):
+    """A replayed view seen before reuses its old features; the same sample augmented anew
+    (another image tensor) is a new view with features of its own: cached and uncached
+    losses agree, and the old model runs once per distinct view per phase."""
+
     class Counting(TinyClip):
         def forward(self, image, text):
             self.seen.append(len(image))
             return super().forward(image, text)
 
     model = TinyClip(0)
-    buf = ReplayBuffer(capacity=4, ratio=0.5, seed=0)
-    buf.add(batch(1, n=4), phase=0)  # four earlier samples: every mixed batch replays two of them
+    earlier = batch(1, n=2)  # two samples of an earlier phase
+    views = {}
+    batches = []
+    for i, aug in enumerate([0.0, 0.0, 0.5, 0.0]):  # the third batch re-augments them
+        b = batch(10 + i, n=4)
+        b["image"][2:] = earlier["image"] + aug
+        b["text"][2:] = earlier["text"]
+        mark(b, ["0", "1", "replay", "replay"])
+        b["view"] = [view_digest(b["image"][j], b["text"][j]) if f else 0 for j, f in enumerate(b["replayed"])]
+        views[i] = b["view"][2:]
+        batches.append(b)
+    assert views[0] == views[1] == views[3] != views[2]
     results = {}
-    mixed = [buf.mix(batch(10 + i, n=4), phase=1) for i in range(6)]
     for cache in (True, False):
         old = Counting(1).eval()
         old.seen = []
         strategy = build_strategy(StrategyConfig(name="modx", teacher_cache=cache), accelerator)
         strategy.begin_phase(1, model, old)
-        results[cache] = [float(strategy.loss(model, b, old)[1]["loss_kl"]) for b in mixed]
-        ids = [b["replay_id"][2:] for b in mixed]
-        if cache:  # each stored sample once, at its first return
-            firsts = [len([j for j in set(now) if all(j not in earlier for earlier in ids[:i])])
-                      for i, now in enumerate(ids)]
-            assert old.seen == [n for n in firsts if n] and sum(old.seen) == len({j for now in ids for j in now})
+        results[cache] = [float(strategy.loss(model, b, old)[1]["loss_kl"]) for b in batches]
+        assert old.seen == ([2, 2] if cache else [2, 2, 2, 2])  # views 0 and 2 computed once each
+        assert strategy.old_samples == sum(old.seen)
+        if cache:
             strategy.begin_phase(2, model, old)  # a new phase, a new old model: computed again
             old.seen = []
-            strategy.loss(model, mixed[0], old)
-            assert old.seen == [len(set(ids[0]))]
-        else:
-            assert old.seen == [2] * 6
-    assert results[True] == pytest.approx(results[False], rel=1e-4, abs=1e-7)  # float rounding only
+            strategy.loss(model, batches[0], old)
+            assert old.seen == [2]
+    assert results[True] == pytest.approx(results[False], rel=1e-6)
+    assert results[True][2] != pytest.approx(results[True][0], rel=1e-3)  # the new view's own features

@@ -9,7 +9,6 @@ import torch
 from _train_helpers import MICRO_MODEL
 
 from modx.models import create_model, trim_padding, trims_padding
-from modx.strategies import ReplayBuffer
 from modx.train.data import TimedBatches
 
 TINY_OPEN_CLIP = {  # a plain open_clip config: open_clip's own CLIP class
@@ -79,20 +78,3 @@ def test_timed_batches_trim_only_when_asked():
     batches = [{"image": torch.zeros(2, 1), "text": text.clone(), "key": ["a", "b"]}]
     assert next(TimedBatches(Loader(batches), torch.device("cpu"), trim=True))["text"].shape == (2, 2)
     assert next(TimedBatches(Loader(batches), torch.device("cpu")))["text"].shape == (2, 4)
-
-
-def test_replay_buffer_mixes_text_batches_of_different_widths():
-    buf = ReplayBuffer(capacity=8, ratio=0.5, seed=0)
-    wide = torch.tensor([[1, 2, 3, 4, 5, 0]] * 4)  # phase 0: long captions
-    buf.add({"image": torch.zeros(4, 1), "text": wide}, phase=0)
-    buf.add({"image": torch.zeros(4, 1), "text": torch.tensor([[9, 8, 0]] * 4)}, phase=0)  # narrower: padded
-    assert buf.text.shape == (8, 6) and (buf.text[4:, 2:] == 0).all()
-    fresh = {"image": torch.ones(4, 1), "text": torch.tensor([[7, 7]] * 4), "key": list("abcd")}
-    mixed = buf.mix(fresh, phase=1)
-    width = max(2, max(int((row != 0).nonzero().max()) + 1 for row in mixed["text"][2:]))
-    assert mixed["text"].shape == (4, width)  # as wide as the widest caption, no wider
-    assert torch.equal(mixed["text"][:2, :2], fresh["text"][:2]) and (mixed["text"][:2, 2:] == 0).all()
-    for row in mixed["text"][2:]:  # every replayed caption whole
-        assert any(torch.equal(row, stored[:width]) and not stored[width:].any() for stored in buf.text)
-    buf.add({"image": torch.zeros(1, 1), "text": torch.tensor([[1] * 9])}, phase=1)  # wider: the buffer widens
-    assert buf.text.shape == (8, 9)

@@ -199,21 +199,14 @@ def test_cli_refuses_an_unsafe_checkpoint_with_one_line(tmp_path, saved_run):
 
 
 def test_strategy_state_round_trips_through_safetensors_and_json(tmp_path):
-    from modx.strategies import ReplayBuffer
     from modx.train.serialize import load_tree, save_tree
 
-    buffer = ReplayBuffer(capacity=4, ratio=0.5, seed=3)
-    buffer.add({"image": torch.randn(6, 3, 2, 2), "text": torch.randint(0, 9, (6, 5))}, phase=0)
     flat = torch.arange(6.0)
-    tree = {"strategy": {"fisher": {"w": flat[:2], "b": flat[2:]}, "anchor": {}}, "replay": buffer.state_dict(), "none": None}
+    tree = {"strategy": {"fisher": {"w": flat[:2], "b": flat[2:]}, "anchor": {}}, "none": None, "seen": 6}
     save_tree(tree, tmp_path / "strategy_0")
     back = load_tree(tmp_path / "strategy_0")
     assert torch.equal(back["strategy"]["fisher"]["b"], flat[2:]) and back["strategy"]["anchor"] == {}
-    restored = ReplayBuffer(capacity=4, ratio=0.5, seed=0)
-    restored.load_state_dict(back["replay"])
-    assert torch.equal(restored.image, buffer.image) and restored.seen == 6 and back["none"] is None
-    batch = {"image": torch.randn(4, 3, 2, 2), "text": torch.zeros(4, 5, dtype=torch.long)}
-    assert torch.equal(restored.mix(batch, 1)["image"], buffer.mix(batch, 1)["image"])  # same generator
+    assert back["none"] is None and back["seen"] == 6
 
 
 def test_rng_state_round_trips_without_pickle(tmp_path):
@@ -358,9 +351,15 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(tmp_path, monke
     state = ckpt / "state-00000003"  # phase b's first step was the second bad one
     trainer_state = json.loads((state / "trainer_state.json").read_text())
     assert trainer_state.pop("train_seconds") > 0
-    assert trainer_state == {"phase": 1, "phase_step": 1, "global_step": 3, "skipped_steps": 2, "bad_in_row": 2}
+    want = {"phase": 1, "phase_step": 1, "global_step": 3, "skipped_steps": 2, "bad_in_row": 2}
+    assert {k: trainer_state[k] for k in want} == want
     assert_same_weights(weights(ckpt / "phase-0"), weights(state))  # phase a's last step was skipped,
     assert not (ckpt / "phase-1").exists()  # so the last good model is step 1's = phase a's export
+    # only samples that were trained on stay in the replay buffer: none of the skipped steps 1, 2
+    from modx.data.replay import read_entries
+
+    steps = {e.step for _, e in read_entries(state / "replay.tar")}
+    assert steps == {0}
 
 
 # ---- shards that vanish or become unreadable mid-run --------------------------------------

@@ -12,7 +12,6 @@ and each batch carries the worker's skip counts to the main process (``loader.st
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import multiprocessing as mp
@@ -24,11 +23,21 @@ from functools import partial
 from itertools import count, islice
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from modx.data.replay import (
+    ReplayPlan,
+    buffer_picks,
+    decode_entry,
+    rank_slice,
+    view_digest,
+    view_seed,
+)
 from modx.data.samples import decode_samples, dedupe, every, tar_samples
+from modx.data.seeds import stable_seed
 from modx.data.stats import SkipStats
 from modx.data.urls import DataError, Source, parse_sources, shard_sizes
 
@@ -44,12 +53,6 @@ def dist_info() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers, the same in every process and Python run."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _constant(value: int) -> int:
@@ -79,6 +82,7 @@ class _Plan:
     tokenizer: Callable | None
     labels: bool = False  # classification samples: integer class from KEY.cls, no captions
     line_urls: frozenset[str] = frozenset()  # shards whose .txt holds one caption per line
+    replay: ReplayPlan | None = None  # train: replayed samples in every batch (modx.data.replay)
 
 
 def _collate(
@@ -110,7 +114,7 @@ def _pass_shards(
     """Train without resampling: every pass shuffles all shards with a seed shared by all
     ranks, then takes this rank's and this worker's slice, so a pass reads each shard once."""
     order = list(urls)
-    random.Random(_seed(plan.seed, epoch, n_pass)).shuffle(order)
+    random.Random(stable_seed(plan.seed, epoch, n_pass)).shuffle(order)
     return order[plan.rank :: plan.world_size][worker :: plan.workers]
 
 
@@ -166,28 +170,116 @@ class _StreamDataset(IterableDataset):
         return samples
 
     def _decode(
-        self, samples: Iterable[dict], stats: SkipStats, rng: random.Random, endless: bool
+        self, samples: Iterable[dict], stats: SkipStats, rng: random.Random, endless: bool,
+        keep_raw: bool = False,
     ) -> Iterator[dict]:
         plan = self.plan
         captions = "first" if plan.mode == "eval" and plan.captions == "sample" else plan.captions
         max_bad_run = MAX_BAD_RUN if endless else None
         return decode_samples(
             samples, stats, plan.preprocess, captions, rng, max_bad_run,
-            labels=plan.labels, line_urls=plan.line_urls,
+            labels=plan.labels, line_urls=plan.line_urls, keep_raw=keep_raw,
         )  # fmt: skip
 
     def _pipeline(self, worker: int, epoch: int, stats: SkipStats) -> Iterator[dict]:
         plan = self.plan
-        rng = random.Random(_seed(plan.seed, epoch, plan.rank, worker))
+        rng = random.Random(stable_seed(plan.seed, epoch, plan.rank, worker))
         if plan.mode == "eval":
             urls = plan.sources[0][worker :: plan.workers]
             samples = self._decode(self._raw(({"url": u} for u in urls), stats), stats, rng, False)
         elif plan.resampled:
             raw = self._shuffle(self._resampled(worker, epoch, stats, rng), rng)
-            samples = self._decode(raw, stats, rng, endless=True)
+            keep_raw = plan.replay is not None and plan.replay.keep_raw
+            samples = self._decode(raw, stats, rng, endless=True, keep_raw=keep_raw)
         else:
             samples = self._passes(worker, epoch, stats, rng)
+        if plan.replay is not None and plan.mode == "train":
+            return self._mixed(samples, worker, epoch, stats, rng)
         return self._batches(samples, stats)
+
+    # ---- replay (modx.data.replay): each batch = this rank's fresh samples + its replayed ones
+
+    def _mixed(
+        self, fresh: Iterator[dict], worker: int, epoch: int, stats: SkipStats, rng: random.Random
+    ) -> Iterator[dict]:
+        """Batches of batch_size - counts[rank] fresh samples and counts[rank] replayed ones
+        (last). Batch j of worker w is the segment's batch j * workers + w: the DataLoader
+        takes batches from its workers in turn, so it is the global micro-batch
+        first_batch + that index (+ the batches of earlier epochs)."""
+        plan, rp = self.plan, self.plan.replay
+        n_replay = rp.counts[plan.rank]
+        n_fresh = plan.batch_size - n_replay
+        per_epoch = sum(plan.quotas) if plan.quotas is not None else 0
+        take = None
+        if n_replay:
+            take = self._buffer_taker() if rp.entries else self._stream_taker(worker, epoch, stats, rng)
+        for j in count():
+            batch = rp.first_batch + epoch * per_epoch + j * plan.workers + worker
+            part = list(islice(fresh, n_fresh))
+            if len(part) < n_fresh:
+                return
+            if take is not None:
+                more = take(batch, {s["key"] for s in part}, n_replay)
+                if more is None:
+                    return
+                part += more
+            yield _collate_mixed(part, plan.tokenizer, stats, rp.keep_raw)
+
+    def _buffer_taker(self) -> Callable:
+        """This rank's share of each global batch's buffer picks, decoded with their views."""
+        plan, rp = self.plan, self.plan.replay
+        mine = rank_slice(rp.counts, plan.rank)
+
+        def take(batch: int, exclude: set[str], n: int) -> list[dict]:
+            picks = buffer_picks(rp, batch)[mine]
+            return [decode_entry(rp.entries[i], plan.preprocess, view_seed(rp, batch, mine.start + k))
+                    for k, i in enumerate(picks)]
+
+        return take
+
+    def _stream_taker(self, worker: int, epoch: int, stats: SkipStats, rng: random.Random) -> Callable:
+        """Replayed samples streamed from the replay sources, mixed by their weights; a
+        sample whose key is already in the batch is passed over."""
+        rp = self.plan.replay
+        streams = [self._replay_raw(urls, i, worker, epoch, stats) for i, urls in enumerate(rp.sources)]
+        raw = streams[0] if len(streams) == 1 else _mix(streams, rp.weights, rng)
+        samples = self._decode(self._shuffle(raw, rng), stats, rng, endless=True)
+
+        def take(batch: int, exclude: set[str], n: int) -> list[dict] | None:
+            out, keys = [], set(exclude)
+            for sample in samples:
+                if sample["key"] in keys:
+                    continue
+                keys.add(sample["key"])
+                out.append({**sample, "replayed": True, "id": -1})
+                if len(out) == n:
+                    return out
+            return None
+
+        return take
+
+    def _replay_raw(self, urls: tuple[str, ...], source: int, worker: int, epoch: int,
+                    stats: SkipStats) -> Iterator[dict]:
+        """Endless raw samples of one replay source, this rank's part only: its shards
+        (split by a hash of the URL) when every rank gets one, else every shard with the
+        samples split by a hash of their key. Either way no two ranks replay one sample."""
+        plan = self.plan
+        owner = [stable_seed("replay-shard", u) % plan.world_size for u in urls]
+        by_shard = len(set(owner)) == plan.world_size
+        mine = [u for u, k in zip(urls, owner) if k == plan.rank] if by_shard else list(urls)
+        shards = wds.ResampledShards(
+            mine,
+            seed=stable_seed(plan.seed, epoch, "replay", source),
+            worker_seed=partial(_constant, stable_seed(plan.rank, worker, "replay")),
+            deterministic=True,
+        )
+        read = [0]
+        samples = _count(tar_samples(_stop_when_idle(iter(shards), read, 2 * len(mine) + 2), stats), read)
+        samples = dedupe(samples, stats, per_shard=True)
+        if not by_shard:
+            samples = (s for s in samples
+                       if stable_seed("replay-key", s["__key__"]) % plan.world_size == plan.rank)
+        return samples
 
     def _resampled(
         self, worker: int, epoch: int, stats: SkipStats, rng: random.Random
@@ -198,8 +290,8 @@ class _StreamDataset(IterableDataset):
         for i, src in enumerate(plan.sources):
             shards = wds.ResampledShards(
                 list(src),
-                seed=_seed(plan.seed, epoch, i),
-                worker_seed=partial(_constant, _seed(plan.rank, worker)),
+                seed=stable_seed(plan.seed, epoch, i),
+                worker_seed=partial(_constant, stable_seed(plan.rank, worker)),
                 deterministic=True,
             )
             streams.append(self._raw(iter(shards), stats))
@@ -237,10 +329,11 @@ class _StreamDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         epoch = int(self.epoch.value)
-        if info is not None:  # random augmentations in preprocess: per rank, worker, epoch
-            torch.manual_seed(_seed(self.plan.seed, epoch, self.plan.rank, worker, 1))
         stats = SkipStats()
-        batches = self._pipeline(worker, epoch, stats)
+        # random augmentations in preprocess: RNGs of their own, seeded per rank, worker and
+        # epoch (also without workers: the loader then never moves the main process's RNGs)
+        batches = _own_rng(self._pipeline(worker, epoch, stats),
+                           stable_seed(self.plan.seed, epoch, self.plan.rank, worker, 1))
         if self.plan.quotas is not None:
             batches = islice(batches, self.plan.quotas[worker])
         for batch in batches:
@@ -251,6 +344,51 @@ class _StreamDataset(IterableDataset):
 
 def _identity(x):
     return x
+
+
+def _own_rng(items: Iterator[dict], seed: int) -> Iterator[dict]:
+    """`items` run with torch, random and numpy RNGs of their own, seeded by `seed`; the
+    caller's RNG states are restored around every step."""
+    mine = None
+    while True:
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            if mine is None:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+            else:
+                _set_rng(mine)
+            item = next(items, None)
+            mine = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        finally:
+            _set_rng(saved)
+        if item is None:
+            return
+        yield item
+
+
+def _set_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    random.setstate(state[1])
+    np.random.set_state(state[2])
+
+
+def _collate_mixed(samples: list[dict], tokenizer: Callable | None, stats: SkipStats, keep_raw: bool) -> dict:
+    """A training batch with replayed samples: `replayed` (per row), `sample_id` (a buffered
+    sample's id in the stream of trained samples, else -1), `view` (a digest of each
+    replayed row's input, 0 for fresh rows: modx.data.replay.view_digest) and, with
+    `keep_raw`, `raw`: the fresh samples as they came from the shard, for the buffer."""
+    batch = _collate(samples, tokenizer, with_idx=False, stats=stats)
+    flags = [bool(s.get("replayed")) for s in samples]
+    batch["replayed"] = flags
+    batch["sample_id"] = [s.get("id", -1) if f else -1 for s, f in zip(samples, flags)]
+    tensors = torch.is_tensor(batch["image"]) and torch.is_tensor(batch["text"])
+    batch["view"] = [view_digest(batch["image"][i], batch["text"][i]) if f and tensors else 0
+                     for i, f in enumerate(flags)]
+    if keep_raw:
+        batch["raw"] = [s["raw"] for s, f in zip(samples, flags) if not f]
+    return batch
 
 
 class StreamLoader:
@@ -335,6 +473,7 @@ def make_loader(
     pin_memory: bool = False,
     missing_ok: bool = False,
     labels: bool = False,
+    replay: ReplayPlan | None = None,
 ) -> StreamLoader:
     """Build this rank's loader over WebDataset shards (see modx.data.urls for ``urls``).
 
@@ -357,6 +496,11 @@ def make_loader(
     a (M, ctx) tensor (open_clip's); None keeps PIL images / strings. ``rank`` and
     ``world_size`` default to torch.distributed / RANK, WORLD_SIZE.
 
+    ``replay`` (mode="train"): every batch of ``batch_size`` holds ``replay.counts[rank]``
+    replayed samples, last, and the rest fresh (modx.data.replay): batches then also carry
+    ``replayed``, ``sample_id``, ``view`` (lists, one entry per row) and, with
+    ``replay.keep_raw``, ``raw`` (the fresh samples as they came from the shard).
+
     Shards that vanish or become unreadable while the loader runs are skipped and counted
     (``open_error``). ``missing_ok=True`` also builds a loader when local shards are
     missing already (a long run rebuilding its loader): they are counted the same way.
@@ -371,6 +515,10 @@ def make_loader(
         rank, world_size = dist_info()
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if replay is not None:
+        if mode != "train" or len(replay.counts) != world_size or replay.counts[rank] > batch_size:
+            raise ValueError(f"replay needs mode='train', one count per rank ({world_size}) and at most "
+                             f"batch_size ({batch_size}) replayed samples, got {replay.counts}")
     sources = parse_sources(urls, weights, missing_ok=missing_ok)
     if mode == "eval":
         if budget_samples is not None or budget_steps is not None:
@@ -407,6 +555,7 @@ def make_loader(
         tokenizer=tokenizer,
         labels=labels,
         line_urls=frozenset(u for s in sources if s.caption_lines for u in s.urls),
+        replay=replay,
     )
     return StreamLoader(plan, lay.workers, lay.num_batches, pin_memory)
 

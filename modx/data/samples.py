@@ -156,9 +156,12 @@ def decode_samples(
     *,
     labels: bool = False,
     line_urls: frozenset[str] = frozenset(),
+    keep_raw: bool = False,
 ) -> Iterator[dict]:
     """Check and decode samples into ``{"key", "image", "captions"}``, or with ``labels``
     into ``{"key", "image", "label"}`` (the class from ``KEY.cls``; captions are not read).
+    ``keep_raw`` adds ``"raw"``: ``(key, image extension, image bytes, every caption)``,
+    the sample as it came from the shard (what the replay buffer stores).
 
     ``captions``: "all" keeps every caption, "sample" picks one at random (``rng``),
     "first" the first one. ``image`` is ``preprocess(PIL RGB image)``, or the PIL image.
@@ -168,7 +171,7 @@ def decode_samples(
     """
     bad_run = 0
     for sample in samples:
-        item = _decode_one(sample, stats, preprocess, labels, sample.get("__url__") in line_urls)
+        item = _decode_one(sample, stats, preprocess, labels, sample.get("__url__") in line_urls, keep_raw)
         if item is None:
             bad_run += 1
             if max_bad_run is not None and bad_run >= max_bad_run:
@@ -187,7 +190,8 @@ def decode_samples(
 
 
 def _decode_one(
-    sample: dict, stats: SkipStats, preprocess: Callable | None, labels: bool, lines: bool
+    sample: dict, stats: SkipStats, preprocess: Callable | None, labels: bool, lines: bool,
+    keep_raw: bool = False,
 ) -> dict | None:
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -205,4 +209,7 @@ def _decode_one(
     except Exception:  # PIL raises many types for bad bytes
         stats.skip("bad_image")
         return None
-    return {"key": sample["__key__"], "image": image, "label" if labels else "captions": target}
+    item = {"key": sample["__key__"], "image": image, "label" if labels else "captions": target}
+    if keep_raw:
+        item["raw"] = (sample["__key__"], ext, sample[ext], tuple(target))
+    return item

@@ -10,7 +10,7 @@ from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
 from modx.strategies.modx import Distill, ModX
-from modx.strategies.replay import Replay, ReplayBuffer
+from modx.strategies.replay import Replay
 from modx.strategies.wiseft import WiseFT
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -30,4 +30,4 @@ def replay_ratio(cfg: StrategyConfig) -> float:
     return STRATEGIES[cfg.name].default_replay_ratio
 
 
-__all__ = ["STRATEGIES", "Strategy", "ReplayBuffer", "build_strategy", "replay_ratio"]
+__all__ = ["STRATEGIES", "Strategy", "build_strategy", "replay_ratio"]

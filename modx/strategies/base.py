@@ -47,6 +47,8 @@ class Strategy:
         self.accelerator = accelerator
         self.local_loss = local_loss  # train.local_loss: each rank scores its rows only
         self.clip_loss = ClipLoss(local_loss=local_loss)
+        self.old_samples = 0  # samples the old model ran a forward on (this process; a cost)
+        self.extra_samples = 0  # samples trained forward + backward outside training steps
 
     def forward(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return model(batch["image"], batch["text"])

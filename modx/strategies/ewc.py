@@ -66,6 +66,7 @@ class EWC(Strategy):
                 if p.grad is not None:
                     fisher[n] += p.grad.detach().float() ** 2
             n_batches += 1
+            self.extra_samples += batch["image"].shape[0]
         model.zero_grad(set_to_none=True)
         flat = torch.cat([f.flatten() for f in fisher.values()]) / max(n_batches, 1)
         flat = self.accelerator.reduce(flat, reduction="mean")

@@ -25,7 +25,6 @@ from modx.losses import (
     world_info,
 )
 from modx.strategies.base import Batch, Strategy
-from modx.strategies.replay import REPLAY_KEY
 
 
 class ModX(Strategy):
@@ -95,16 +94,17 @@ class ModX(Strategy):
 
     @staticmethod
     def replayed(batch: Batch, device: torch.device) -> tuple[list[int], torch.Tensor]:
-        """The rows the replay buffer put into this process's batch, and the (B_global,)
-        bool mask of those in the global batch."""
-        mine = [i for i, k in enumerate(batch["key"]) if k == REPLAY_KEY]
-        mask = torch.zeros(len(batch["key"]), device=device)
-        mask[mine] = 1.0
+        """The replayed rows of this process's batch (batch["replayed"], a list of bools
+        from the loader: no host sync), and the (B_global,) bool mask of those in the
+        global batch."""
+        flags = batch.get("replayed") or [False] * batch["image"].shape[0]
+        mine = [i for i, f in enumerate(flags) if f]
+        mask = torch.tensor(flags, dtype=torch.float32).to(device, non_blocking=True)
         return mine, all_gather(mask) > 0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # replay id -> old features
+        self.teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # view digest -> old features
 
     def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
         self.teacher = {}  # a new old model: nothing cached yet
@@ -113,34 +113,41 @@ class ModX(Strategy):
         self, old_model: nn.Module, batch: Batch, rows: list[int] | None, out: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The old model's (b, d) image and text features of this process's batch, computed
-        without autograd; with `rows` only those rows (the others are zeros, never read). With strategy.teacher_cache a replayed sample's features are computed the
-        first time it comes back in a phase and reused after: the buffer returns the same
-        preprocessed tensors and the old model is fixed for the phase, so this is exact."""
+        without autograd; with `rows` only those rows (the others are zeros, never read).
+
+        With strategy.teacher_cache the features of a replayed view are kept for the phase
+        (the old model is fixed for it) and reused when the same view comes back. The cache
+        is keyed by the view itself (batch["view"], a digest of its image tensor and
+        tokens), never by the sample: a sample decoded and augmented anew is a new view and
+        gets its own features."""
         with torch.no_grad():
             if rows is None:
+                self.old_samples += batch["image"].shape[0]
                 old = old_model(batch["image"], batch["text"])
                 return old["image_features"], old["text_features"]
             img = torch.zeros_like(out["image_features"], requires_grad=False)
             txt = torch.zeros_like(out["text_features"], requires_grad=False)
-            ids = batch.get("replay_id") if self.cfg.teacher_cache else None
-            if ids is None:
+            views = batch.get("view") if self.cfg.teacher_cache else None
+            if views is None:
                 if rows:
+                    self.old_samples += len(rows)
                     old = old_model(batch["image"][rows], batch["text"][rows])
                     img[rows], txt[rows] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
                 return img, txt
             cache = self.teacher
-            missing: dict[int, int] = {}  # replay id -> its first row in this batch
+            missing: dict[int, int] = {}  # view digest -> its first row in this batch
             for i in rows:
-                if ids[i] not in cache:
-                    missing.setdefault(ids[i], i)
+                if views[i] not in cache:
+                    missing.setdefault(views[i], i)
             if missing:
                 todo = list(missing.values())
+                self.old_samples += len(todo)
                 old = old_model(batch["image"][todo], batch["text"][todo])
                 for k, key in enumerate(missing):
                     cache[key] = (old["image_features"][k].to(img.dtype), old["text_features"][k].to(txt.dtype))
             if rows:
-                img[rows] = torch.stack([cache[ids[i]][0] for i in rows])
-                txt[rows] = torch.stack([cache[ids[i]][1] for i in rows])
+                img[rows] = torch.stack([cache[views[i]][0] for i in rows])
+                txt[rows] = torch.stack([cache[views[i]][1] for i in rows])
             return img, txt
 
 

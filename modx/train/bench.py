@@ -73,7 +73,7 @@ class BenchRun:
     run_dir: Path
     shared: int = 0  # leading phases trained in a shared run
     shared_dir: Path | None = None
-    shared_replay: float = 0.0  # replay ratio of the shared run: it fills the buffer members need
+    shared_replay: float = 0.0  # replay ratio of the shared run: > 0 when it fills a replay buffer
     cost: dict[str, Any] = field(default_factory=dict)
 
 
@@ -131,19 +131,27 @@ def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Pa
     for r in runs:
         n = STRATEGIES[r.cfg.strategy.name].plain_phases(r.cfg.strategy, _aligns_initial(r.cfg))
         n = len(r.cfg.stream.phases) if n is None else n
-        if replay_ratio(r.cfg.strategy) > 0:  # nothing to replay during the first phase only
-            n = min(n, 1)
+        if replay_ratio(r.cfg.strategy) > 0:  # nothing to replay during the first phase only,
+            n = 0 if r.cfg.strategy.replay.data else min(n, 1)  # unless shards of the user's
         if n > 0 and len(r.cfg.stream.phases) > 1:
             groups.setdefault(_prefix_key(r.cfg), []).append(r)
     for key, members in groups.items():
         if len(members) < 2:
             continue  # nothing to share
-        ratio = max(replay_ratio(r.cfg.strategy) for r in members)
+        # the shared run fills a replay buffer when a member replays from one (the stream
+        # source needs nothing from phase 0); members without a buffer drop it when forked
+        ratio = max((replay_ratio(r.cfg.strategy) for r in members if _uses_buffer(r.cfg)), default=0.0)
         for r in members:
             r.shared = 1  # the strategies differ at the latest from the first old model on
             r.shared_dir = out / "shared" / f"{key[:10]}-seed{r.seed}"
             r.shared_replay = ratio
     return runs
+
+
+def _uses_buffer(cfg: Config) -> bool:
+    from modx.strategies import replay_ratio
+
+    return replay_ratio(cfg.strategy) > 0 and cfg.strategy.replay.source == "buffer"
 
 
 def _aligns_initial(cfg: Config) -> bool:
@@ -172,7 +180,8 @@ def _prefix_key(cfg: Config) -> str:
     tree = to_dict(cfg)
     for key in _LATER_PHASE_KEYS:
         tree["strategy"].pop(key, None)
-    tree["strategy"]["replay"].pop("ratio")
+    for key in ("ratio", "source", "schedule"):  # the buffer's size and max_mb shape phase 0's buffer
+        tree["strategy"]["replay"].pop(key)
     tree["train"].pop("output_dir")
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -191,7 +200,7 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
         own = r.run_dir / "bench_cost.json"
         if r.shared_dir is not None and not (r.run_dir / "checkpoints").is_dir():
             _train_shared(r)  # once per shared directory: later members find it done
-            _fork(r.shared_dir, r.run_dir)
+            _fork(r.shared_dir, r.run_dir, keep_buffer=_uses_buffer(r.cfg))
             save_config(r.cfg, r.run_dir / "config.yaml")
         if not (r.run_dir / "summary.json").is_file() or not own.is_file():
             cost = _train(r.cfg, resume="latest", until_phase=None)
@@ -217,17 +226,22 @@ def _train_shared(r: BenchRun) -> None:
     cfg.strategy.name = "finetune"
     # Phase 0 trains the same with or without a replay buffer (nothing earlier to mix in); the
     # buffer it fills is what the members with replay go on with.
-    cfg.strategy.replay.ratio = r.shared_replay or None
+    cfg.strategy.replay.ratio = r.shared_replay
+    cfg.strategy.replay.source = "buffer"
     cfg.train.output_dir = str(r.shared_dir)
     cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
     done.write_text(json.dumps(cost, indent=1))
 
 
-def _fork(shared_dir: Path, run_dir: Path) -> None:
-    """Start `run_dir` as a copy of the shared run (atomically: a copy, then a rename)."""
+def _fork(shared_dir: Path, run_dir: Path, keep_buffer: bool = True) -> None:
+    """Start `run_dir` as a copy of the shared run (atomically: a copy, then a rename);
+    without `keep_buffer` the shared run's replay buffer is left out (not charged)."""
+    from modx.data.replay import STATE_JSON, STATE_TAR
+
     tmp = run_dir.with_name(f".tmp-{run_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(shared_dir, tmp, ignore=shutil.ignore_patterns("logs", "report*", "bench_cost.json"))
+    skip = ["logs", "report*", "bench_cost.json"] + ([] if keep_buffer else [STATE_TAR, STATE_JSON])
+    shutil.copytree(shared_dir, tmp, ignore=shutil.ignore_patterns(*skip))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.replace(tmp, run_dir)
 

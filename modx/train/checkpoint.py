@@ -3,14 +3,16 @@
     checkpoints/state-00000120/   accelerator.save_state (model.safetensors, optimizer.bin,
                                   scheduler.bin) + rng_<rank>.{safetensors,json} (RNG of
                                   every process) + strategy_<rank>.{safetensors,json}
-                                  (EWC Fisher, replay buffer) + trainer_state.json
+                                  (EWC Fisher) + replay.{tar,json} (the replay buffer: a
+                                  WebDataset shard) + trainer_state.json
     checkpoints/latest            name of the newest complete state
     checkpoints/phase-K/          modx.models.export_model: model.safetensors + model_config.json
     checkpoints/initial/          the same for the model before training
 
-Loading a checkpoint never runs code: everything is safetensors or JSON except the
-optimiser and scheduler files, which are checked with `torch.load(weights_only=True)`
-before Accelerate reads them; a state holding any other file (a pickle) is refused.
+Loading a checkpoint never runs code: everything is safetensors, JSON or a tar of samples
+(read as bytes, never extracted) except the optimiser and scheduler files, which are
+checked with `torch.load(weights_only=True)` before Accelerate reads them; a state holding
+any other file (a pickle) is refused.
 Every write goes to a temporary directory first and is renamed into place with
 os.replace, so a run killed (or a disk filled) while saving leaves the previous
 checkpoint intact.
@@ -22,6 +24,8 @@ import json
 import os
 import pickle
 import shutil
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +51,10 @@ def save_state(
     trainer_state: dict[str, Any],
     strategy_state: dict[str, Any],
     keep: int,
+    write_main: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save a resumable state atomically (collective: every process must call it).
+    `write_main(directory)` adds files of the main process's (the replay buffer).
 
     A failed write (full disk, unwritable directory) on any process removes the partial
     state and raises CheckpointError on every process; the previous state stays usable.
@@ -72,6 +78,8 @@ def save_state(
         fault_point("checkpoint")
         save_tree(strategy_state, tmp / f"strategy_{rank}")
         if accelerator.is_main_process:
+            if write_main is not None:
+                write_main(tmp)
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     except (OSError, RuntimeError, SafetensorError) as err:  # torch.save: RuntimeError on a full disk
         error = err
@@ -149,6 +157,10 @@ def check_loadable(path: Path) -> None:
     torch.load(weights_only=True), nothing else (pickles are never loaded)."""
     for file in sorted(path.iterdir()):
         if file.suffix == ".json" or file.is_dir():
+            continue
+        if file.suffix == ".tar":  # samples (the replay buffer): read as bytes, never extracted
+            if not tarfile.is_tarfile(file):
+                raise CheckpointError(f"cannot resume from {path}: {file.name} is not a valid tar file")
             continue
         if file.suffix == ".safetensors":
             try:

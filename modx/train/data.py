@@ -116,14 +116,18 @@ def joint_phase(phases: list[Phase]) -> list[Phase]:
 
 
 def data_seed(seed: int, global_step: int, rank: int) -> int:
-    """Seed of the segment of the stream that starts at `global_step` on process `rank`."""
-    return (seed * 1_000_003 + global_step * 9_973 + rank * 104_729) % (2**31 - 1)
+    """Seed of the segment of the stream that starts at `global_step` on process `rank`
+    (a hash of the three: no two (seed, step, rank) share a stream)."""
+    from modx.data.seeds import stable_seed
+
+    return stable_seed(seed, global_step, rank, "train-segment")
 
 
 def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Callable, *,
-                 phase_step: int, global_step: int, rank: int, world_size: int) -> Any:
+                 phase_step: int, global_step: int, rank: int, world_size: int, replay: Any = None) -> Any:
     """This process's training loader for the rest of `phase` from `phase_step` (the
-    segment starting at `global_step`); one epoch covers it, EWC's Fisher batches included."""
+    segment starting at `global_step`); one epoch covers it, EWC's Fisher batches included.
+    `replay`: the segment's modx.data.replay.ReplayPlan (replayed samples in every batch)."""
     from modx.data import make_loader
 
     batches = (phase.steps - phase_step) * cfg.train.grad_accum + cfg.strategy.ewc_batches
@@ -142,6 +146,7 @@ def train_loader(cfg: Config, phase: Phase, preprocess: Callable, tokenizer: Cal
         shuffle=cfg.train.shuffle,
         budget_steps=batches,
         missing_ok=True,  # checked at the start; shards that vanish since are counted, skipped
+        replay=replay,
     )
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from modx.config import Config, ConfigError, save_config, to_dict
 from modx.models import ModelLoadError, create_model, model_param_groups, trims_padding
-from modx.strategies import ReplayBuffer, build_strategy, replay_ratio
+from modx.strategies import build_strategy, replay_ratio
 from modx.train.checkpoint import (
     export_phase,
     find_latest,
@@ -48,6 +48,7 @@ from modx.train.data import (
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
+from modx.train.replay import ReplayFeed
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 MAX_LOGIT_SCALE = math.log(100)  # as open_clip: the learned temperature stays <= 100
@@ -242,8 +243,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ratio = replay_ratio(cfg.strategy)
-    replay = ReplayBuffer(max(1, cfg.strategy.replay.size // world), ratio, seed=t.seed + rank) if ratio > 0 else None
+    replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
+    if replay_ratio(cfg.strategy) > 0:
+        replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
     evaluator = Evaluator(cfg, eval_sets, preprocess_eval, tokenizer, run_dir, accelerator.device,
                           held_out=held_out_sets, zeroshot=zeroshot_sets, accelerator=accelerator)
 
@@ -263,8 +265,12 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             old_model = frozen_copy(create_model(str(ckpt_dir / previous))[0]).to(accelerator.device)
         strategy_state = load_state(accelerator, state_path)  # the RNG too: nothing random after it
         strategy.load_state_dict(strategy_state["strategy"])
-        if replay is not None and strategy_state.get("replay"):
-            replay.load_state_dict(strategy_state["replay"])
+        if main:  # the counters are global sums, carried on the main process
+            strategy.old_samples = trainer_state.get("old_model_samples", 0)
+            strategy.extra_samples = trainer_state.get("extra_train_samples", 0)
+        if replay is not None and not replay.load(state_path) and strategy_state.get("replay"):
+            accelerator.print("note: this checkpoint's replay buffer holds decoded tensors (an older modx); "
+                              "it is not resumed: the buffer starts empty")
         accelerator.print(f"resuming {state_path} at phase {start_phase} step {start_step} (global step {global_step})")
         if main:
             evaluator.forget_from(start_phase, global_step)
@@ -290,7 +296,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
-        batches = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator, trim)
+        batches, plan = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator,
+                                 trim, replay)
         meter = Meter()
 
         for step in range(first_step, phase.steps):
@@ -300,10 +307,9 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             #      decided on the device (no host sync per step)
             skip = torch.zeros((), device=accelerator.device)
             for _ in range(t.grad_accum):
-                batch = next(batches)
+                batch = next(batches)  # fresh samples, then this process's replayed ones
                 if replay is not None:
-                    fresh, batch = batch, replay.mix(batch, phase.index)
-                    replay.add(fresh, phase.index)
+                    replay.trained(batch, plan, phase.index, global_step)  # the buffer keeps some
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, terms = strategy.loss(model, batch, old_model)
@@ -322,12 +328,16 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum, skipped=skip)
             bad_steps.update(skip)
+            if replay is not None:
+                replay.step_done(global_step - 1, skip)
             progress.update(1)
             fault_point("step")
 
             # ---- log (and read the skipped-step counts: a run of train.max_bad_steps stops)
             if global_step % t.log_every == 0 or step + 1 == phase.steps:
                 newly_skipped = bad_steps.read()
+                if replay is not None:
+                    replay.settle()  # samples of skipped steps leave the buffer
                 if newly_skipped:
                     accelerator.print(f"step {global_step}: {newly_skipped} optimiser step(s) since the last log line had a "
                                       f"non-finite loss or gradients and were skipped ({bad_steps.in_row} in a row now)")
@@ -354,8 +364,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
                             replay, t.keep_checkpoints, bad_steps)
                 batches.close()
-                batches = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer, accelerator,
-                                   trim)
+                batches, plan = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer,
+                                         accelerator, trim, replay)
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
@@ -374,10 +384,12 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     t.keep_checkpoints, bad_steps)
 
     progress.close()
+    counters = _counters(accelerator, strategy)  # collective: every process
     if main and (until_phase is None or until_phase + 1 >= len(phases)):
         samples = global_step * t.batch_size * t.grad_accum
         cost = {"train_seconds": train_seconds, "train_samples": samples,
-                "samples_per_s": samples / train_seconds if train_seconds else None}
+                "samples_per_s": samples / train_seconds if train_seconds else None,
+                **counters, **(replay.cost() if replay is not None else {})}
         bad_steps.read()
         evaluator.finish(extra={"skipped_steps": bad_steps.total, "cost": cost})
     accelerator.end_training()
@@ -386,14 +398,16 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
 def _segment(
     cfg: Config, phase: Phase, phase_step: int, global_step: int, preprocess: object, tokenizer: object,
-    accelerator: Accelerator, trim: bool = False,
-) -> TimedBatches:
-    """This process's batches from `phase_step` of `phase` on (a stream segment)."""
+    accelerator: Accelerator, trim: bool = False, replay: ReplayFeed | None = None,
+) -> tuple[TimedBatches, object]:
+    """This process's batches from `phase_step` of `phase` on (a stream segment), and the
+    replay plan they follow (None without replay)."""
+    plan = replay.plan(phase, global_step) if replay is not None else None
     loader = train_loader(
         cfg, phase, preprocess, tokenizer, phase_step=phase_step, global_step=global_step,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, replay=plan,
     )
-    return TimedBatches(loader, accelerator.device, trim=trim)
+    return TimedBatches(loader, accelerator.device, trim=trim), plan
 
 
 def _checkpoint(
@@ -404,22 +418,36 @@ def _checkpoint(
     global_step: int,
     train_seconds: float,
     strategy: object,
-    replay: ReplayBuffer | None,
+    replay: ReplayFeed | None,
     keep: int,
     bad_steps: BadSteps,
 ) -> None:
     bad_steps.read()
+    if replay is not None:
+        replay.settle()
     trainer_state = {
         "phase": phase, "phase_step": phase_step, "global_step": global_step,
         "train_seconds": train_seconds, "skipped_steps": bad_steps.total, "bad_in_row": bad_steps.in_row,
+        **_counters(accelerator, strategy), **(replay.cost() if replay is not None else {}),
     }
-    strategy_state = {"strategy": strategy.state_dict(), "replay": replay.state_dict() if replay else None}
-    save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep)
+    strategy_state = {"strategy": strategy.state_dict()}
+    save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep,
+               write_main=replay.save if replay is not None else None)
+
+
+def _counters(accelerator: Accelerator, strategy: object) -> dict[str, int]:
+    """Samples the old model ran a forward on, and samples trained with forward + backward
+    outside the training steps (EWC's Fisher), over all processes (collective)."""
+    local = torch.tensor([strategy.old_samples, strategy.extra_samples], dtype=torch.int64,
+                         device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    old, extra = total.tolist()
+    return {"old_model_samples": old, "extra_train_samples": extra}
 
 
 def _stop_bad_steps(
     accelerator: Accelerator, ckpt_dir: Path, phase: int, phase_step: int, global_step: int, train_seconds: float,
-    strategy: object, replay: ReplayBuffer | None, t: object, bad_steps: BadSteps,
+    strategy: object, replay: ReplayFeed | None, t: object, bad_steps: BadSteps,
 ) -> None:
     """train.max_bad_steps optimiser steps in a row were skipped: save the state and stop.
     A skipped step leaves the model as it was, so the state is the last good step's
