@@ -63,8 +63,9 @@ class StrategyConfig:
     kl_diagonal: bool = True  # KL over whole rows (paper); false: over the other samples only
     kl_on: str = "auto"  # samples the KL covers: batch (paper) | replay (the replayed ones only) |
     #                      auto (replay when a replay buffer is on, else batch)
-    teacher_cache: bool = True  # Mod-X: the old model's features of a replayed view computed once per
-    #                             phase (keyed by the view's input: a re-augmented sample is a new view)
+    teacher_cache: bool = False  # Mod-X: the old model's features of a replayed view computed once per
+    #                              phase (keyed by the view's input; pays only when views repeat, i.e.
+    #                              a training transform without random augmentation)
     align_initial: bool | str = "auto"  # phase 0 aligns with the initial model (auto: when
     #                                      its weights were loaded, as the authors' script)
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from modx.config import StrategyConfig
+from modx.config import ReplayConfig, StrategyConfig
 from modx.data.replay import view_digest
 from modx.losses import clip_loss, modx_kl
 from modx.strategies import STRATEGIES, build_strategy, replay_ratio
@@ -237,3 +237,7 @@ def test_modx_teacher_cache_is_keyed_by_the_view_never_by_the_sample(accelerator
             assert old.seen == [2]
     assert results[True] == pytest.approx(results[False], rel=1e-6)
     assert results[True][2] != pytest.approx(results[True][0], rel=1e-3)  # the new view's own features
+    small = build_strategy(StrategyConfig(name="modx", teacher_cache=True, replay=ReplayConfig(size=3)), accelerator)
+    small.begin_phase(1, model, old)
+    assert [float(small.loss(model, b, old)[1]["loss_kl"]) for b in batches] == pytest.approx(results[False], rel=1e-6)
+    assert len(small.teacher) == 3  # bounded by strategy.replay.size

@@ -223,7 +223,7 @@ class _StreamDataset(IterableDataset):
                 if more is None:
                     return
                 part += more
-            yield _collate_mixed(part, plan.tokenizer, stats, rp.keep_raw)
+            yield _collate_mixed(part, plan.tokenizer, stats, rp.keep_raw, rp.views)
 
     def _buffer_taker(self) -> Callable:
         """This rank's share of each global batch's buffer picks, decoded with their views."""
@@ -374,18 +374,18 @@ def _set_rng(state: tuple) -> None:
     np.random.set_state(state[2])
 
 
-def _collate_mixed(samples: list[dict], tokenizer: Callable | None, stats: SkipStats, keep_raw: bool) -> dict:
+def _collate_mixed(samples: list[dict], tokenizer: Callable | None, stats: SkipStats, keep_raw: bool,
+                   views: bool = False) -> dict:
     """A training batch with replayed samples: `replayed` (per row), `sample_id` (a buffered
-    sample's id in the stream of trained samples, else -1), `view` (a digest of each
-    replayed row's input, 0 for fresh rows: modx.data.replay.view_digest) and, with
+    sample's id in the stream of trained samples, else -1), with `views` `view` (a digest
+    of each replayed row's input, 0 for fresh rows: modx.data.replay.view_digest) and, with
     `keep_raw`, `raw`: the fresh samples as they came from the shard, for the buffer."""
     batch = _collate(samples, tokenizer, with_idx=False, stats=stats)
     flags = [bool(s.get("replayed")) for s in samples]
     batch["replayed"] = flags
     batch["sample_id"] = [s.get("id", -1) if f else -1 for s, f in zip(samples, flags)]
-    tensors = torch.is_tensor(batch["image"]) and torch.is_tensor(batch["text"])
-    batch["view"] = [view_digest(batch["image"][i], batch["text"][i]) if f and tensors else 0
-                     for i, f in enumerate(flags)]
+    if views and torch.is_tensor(batch["image"]) and torch.is_tensor(batch["text"]):
+        batch["view"] = [view_digest(batch["image"][i], batch["text"][i]) if f else 0 for i, f in enumerate(flags)]
     if keep_raw:
         batch["raw"] = [s["raw"] for s, f in zip(samples, flags) if not f]
     return batch

@@ -121,6 +121,7 @@ class ReplayPlan:
     sources: tuple[tuple[str, ...], ...] = ()
     weights: tuple[float, ...] = ()
     keep_raw: bool = False
+    views: bool = False  # digest each replayed row's input (Mod-X's teacher cache is keyed by it)
 
     @property
     def total(self) -> int:

@@ -12,6 +12,8 @@ During the first phase there is no old model and the loss is the plain CLIP loss
 
 from __future__ import annotations
 
+from collections import ChainMap
+
 import torch
 from torch import nn
 
@@ -116,10 +118,12 @@ class ModX(Strategy):
         without autograd; with `rows` only those rows (the others are zeros, never read).
 
         With strategy.teacher_cache the features of a replayed view are kept for the phase
-        (the old model is fixed for it) and reused when the same view comes back. The cache
-        is keyed by the view itself (batch["view"], a digest of its image tensor and
-        tokens), never by the sample: a sample decoded and augmented anew is a new view and
-        gets its own features."""
+        (the old model is fixed for it; at most strategy.replay.size views) and reused when
+        the same view comes back. The cache is keyed by the view itself (batch["view"], a
+        digest of its image tensor and tokens), never by the sample: a sample decoded and
+        augmented anew is a new view and gets its own features. With random augmentation
+        views rarely repeat (1 % of replayed rows on the bench stream), so it is off by
+        default."""
         with torch.no_grad():
             if rows is None:
                 self.old_samples += batch["image"].shape[0]
@@ -134,20 +138,22 @@ class ModX(Strategy):
                     old = old_model(batch["image"][rows], batch["text"][rows])
                     img[rows], txt[rows] = old["image_features"].to(img.dtype), old["text_features"].to(txt.dtype)
                 return img, txt
-            cache = self.teacher
-            missing: dict[int, int] = {}  # view digest -> its first row in this batch
+            first: dict[int, int] = {}  # view digest -> its first row in this batch
             for i in rows:
-                if views[i] not in cache:
-                    missing.setdefault(views[i], i)
-            if missing:
-                todo = list(missing.values())
+                if views[i] not in self.teacher:
+                    first.setdefault(views[i], i)
+            feats = ChainMap({}, self.teacher)  # digest -> (image, text) features, this batch's first
+            if first:
+                todo = list(first.values())
                 self.old_samples += len(todo)
                 old = old_model(batch["image"][todo], batch["text"][todo])
-                for k, key in enumerate(missing):
-                    cache[key] = (old["image_features"][k].to(img.dtype), old["text_features"][k].to(txt.dtype))
+                for k, key in enumerate(first):
+                    feats[key] = (old["image_features"][k].to(img.dtype), old["text_features"][k].to(txt.dtype))
+                    if len(self.teacher) < self.cfg.replay.size:  # bounded: a phase's first views
+                        self.teacher[key] = feats[key]
             if rows:
-                img[rows] = torch.stack([cache[views[i]][0] for i in rows])
-                txt[rows] = torch.stack([cache[views[i]][1] for i in rows])
+                img[rows] = torch.stack([feats[views[i]][0] for i in rows])
+                txt[rows] = torch.stack([feats[views[i]][1] for i in rows])
             return img, txt
 
 

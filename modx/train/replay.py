@@ -38,6 +38,7 @@ class ReplayFeed:
         self.rank, self.world = rank, world
         self.phases = phases
         self.seed = stable_seed(t.seed, "replay")  # the same on every process: global decisions
+        self.views = cfg.strategy.teacher_cache  # digest the replayed views (Mod-X's teacher cache)
         self.data: tuple[str, ...] = ()
         if r.data:
             try:
@@ -71,7 +72,7 @@ class ReplayFeed:
     def plan(self, phase: Phase, global_step: int) -> ReplayPlan:
         """What the loader segment starting at `global_step` of `phase` replays."""
         common = dict(first_batch=global_step * self.grad_accum, seed=self.seed, phase=phase.index,
-                      keep_raw=self.buffer is not None)
+                      keep_raw=self.buffer is not None, views=self.views)
         if self.buffer is not None:
             entries = self.buffer.earlier(phase.index)
             counts = replay_counts(self.global_batch, self.ratio, self.world, available=len(entries))
