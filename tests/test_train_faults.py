@@ -73,7 +73,9 @@ STRATEGIES = {
     "replay": {"strategy.name": "replay", "strategy.replay.size": 32},
     # the default run's representative: EWC's Fisher and a replay buffer in one state
     "ewc+replay": {"strategy.name": "ewc", "strategy.ewc_batches": 2, "strategy.replay.ratio": 0.25,
-                   "strategy.replay.size": 32},
+                   "strategy.replay.size": 32, "strategy.replay.source": "buffer"},
+    # Mod-X replaying a stream of phase a's shards: the replay stream resumes where it was
+    "modx+stream": {"strategy.name": "modx", "strategy.replay.source": "stream"},
 }
 # how often each point is reached in the tiny 2 x 3-step run (ckpt_every=2, 2 eval sets)
 KILL_POINTS = {"step": 6, "checkpoint": 4, "evaluate": 6}
@@ -125,10 +127,12 @@ def check_kill_and_resume(tmp_path: Path, data_root: Path, whole: Path, strategy
     assert cost["train_samples"] == reference_cost["train_samples"]
 
 
-def test_run_killed_in_phase_b_resumes_to_the_uninterrupted_results(tmp_path, data_root, uninterrupted):
-    """kill -9 during training after phase a (EWC Fisher, replay buffer, old model, RNG
-    and the loader workers' stream all restored): same weights, results.jsonl, summary."""
-    check_kill_and_resume(tmp_path, data_root, uninterrupted("ewc+replay"), "ewc+replay", "step:5")
+@pytest.mark.parametrize("strategy", ["ewc+replay", "modx+stream"])
+def test_run_killed_in_phase_b_resumes_to_the_uninterrupted_results(tmp_path, data_root, uninterrupted, strategy):
+    """kill -9 during training after phase a (EWC Fisher, replay buffer or replay stream,
+    old model, RNG and the loader workers' stream all restored): same weights,
+    results.jsonl, summary."""
+    check_kill_and_resume(tmp_path, data_root, uninterrupted(strategy), strategy, "step:5")
 
 
 @pytest.mark.slow
