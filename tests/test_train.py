@@ -85,6 +85,40 @@ def test_each_strategy_trains_a_few_steps(tmp_path, monkeypatch, extra):
     assert any(not torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
 
 
+def test_strategies_are_bound_once_and_see_the_gradients_before_each_step(tmp_path, monkeypatch):
+    """Strategy.bind gets the run's context; Strategy.before_step runs once per optimiser
+    step with the accumulated gradients, before the step: zeroing them there (and no weight
+    decay) leaves the weights where they started."""
+    import modx.train.loop as loop
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    real_build, seen = loop.build_strategy, {"bind": [], "step": 0}
+
+    def build(cfg, accelerator, **kwargs):
+        strategy = real_build(cfg, accelerator, **kwargs)
+        strategy.bind = lambda context: seen["bind"].append(context)
+
+        def before_step(model):
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+            for g in grads:
+                g.zero_()
+            seen["step"] += 1
+
+        strategy.before_step = before_step
+        return strategy
+
+    monkeypatch.setattr(loop, "build_strategy", build)
+    args = fake_stream_overrides(tmp_path / "run", "train.grad_accum=2", "train.weight_decay=0")
+    run_dir = run(load_config(None, args))
+    (context,) = seen["bind"]
+    assert context.tokenizer is not None and context.world_size == 1 and context.config.train.grad_accum == 2
+    assert seen["step"] == 4  # optimiser steps, not micro-batches
+    final = weights(run_dir, "phase-1")
+    assert all(torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
+
+
 def test_exported_phase_model_is_usable_by_create_model(tmp_path, monkeypatch):
     from modx.train import run
 

@@ -1,9 +1,15 @@
 """The one interface every continual strategy implements.
 
-The training loop calls, per phase:
+The training loop calls, once after the model is built and prepared:
+
+    strategy.bind(context)        # preprocess, tokenizer, rank, world size, seed, device, config
+
+and per phase:
 
     strategy.begin_phase(phase, model, old_model)
     for each step:  loss, logs = strategy.loss(model, batch, old_model)      # under autocast
+                    loss.backward() ...
+                    strategy.before_step(model)      # gradients synced, before clipping and the step
     strategy.end_phase(phase, model, old_model, batches)                    # e.g. EWC Fisher
 
 `model` is the prepared (possibly DistributedDataParallel) model; `old_model` is the frozen
@@ -14,7 +20,8 @@ processes so the math covers the global batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +32,20 @@ from modx.config import StrategyConfig
 from modx.losses import ClipLoss
 
 Batch = dict[str, Any]
+
+
+@dataclass
+class Context:
+    """What a strategy may need beyond its config (Strategy.bind): to read data of its own
+    (e.g. reference shards with modx.data.make_loader) or to build models alike."""
+
+    config: Any  # the whole modx.config.Config of the run
+    preprocess_train: Callable
+    preprocess_eval: Callable
+    tokenizer: Callable
+    rank: int
+    world_size: int
+    device: Any
 
 
 class Strategy:
@@ -63,8 +84,16 @@ class Strategy:
         clip = self.contrastive(self.forward(model, batch))
         return clip, {"loss_clip": clip.detach()}
 
+    def bind(self, context: Context) -> None:
+        """Called once, after the model is built and prepared, before anything else."""
+        self.context = context
+
     def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
         """Called before the first step of `phase` (also after a resume inside it)."""
+
+    def before_step(self, model: nn.Module) -> None:
+        """Called when an optimiser step's gradients are complete (accumulated and synced
+        over processes), before clipping and the optimiser step: e.g. to project them."""
 
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]

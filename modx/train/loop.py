@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from modx.config import Config, ConfigError, save_config, to_dict
 from modx.models import ModelLoadError, create_model, model_param_groups, trims_padding
 from modx.strategies import build_strategy, replay_ratio
+from modx.strategies.base import Context
 from modx.train.checkpoint import (
     export_phase,
     find_latest,
@@ -243,6 +244,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
@@ -316,6 +318,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                     accelerator.backward(loss)
                     skip = torch.maximum(skip, (~torch.isfinite(loss.detach())).float())
                     if accelerator.sync_gradients:
+                        strategy.before_step(model)
                         skip = skip_step(accelerator, model, skip, t.grad_clip)
                         optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
                     optimizer.zero_grad(set_to_none=True)
