@@ -1,5 +1,6 @@
-"""modx-bench: strategy specs, the plan (which phases are shared), and a small bench end to
-end: shared phase trained once, forks equal standalone runs, a killed bench continues."""
+"""modx-bench: strategy specs, the plan (which phases are shared), stale directories, and a
+small bench end to end: shared phase trained once, forks equal standalone runs, a killed
+bench continues, a run trained with another config is retrained."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modx.train.bench import BenchError, main, plan, split_arguments, strategy_overrides
+from modx.train import bench
+from modx.train.bench import (
+    BenchError,
+    config_record,
+    drop_stale,
+    main,
+    plan,
+    split_arguments,
+    strategy_overrides,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_helpers import micro_model  # noqa: E402
@@ -66,6 +76,66 @@ def test_bad_requests_exit_2_with_one_line(tmp_path, capsys):
     assert "did you mean 'strategy.alpha'" in capsys.readouterr().err
 
 
+def _fake_training(directory: Path, cfg, forked_from: Path | None = None) -> None:
+    """A directory as a finished training of `cfg` leaves it (without training)."""
+    bench._start_record(directory, cfg, forked_from)
+    (directory / "summary.json").write_text("{}")
+    (directory / "bench_cost.json").write_text("{}")
+
+
+def test_stale_directories_are_retrained_with_every_fork_of_a_stale_shared_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = plan(_config(tmp_path), ["finetune", "modx", "ewc"], [0], out)
+    finetune, modx, ewc = runs
+    shared = bench.shared_config(modx)
+    assert config_record(shared) == config_record(bench.shared_config(finetune))  # one per directory
+    before = bench.shared_config(modx)
+    before.stream.phases[0].steps = 3  # the shared phase was trained longer
+    _fake_training(modx.shared_dir, before)
+    _fake_training(finetune.run_dir, finetune.cfg, forked_from=finetune.shared_dir)
+    _fake_training(modx.run_dir, modx.cfg, forked_from=modx.shared_dir)
+    _fake_training(ewc.run_dir, ewc.cfg)  # not shared: not stale
+    drop_stale(runs, out, reuse=True)
+    said = capsys.readouterr().out.splitlines()
+    assert all(d.is_dir() for d in (modx.shared_dir, finetune.run_dir, modx.run_dir, ewc.run_dir))
+    assert len(said) == 3 and all(line.endswith("reused as it is (--reuse)") for line in said)
+    drop_stale(runs, out)
+    said = capsys.readouterr().out.splitlines()
+    assert not modx.shared_dir.exists() and not finetune.run_dir.exists() and not modx.run_dir.exists()
+    assert ewc.run_dir.is_dir()
+    assert said[0] == (f"modx-bench: shared/{modx.shared_dir.name} was trained with another config "
+                       "(stream.phases.0.steps): retraining it")
+    assert said[2].startswith("modx-bench: runs/modx-seed0 was forked from another training")
+
+
+def test_a_directory_with_results_but_no_record_is_stale(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs = plan(_config(tmp_path), ["ewc"], [0], out)
+    runs[0].run_dir.mkdir(parents=True)
+    drop_stale(runs, out)  # an empty directory: nothing to retrain
+    assert runs[0].run_dir.is_dir() and not capsys.readouterr().out
+    (runs[0].run_dir / "summary.json").write_text("{}")
+    drop_stale(runs, out)
+    assert not runs[0].run_dir.exists()
+    assert "runs/ewc-seed0 has results but no bench_config.json" in capsys.readouterr().out
+
+
+def test_changed_keys_are_dotted_and_the_message_names_at_most_five(tmp_path):
+    old = {"strategy": {"alpha": 1, "replay": {"ratio": 0.25}}, "stream": {"phases": [{"steps": 2}]}}
+    new = {"strategy": {"alpha": 2, "replay": {"ratio": 0.5}}, "stream": {"phases": [{"steps": 3}]}}
+    assert bench.changed_keys(old, new) == ["strategy.alpha", "strategy.replay.ratio", "stream.phases.0.steps"]
+    assert bench.changed_keys(old, {**new, "stream": {"phases": []}})[-1] == "stream.phases"
+    runs = plan(_config(tmp_path), ["ewc"], [0], tmp_path / "out")
+    cfg = runs[0].cfg
+    other = bench.copy.deepcopy(cfg)
+    other.train.lr, other.train.seed, other.train.warmup, other.train.weight_decay = 1.0, 7, 0.5, 0.0
+    other.strategy.ewc_lambda, other.eval.probe = 1.0, 3
+    bench._start_record(runs[0].run_dir, other)
+    reason = bench.stale_reason(runs[0].run_dir, cfg)
+    assert reason == ("was trained with another config (eval.probe, strategy.ewc_lambda, train.lr, "
+                      "train.seed, train.warmup, +1 more)")
+
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
@@ -114,6 +184,11 @@ def test_forked_runs_end_where_standalone_runs_end(bench_dir, strategy):
         torch.testing.assert_close(forked[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in [*out.glob("runs/*/summary.json"), *out.glob("shared/*/bench_cost.json")]}
+
+
 def test_a_killed_bench_continues_where_it_stopped(bench_dir):
     tmp, out = bench_dir
     done = out / "runs" / "finetune-seed0" / "summary.json"
@@ -124,3 +199,45 @@ def test_a_killed_bench_continues_where_it_stopped(bench_dir):
     assert done.stat().st_mtime_ns == stamp  # a finished run is not trained again
     assert (out / "runs" / "modx-seed0" / "summary.json").is_file()
     assert len(json.loads((out / "bench.json").read_text())["runs"]) == 3
+
+
+def test_a_run_trained_with_another_config_is_retrained_unless_reuse(bench_dir, capsys):
+    tmp, out = bench_dir
+    args = ["--config", _config(tmp), "--strategies", "finetune", "modx", "replay", "--out", str(out)]
+    record = out / "runs" / "modx-seed0" / "bench_config.json"
+    cfg = plan(_config(tmp), ["modx"], [0], out)[0].cfg
+    cfg.strategy.alpha = 3.0  # as if trained with strategy.alpha=3 in the config
+    record.write_text(json.dumps({**json.loads(record.read_text()), **config_record(cfg)}))
+    before = _mtimes(out)
+    capsys.readouterr()
+    assert main([*args, "--reuse"]) == 0
+    assert _mtimes(out) == before
+    assert ("modx-bench: runs/modx-seed0 was trained with another config (strategy.alpha): reused as it is "
+            "(--reuse)") in capsys.readouterr().out
+    assert main(args) == 0
+    assert ("modx-bench: runs/modx-seed0 was trained with another config (strategy.alpha): retraining it"
+            in capsys.readouterr().out)
+    after = _mtimes(out)
+    assert [k for k in before if after[k] != before[k]] == ["runs/modx-seed0/summary.json"]
+    assert config_record(plan(_config(tmp), ["modx"], [0], out)[0].cfg)["hash"] == json.loads(record.read_text())["hash"]
+
+
+@pytest.mark.slow
+def test_a_changed_shared_phase_retrains_the_shared_run_and_its_members(bench_dir, capsys):
+    tmp, out = bench_dir
+    before = _mtimes(out)
+    capsys.readouterr()
+    assert main(["--config", _config(tmp), "--strategies", "finetune", "modx", "replay", "--out", str(out),
+                 "stream.phases.0.steps=3"]) == 0
+    said = capsys.readouterr().out
+    for name in ("finetune", "modx", "replay"):
+        assert (f"runs/{name}-seed0 was trained with another config (stream.phases.0.steps): retraining it"
+                in said)
+    after = _mtimes(out)
+    assert all(after[k] != before[k] for k in before if k.startswith("runs/"))
+    [new_shared] = [k for k in after if k not in before]  # a new shared run: the old one is not its start
+    record = json.loads((out / Path(new_shared).parent / "bench_config.json").read_text())
+    assert record["config"]["stream"]["phases"][0]["steps"] == 3
+    assert record["config"]["strategy"]["name"] == "finetune"
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    assert all(r["cost"]["samples"] == 5 * 8 for r in runs)

@@ -16,6 +16,13 @@ training runs in a child process so that its wall time and peak memory are its o
 killed bench continues where it stopped: finished runs are kept, an interrupted one resumes
 from its latest checkpoint.
 
+Every run and shared directory records the config it was trained with (`bench_config.json`
+= {"hash": sha1 of the resolved config as sorted JSON without train.output_dir, "config"},
+a fork also {"forked_from": {"dir", "hash"}}), written before it trains. A directory whose
+record differs from the planned config, or that has results but no record, is stale: it is
+retrained from scratch (one line names it and the differing keys), and so is every fork of
+a retrained shared directory; `--reuse` keeps stale directories as they are.
+
 Writes `OUT/bench.json` = {"runs": [{"strategy", "seed", "summary", "cost", "run_dir"}],
 "table": per-strategy mean and std over seeds} and `OUT/report.{md,html}` (tables, plots);
 `OUT/compare/` holds modx-report's side-by-side report of the first seed's runs.
@@ -40,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modx.config import Config, ConfigError, load_config, save_config, to_dict
+from modx.config import Config, ConfigError, StrategyConfig, load_config, save_config, to_dict
 from modx.train.evaluate import headline
 
 SECTIONS = ("model", "strategy", "stream", "train", "eval")
@@ -59,6 +66,9 @@ COST_COLUMNS = (
     ("peak_rss_mb", "peak RSS (MB)"),
     ("train_tflops", "train TFLOP"),
 )
+# What the bench keeps in a run (or shared) directory beside modx.train.run's files.
+RECORD = "bench_config.json"  # {"hash", "config"}: the resolved config it was trained with
+COST = "bench_cost.json"  # the directory's cost, once its training finished
 
 
 class BenchError(ValueError):
@@ -186,26 +196,121 @@ def _prefix_key(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def shared_config(r: BenchRun) -> Config:
+    """The config of `r`'s shared run: plain fine-tuning, the strategy keys that act only
+    later at their defaults (so every member plans the same config), and a replay buffer
+    when a member goes on from one (phase 0 trains the same with or without it)."""
+    cfg = copy.deepcopy(r.cfg)
+    defaults = StrategyConfig()
+    for key in _LATER_PHASE_KEYS:
+        setattr(cfg.strategy, key, getattr(defaults, key))
+    cfg.strategy.name = "finetune"
+    cfg.strategy.replay.ratio = r.shared_replay
+    cfg.strategy.replay.source = "buffer"
+    cfg.strategy.replay.schedule = defaults.replay.schedule
+    cfg.train.output_dir = str(r.shared_dir)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- stale directories
+
+
+def config_record(cfg: Config) -> dict[str, Any]:
+    """bench_config.json: the resolved config without train.output_dir, and the sha1 of it
+    as sorted JSON."""
+    tree = to_dict(cfg)
+    tree["train"].pop("output_dir")
+    text = json.dumps(tree, sort_keys=True, default=str)
+    return {"hash": hashlib.sha1(text.encode()).hexdigest(), "config": json.loads(text)}
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config trees (list items by index)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(old.keys() | new.keys())
+                for k in changed_keys(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in changed_keys(a, b, f"{prefix}.{i}")]
+    return [] if old == new else [prefix]
+
+
+def stale_reason(directory: Path, cfg: Config, shared_hash: str | None = None) -> str | None:
+    """Why `directory` holds the training of another config than `cfg` (None: it does not).
+    `shared_hash`: the planned shared run's hash, which a fork of another one misses."""
+    record = _read_json(directory / RECORD)
+    if not record:
+        return f"has results but no {RECORD} (an older modx-bench)" if _has_results(directory) else None
+    planned = config_record(cfg)
+    if record.get("hash") != planned["hash"]:
+        keys = changed_keys(record.get("config"), planned["config"])
+        more = f", +{len(keys) - 5} more" if len(keys) > 5 else ""
+        return f"was trained with another config ({', '.join(keys[:5])}{more})" if keys else \
+            "was trained with another config"
+    fork = record.get("forked_from")
+    if shared_hash is not None and fork is not None and fork.get("hash") != shared_hash:
+        return f"was forked from another training of its shared phase than shared/{fork.get('dir')}"
+    return None
+
+
+def drop_stale(runs: list[BenchRun], out: Path, reuse: bool = False) -> None:
+    """Remove (to retrain) every shared and run directory trained with another config than
+    planned, and every fork of a removed shared directory; with `reuse` keep them, saying so."""
+    shared = {r.shared_dir: shared_config(r) for r in runs if r.shared_dir is not None}
+    planned = [(d, cfg, None) for d, cfg in shared.items()]
+    planned += [(r.run_dir, r.cfg, config_record(shared[r.shared_dir])["hash"] if r.shared_dir else None)
+                for r in runs]
+    for directory, cfg, shared_hash in planned:
+        reason = stale_reason(directory, cfg, shared_hash)
+        if reason is None:
+            continue
+        name = directory.relative_to(out)
+        if reuse:
+            print(f"modx-bench: {name} {reason}: reused as it is (--reuse)", flush=True)
+        else:
+            print(f"modx-bench: {name} {reason}: retraining it", flush=True)
+            shutil.rmtree(directory)
+
+
+def _start_record(directory: Path, cfg: Config, forked_from: Path | None = None) -> None:
+    """Write the config `directory` starts training with, unless it holds a training already
+    (recorded, or kept by --reuse); a fork also records the shared run it copies."""
+    if forked_from is None and ((directory / RECORD).is_file() or _has_results(directory)):
+        return
+    record = config_record(cfg)
+    if forked_from is not None:
+        record["forked_from"] = {"dir": forked_from.name, "hash": _read_json(forked_from / RECORD).get("hash")}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _has_results(directory: Path) -> bool:
+    return any((directory / name).exists() for name in ("checkpoints", "summary.json", COST))
+
+
 # ----------------------------------------------------------------------------- running
 
 
 def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: str | Path,
-              overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Plan, train what is missing (shared phases once), collect; returns bench.json's dict."""
+              overrides: Sequence[str] = (), reuse: bool = False) -> dict[str, Any]:
+    """Plan, retrain what another config trained (unless `reuse`), train what is missing
+    (shared phases once), collect; returns bench.json's dict."""
     out = Path(out)
     runs = plan(config, specs, seeds, out, overrides)
     out.mkdir(parents=True, exist_ok=True)
+    drop_stale(runs, out, reuse)
     for i, r in enumerate(runs, 1):
         print(f"modx-bench [{i}/{len(runs)}] {r.label} seed {r.seed} -> {r.run_dir}", flush=True)
-        own = r.run_dir / "bench_cost.json"
+        own = r.run_dir / COST
         if r.shared_dir is not None and not (r.run_dir / "checkpoints").is_dir():
             _train_shared(r)  # once per shared directory: later members find it done
             _fork(r.shared_dir, r.run_dir, keep_buffer=_uses_buffer(r.cfg))
+            _start_record(r.run_dir, r.cfg, forked_from=r.shared_dir)
             save_config(r.cfg, r.run_dir / "config.yaml")
         if not (r.run_dir / "summary.json").is_file() or not own.is_file():
+            _start_record(r.run_dir, r.cfg)
             cost = _train(r.cfg, resume="latest", until_phase=None)
             own.write_text(json.dumps(cost, indent=1))
-        shared = _read_json(r.shared_dir / "bench_cost.json") if r.shared_dir else {}
+        shared = _read_json(r.shared_dir / COST) if r.shared_dir else {}
         r.cost = _combine_costs(r, _read_json(own), shared)
         result = collect(runs[:i])  # rewritten after every run, in case the bench is stopped
         (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
@@ -217,30 +322,26 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
 
 def _train_shared(r: BenchRun) -> None:
     """Train the shared leading phase(s) once as plain fine-tuning (resumable)."""
-    done = r.shared_dir / "bench_cost.json"
+    done = r.shared_dir / COST
     if done.is_file():
         return
     print(f"modx-bench: training the shared phase {r.cfg.stream.phases[0].name!r} once in {r.shared_dir}",
           flush=True)
-    cfg = copy.deepcopy(r.cfg)
-    cfg.strategy.name = "finetune"
-    # Phase 0 trains the same with or without a replay buffer (nothing earlier to mix in); the
-    # buffer it fills is what the members with replay go on with.
-    cfg.strategy.replay.ratio = r.shared_replay
-    cfg.strategy.replay.source = "buffer"
-    cfg.train.output_dir = str(r.shared_dir)
+    cfg = shared_config(r)
+    _start_record(r.shared_dir, cfg)
     cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
     done.write_text(json.dumps(cost, indent=1))
 
 
 def _fork(shared_dir: Path, run_dir: Path, keep_buffer: bool = True) -> None:
     """Start `run_dir` as a copy of the shared run (atomically: a copy, then a rename);
-    without `keep_buffer` the shared run's replay buffer is left out (not charged)."""
+    without `keep_buffer` the shared run's replay buffer is left out (not charged). The
+    bench's records stay behind."""
     from modx.data.replay import STATE_JSON, STATE_TAR
 
     tmp = run_dir.with_name(f".tmp-{run_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = ["logs", "report*", "bench_cost.json"] + ([] if keep_buffer else [STATE_TAR, STATE_JSON])
+    skip = ["logs", "report*", RECORD, COST] + ([] if keep_buffer else [STATE_TAR, STATE_JSON])
     shutil.copytree(shared_dir, tmp, ignore=shutil.ignore_patterns(*skip))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.replace(tmp, run_dir)
@@ -492,12 +593,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strategies", nargs="+", required=True, metavar="NAME[:key=value,...]")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
     parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep run directories trained with another config than planned "
+                             "(default: retrain them)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     specs, overrides = split_arguments(args.strategies, args.overrides)
     try:
-        run_bench(args.config, specs, args.seeds, args.out, overrides)
+        run_bench(args.config, specs, args.seeds, args.out, overrides, args.reuse)
     except (BenchError, ConfigError) as err:
         print(f"modx-bench: error: {err}", file=sys.stderr)
         return 2
