@@ -1,11 +1,13 @@
-"""modx-bench: strategy specs, the plan (which phases are shared), stale directories, and a
-small bench end to end: shared phase trained once, forks equal standalone runs, a killed
-bench continues, a run trained with another config is retrained."""
+"""modx-bench: strategy specs, the plan (which phases are shared), stale directories, the
+cost of every attempt, and a small bench end to end: shared
+phase trained once, forks equal standalone runs, a killed bench continues, a run trained
+with another config is retrained."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,31 @@ def test_changed_keys_are_dotted_and_the_message_names_at_most_five(tmp_path):
                       "train.seed, train.warmup, +1 more)")
 
 
+def test_an_unfinished_heartbeat_is_folded_into_the_attempts_once(tmp_path):
+    beat = {"start": 100.0, "elapsed_s": 12.5, "peak_rss_mb": 900.0, "finished": False}
+    bench._append_attempt(tmp_path, {"start": 50.0, "wall_s": 30.0, "peak_rss_mb": 500.0, "finished": False})
+    (tmp_path / bench.HEARTBEAT).write_text(json.dumps(beat))
+    bench.fold_heartbeat(tmp_path)
+    assert not (tmp_path / bench.HEARTBEAT).exists()
+    (tmp_path / bench.HEARTBEAT).write_text(json.dumps(beat))  # as if killed before removing it
+    bench.fold_heartbeat(tmp_path)
+    assert bench.read_attempts(tmp_path)[1] == {"peak_rss_mb": 900.0, "start": 100.0, "wall_s": 12.5,
+                                                "finished": False}
+    assert bench.directory_cost(tmp_path) == {"wall_s": 42.5, "peak_rss_mb": 900.0, "attempts": 2}
+
+
+def test_a_failed_child_is_recorded_as_an_attempt(tmp_path):
+    cfg = plan(_config(tmp_path), ["ewc"], [0], tmp_path / "out")[0].cfg
+    cfg.model.arch = "no-such-model"
+    with pytest.raises(BenchError, match="Run modx-bench again to resume it"):
+        bench._train(cfg, None, None)
+    run_dir = Path(cfg.train.output_dir)
+    [attempt] = bench.read_attempts(run_dir)
+    assert attempt["finished"] is False and attempt["wall_s"] > 0
+    assert attempt["peak_rss_mb"] > 0  # from the child's last heartbeat
+    assert not (run_dir / bench.HEARTBEAT).exists()
+
+
 @pytest.fixture(scope="module")
 def bench_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
@@ -189,16 +216,27 @@ def _mtimes(out: Path) -> dict[str, int]:
             for p in [*out.glob("runs/*/summary.json"), *out.glob("shared/*/bench_cost.json")]}
 
 
-def test_a_killed_bench_continues_where_it_stopped(bench_dir):
+def test_a_killed_bench_continues_where_it_stopped_and_charges_every_attempt(bench_dir):
     tmp, out = bench_dir
     done = out / "runs" / "finetune-seed0" / "summary.json"
     stamp = done.stat().st_mtime_ns
-    (out / "runs" / "modx-seed0" / "summary.json").unlink()  # as if killed after its last phase
-    (out / "runs" / "modx-seed0" / "bench_cost.json").unlink()
+    modx = out / "runs" / "modx-seed0"
+    (modx / "summary.json").unlink()  # as if killed after its last phase ...
+    (modx / "bench_cost.json").unlink()
+    beat = {"start": time.time() - 1000, "elapsed_s": 1000.0, "peak_rss_mb": 1e6, "finished": False}
+    (modx / "bench_attempt.json").write_text(json.dumps(beat))  # ... in a training attempt of 1000 s
     assert main(["--config", _config(tmp), "--strategies", "finetune", "modx", "replay", "--out", str(out)]) == 0
     assert done.stat().st_mtime_ns == stamp  # a finished run is not trained again
-    assert (out / "runs" / "modx-seed0" / "summary.json").is_file()
-    assert len(json.loads((out / "bench.json").read_text())["runs"]) == 3
+    assert (modx / "summary.json").is_file()
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    assert len(runs) == 3
+    [shared] = (out / "shared").iterdir()
+    attempts = bench.read_attempts(shared) + bench.read_attempts(modx)
+    assert [a["finished"] for a in bench.read_attempts(modx)] == [True, False, True]
+    cost = runs[1]["cost"]
+    assert cost["attempts"] == 4 and cost["peak_rss_mb"] == 1e6
+    assert cost["wall_s"] == pytest.approx(sum(a["wall_s"] for a in attempts)) and cost["wall_s"] > 1000
+    assert runs[0]["cost"]["attempts"] == 2  # the shared phase and its own
 
 
 def test_a_run_trained_with_another_config_is_retrained_unless_reuse(bench_dir, capsys):
@@ -219,6 +257,8 @@ def test_a_run_trained_with_another_config_is_retrained_unless_reuse(bench_dir, 
             in capsys.readouterr().out)
     after = _mtimes(out)
     assert [k for k in before if after[k] != before[k]] == ["runs/modx-seed0/summary.json"]
+    modx = json.loads((out / "bench.json").read_text())["runs"][1]
+    assert modx["cost"]["attempts"] == 2  # a fresh fork: the shared phase's attempt and its own
     assert config_record(plan(_config(tmp), ["modx"], [0], out)[0].cfg)["hash"] == json.loads(record.read_text())["hash"]
 
 

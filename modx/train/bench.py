@@ -23,9 +23,17 @@ record differs from the planned config, or that has results but no record, is st
 retrained from scratch (one line names it and the differing keys), and so is every fork of
 a retrained shared directory; `--reuse` keeps stale directories as they are.
 
+Every training child is an attempt: it rewrites `bench_attempt.json` (start, elapsed_s,
+peak_rss_mb, finished) every 10 s and at its end; the bench appends each attempt to the
+directory's `bench_attempts.jsonl` (start, wall_s, peak_rss_mb, finished), folding in first
+the heartbeat that a killed bench left behind. `bench_cost.json` marks a finished training
+with its directory's own totals.
+
 Writes `OUT/bench.json` = {"runs": [{"strategy", "seed", "summary", "cost", "run_dir"}],
 "table": per-strategy mean and std over seeds} and `OUT/report.{md,html}` (tables, plots);
-`OUT/compare/` holds modx-report's side-by-side report of the first seed's runs.
+`OUT/compare/` holds modx-report's side-by-side report of the first seed's runs. A run's
+cost: wall_s summed and peak_rss_mb the max over every attempt of its shared phases and its
+own, `attempts` their number.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import re
 import resource
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,7 +77,10 @@ COST_COLUMNS = (
 )
 # What the bench keeps in a run (or shared) directory beside modx.train.run's files.
 RECORD = "bench_config.json"  # {"hash", "config"}: the resolved config it was trained with
-COST = "bench_cost.json"  # the directory's cost, once its training finished
+ATTEMPTS = "bench_attempts.jsonl"  # one line per training child: start, wall_s, peak_rss_mb, finished
+HEARTBEAT = "bench_attempt.json"  # the running child's attempt so far, rewritten every HEARTBEAT_S
+COST = "bench_cost.json"  # the directory's own cost over its attempts, once its training finished
+HEARTBEAT_S = 10.0
 
 
 class BenchError(ValueError):
@@ -300,18 +312,16 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
     drop_stale(runs, out, reuse)
     for i, r in enumerate(runs, 1):
         print(f"modx-bench [{i}/{len(runs)}] {r.label} seed {r.seed} -> {r.run_dir}", flush=True)
-        own = r.run_dir / COST
         if r.shared_dir is not None and not (r.run_dir / "checkpoints").is_dir():
             _train_shared(r)  # once per shared directory: later members find it done
             _fork(r.shared_dir, r.run_dir, keep_buffer=_uses_buffer(r.cfg))
             _start_record(r.run_dir, r.cfg, forked_from=r.shared_dir)
             save_config(r.cfg, r.run_dir / "config.yaml")
-        if not (r.run_dir / "summary.json").is_file() or not own.is_file():
+        if not (r.run_dir / "summary.json").is_file() or not (r.run_dir / COST).is_file():
             _start_record(r.run_dir, r.cfg)
-            cost = _train(r.cfg, resume="latest", until_phase=None)
-            own.write_text(json.dumps(cost, indent=1))
-        shared = _read_json(r.shared_dir / COST) if r.shared_dir else {}
-        r.cost = _combine_costs(r, _read_json(own), shared)
+            _train(r.cfg, resume="latest", until_phase=None)
+            _write_cost(r.run_dir)
+        r.cost = _combine_costs(r)
         result = collect(runs[:i])  # rewritten after every run, in case the bench is stopped
         (out / "bench.json").write_text(json.dumps(result, indent=1, default=_plain) + "\n")
     md, page = write_bench_report(result, runs, out)
@@ -322,72 +332,167 @@ def run_bench(config: str | None, specs: Sequence[str], seeds: Sequence[int], ou
 
 def _train_shared(r: BenchRun) -> None:
     """Train the shared leading phase(s) once as plain fine-tuning (resumable)."""
-    done = r.shared_dir / COST
-    if done.is_file():
+    if (r.shared_dir / COST).is_file():
         return
     print(f"modx-bench: training the shared phase {r.cfg.stream.phases[0].name!r} once in {r.shared_dir}",
           flush=True)
     cfg = shared_config(r)
     _start_record(r.shared_dir, cfg)
-    cost = _train(cfg, resume="latest", until_phase=r.shared - 1)
-    done.write_text(json.dumps(cost, indent=1))
+    _train(cfg, resume="latest", until_phase=r.shared - 1)
+    _write_cost(r.shared_dir)
 
 
 def _fork(shared_dir: Path, run_dir: Path, keep_buffer: bool = True) -> None:
     """Start `run_dir` as a copy of the shared run (atomically: a copy, then a rename);
     without `keep_buffer` the shared run's replay buffer is left out (not charged). The
-    bench's records stay behind."""
+    bench's records stay behind: the shared run's attempts are charged from its directory."""
     from modx.data.replay import STATE_JSON, STATE_TAR
 
     tmp = run_dir.with_name(f".tmp-{run_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = ["logs", "report*", RECORD, COST] + ([] if keep_buffer else [STATE_TAR, STATE_JSON])
+    skip = ["logs", "report*", RECORD, ATTEMPTS, HEARTBEAT, COST] + ([] if keep_buffer else [STATE_TAR, STATE_JSON])
     shutil.copytree(shared_dir, tmp, ignore=shutil.ignore_patterns(*skip))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.replace(tmp, run_dir)
 
 
+# ----------------------------------------------------------------------------- attempts and cost
+
+
 def _train(cfg: Config, resume: str | None, until_phase: int | None) -> dict[str, Any]:
-    """modx.train.run in a child process; its wall time and peak memory."""
-    ctx = multiprocessing.get_context("spawn")
-    result = ctx.Queue()
-    start = time.perf_counter()
-    child = ctx.Process(target=_child, args=(cfg, resume, until_phase, result))
+    """modx.train.run in a child process (its wall time and peak memory its own), recorded
+    as one line of the run directory's bench_attempts.jsonl whether it finishes or not;
+    returns that line."""
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fold_heartbeat(run_dir)  # the attempt a killed bench left unrecorded
+    started, start = time.time(), time.perf_counter()
+    child = multiprocessing.get_context("spawn").Process(target=_child, args=(cfg, resume, until_phase, started))
     child.start()
     child.join()
+    beat = _read_json(run_dir / HEARTBEAT)
+    attempt = {**_attempt(beat), "start": started, "wall_s": time.perf_counter() - start,
+               "finished": child.exitcode == 0}
+    _append_attempt(run_dir, attempt)
+    (run_dir / HEARTBEAT).unlink(missing_ok=True)
     if child.exitcode != 0:
         raise BenchError(f"training {cfg.train.output_dir} failed (exit status {child.exitcode}); "
                          "its output is above. Run modx-bench again to resume it.")
-    stats = result.get(timeout=10)
-    return {"wall_s": time.perf_counter() - start, **stats}
+    return attempt
 
 
-def _child(cfg: Config, resume: str | None, until_phase: int | None, result: Any) -> None:
-    import torch
+def _child(cfg: Config, resume: str | None, until_phase: int | None, started: float) -> None:
+    """modx.train.run with a heartbeat (bench_attempt.json) every HEARTBEAT_S and at the end."""
+    import torch  # noqa: F401 - imported here, not first in the heartbeat's thread
 
     from modx.train import run
 
-    run(cfg, resume=resume, until_phase=until_phase)
-    stats = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        stats["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    result.put(stats)
+    path = Path(cfg.train.output_dir) / HEARTBEAT
+    stop = threading.Event()
+    beating = threading.Thread(target=_beat_until, args=(path, started, stop), daemon=True)
+    beating.start()
+    finished = False
+    try:
+        run(cfg, resume=resume, until_phase=until_phase)
+        finished = True
+    finally:
+        stop.set()
+        beating.join()
+        _beat(path, started, finished)
 
 
-def _combine_costs(r: BenchRun, own: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
-    """The cost of the run as if trained alone: its shared phases + its own. Samples/s is
-    the trainer's (training steps only, summary.json's "cost"); wall time includes
-    evaluation and process start."""
+def _beat_until(path: Path, started: float, stop: threading.Event) -> None:
+    _beat(path, started, False)
+    while not stop.wait(HEARTBEAT_S):
+        _beat(path, started, False)
+
+
+def _beat(path: Path, started: float, finished: bool) -> None:
+    """Write the attempt so far: its start, elapsed seconds, peak memory of this process."""
+    import torch
+
+    beat = {"start": started, "elapsed_s": time.time() - started,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "finished": finished}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        beat["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(beat))
+    os.replace(tmp, path)
+
+
+def fold_heartbeat(run_dir: Path) -> None:
+    """Append the attempt whose heartbeat a killed bench left in `run_dir` to its attempts
+    (once: an attempt already recorded under its start time is not added again)."""
+    beat = _read_json(run_dir / HEARTBEAT)
+    if beat and beat.get("start") not in {a.get("start") for a in read_attempts(run_dir)}:
+        _append_attempt(run_dir, {**_attempt(beat), "start": beat.get("start"),
+                                  "wall_s": beat.get("elapsed_s", 0.0), "finished": beat.get("finished", False)})
+    (run_dir / HEARTBEAT).unlink(missing_ok=True)
+
+
+def _attempt(beat: dict[str, Any]) -> dict[str, Any]:
+    """The peak memory of a heartbeat (0 when the child died before its first one)."""
+    return {"peak_rss_mb": beat.get("peak_rss_mb", 0.0),
+            **({"peak_cuda_mb": beat["peak_cuda_mb"]} if "peak_cuda_mb" in beat else {})}
+
+
+def _append_attempt(run_dir: Path, attempt: dict[str, Any]) -> None:
+    with open(run_dir / ATTEMPTS, "a") as f:
+        f.write(json.dumps(attempt) + "\n")
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of `run_dir`'s bench_attempts.jsonl (none when it has no such file)."""
+    path = run_dir / ATTEMPTS
+    attempts = []
+    for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+        try:
+            attempts.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise BenchError(f"{path} line {n} is not JSON (cut short by a kill?): delete that line "
+                             "and run modx-bench again") from None
+    return attempts
+
+
+def directory_cost(run_dir: Path) -> dict[str, Any]:
+    """A directory's own cost over its attempts: wall seconds summed, peak memory the max.
+    A directory of an older modx-bench (no attempts file) has its last attempt's cost in
+    bench_cost.json."""
+    attempts = read_attempts(run_dir)
+    if not attempts:
+        old = _read_json(run_dir / COST)
+        return {"wall_s": old.get("wall_s", 0.0), "peak_rss_mb": old.get("peak_rss_mb", 0.0),
+                "attempts": old.get("attempts", 1 if old else 0),
+                **({"peak_cuda_mb": old["peak_cuda_mb"]} if "peak_cuda_mb" in old else {})}
+    cuda = [a["peak_cuda_mb"] for a in attempts if "peak_cuda_mb" in a]
+    return {"wall_s": sum(a.get("wall_s", 0.0) for a in attempts),
+            "peak_rss_mb": max(a.get("peak_rss_mb", 0.0) for a in attempts),
+            "attempts": len(attempts), **({"peak_cuda_mb": max(cuda)} if cuda else {})}
+
+
+def _write_cost(run_dir: Path) -> None:
+    """Mark `run_dir`'s training finished, with its own cost."""
+    (run_dir / COST).write_text(json.dumps(directory_cost(run_dir), indent=1) + "\n")
+
+
+def _combine_costs(r: BenchRun) -> dict[str, Any]:
+    """The cost of the run as if trained alone: its shared phases + its own, every attempt
+    (restarts included). Samples/s is the trainer's (training steps only, summary.json's
+    "cost"); wall time includes evaluation and process start."""
+    own = directory_cost(r.run_dir)
+    shared = directory_cost(r.shared_dir) if r.shared_dir is not None else {}
     trained = _read_json(r.run_dir / "summary.json").get("cost", {})
     flops = train_flops(r.cfg)
+    cuda = [c["peak_cuda_mb"] for c in (own, shared) if "peak_cuda_mb" in c]
     return {
-        "wall_s": own.get("wall_s", 0.0) + shared.get("wall_s", 0.0),
+        "wall_s": own["wall_s"] + shared.get("wall_s", 0.0),
         "wall_s_shared": shared.get("wall_s", 0.0),
+        "attempts": own["attempts"] + shared.get("attempts", 0),
         "train_seconds": trained.get("train_seconds"),
         "samples": trained.get("train_samples"),
         "samples_per_s": trained.get("samples_per_s"),
-        "peak_rss_mb": max(own.get("peak_rss_mb", 0.0), shared.get("peak_rss_mb", 0.0)),
-        **({"peak_cuda_mb": own["peak_cuda_mb"]} if "peak_cuda_mb" in own else {}),
+        "peak_rss_mb": max(own["peak_rss_mb"], shared.get("peak_rss_mb", 0.0)),
+        **({"peak_cuda_mb": max(cuda)} if cuda else {}),
         "train_tflops": None if flops is None else flops / 1e12,
     }
 
@@ -508,9 +613,10 @@ def write_bench_report(result: dict[str, Any], runs: list[BenchRun], out: Path) 
                         "seeds. average = mean over domains after the last phase; first domain, final = "
                         "recall on the first domain after the last phase; plasticity = mean recall on "
                         "each domain right after its own phase; forgetting, BWT, FWT as in GEM / "
-                        "Chaudhry et al. Cost: wall time of the run as if trained alone (shared phases "
-                        "included, evaluation included), training samples per wall second, peak "
-                        "resident memory of the training process, estimated training FLOPs."))
+                        "Chaudhry et al. Cost: wall time of the run as if trained alone (shared phases, "
+                        "evaluation and every restarted attempt included), training samples per "
+                        "wall second, peak resident memory of the training processes, estimated "
+                        "training FLOPs."))
     head = ["strategy", "seeds"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
     rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS]
             + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
