@@ -1,5 +1,5 @@
 """modx-bench: strategy specs, the plan (which phases are shared), stale directories, the
-cost of every attempt, and a small bench end to end: shared
+cost of every attempt, FLOPs from the forwards run, and a small bench end to end: shared
 phase trained once, forks equal standalone runs, a killed bench continues, a run trained
 with another config is retrained."""
 
@@ -161,6 +161,22 @@ def test_a_failed_child_is_recorded_as_an_attempt(tmp_path):
     assert attempt["finished"] is False and attempt["wall_s"] > 0
     assert attempt["peak_rss_mb"] > 0  # from the child's last heartbeat
     assert not (run_dir / bench.HEARTBEAT).exists()
+
+
+def test_train_flops_count_the_forwards_summary_json_reports(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_FLOPS_CACHE", {})
+    monkeypatch.setattr(bench, "_forward_flops_per_sample", lambda cfg: 1e9)
+    r = plan(_config(tmp_path), ["modx"], [0], tmp_path / "out")[0]  # 2 phases x 2 steps x 8 samples
+    r.run_dir.mkdir(parents=True)
+    counts = {"train_samples": 32, "old_model_samples": 4, "extra_train_samples": 8}
+    (r.run_dir / "summary.json").write_text(json.dumps({"cost": counts}))
+    cost = bench._combine_costs(r)
+    assert cost["train_tflops"] == pytest.approx(1e9 * (3 * (32 + 8) + 4) / 1e12)
+    assert cost["train_tflops_estimated"] is False
+    (r.run_dir / "summary.json").write_text(json.dumps({"cost": {"train_samples": 32}}))  # an older run
+    cost = bench._combine_costs(r)
+    assert cost["train_tflops"] == pytest.approx(1e9 * 8 * (3 * 4 + 2) / 1e12)  # old forward in phase 1
+    assert cost["train_tflops_estimated"] is True
 
 
 @pytest.fixture(scope="module")

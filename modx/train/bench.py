@@ -33,7 +33,9 @@ Writes `OUT/bench.json` = {"runs": [{"strategy", "seed", "summary", "cost", "run
 "table": per-strategy mean and std over seeds} and `OUT/report.{md,html}` (tables, plots);
 `OUT/compare/` holds modx-report's side-by-side report of the first seed's runs. A run's
 cost: wall_s summed and peak_rss_mb the max over every attempt of its shared phases and its
-own, `attempts` their number.
+own, `attempts` their number; train_tflops from the forwards summary.json counts
+(train_samples, extra_train_samples, old_model_samples), or, without old_model_samples (an
+older modx), estimated from the config (`train_tflops_estimated`: true).
 """
 
 from __future__ import annotations
@@ -482,7 +484,7 @@ def _combine_costs(r: BenchRun) -> dict[str, Any]:
     own = directory_cost(r.run_dir)
     shared = directory_cost(r.shared_dir) if r.shared_dir is not None else {}
     trained = _read_json(r.run_dir / "summary.json").get("cost", {})
-    flops = train_flops(r.cfg)
+    flops, estimated = train_flops(r.cfg, trained)
     cuda = [c["peak_cuda_mb"] for c in (own, shared) if "peak_cuda_mb" in c]
     return {
         "wall_s": own["wall_s"] + shared.get("wall_s", 0.0),
@@ -494,6 +496,7 @@ def _combine_costs(r: BenchRun) -> dict[str, Any]:
         "peak_rss_mb": max(own["peak_rss_mb"], shared.get("peak_rss_mb", 0.0)),
         **({"peak_cuda_mb": max(cuda)} if cuda else {}),
         "train_tflops": None if flops is None else flops / 1e12,
+        "train_tflops_estimated": estimated,
     }
 
 
@@ -505,26 +508,37 @@ def _phase_steps(cfg: Config, i: int) -> int:
 _FLOPS_CACHE: dict[str, float | None] = {}
 
 
-def train_flops(cfg: Config) -> float | None:
-    """Estimated training FLOPs: per step 3 x the forward of a batch (forward + backward),
-    plus one forward of the old model for strategies whose loss runs it (phases after the
-    first, or all with align_initial). Counted by torch.utils.flop_counter (matmuls and
-    convolutions; the SSMs' FFTs are not counted)."""
-    from modx.strategies import STRATEGIES
-
+def train_flops(cfg: Config, trained: dict[str, Any]) -> tuple[float | None, bool]:
+    """Training FLOPs of the forwards run, and whether they are estimated. From summary.json's
+    "cost" (`trained`, global counts): forward FLOPs per sample x (3 x (train_samples +
+    extra_train_samples) + old_model_samples): forward + backward ~ 3 forwards, the frozen
+    old model a forward. A run without old_model_samples (an older modx) is estimated from
+    the config. Forward FLOPs by torch.utils.flop_counter (matmuls and convolutions; the
+    SSMs' FFTs are not counted)."""
     key = json.dumps([cfg.model.arch, cfg.model.pretrained])
     if key not in _FLOPS_CACHE:
         _FLOPS_CACHE[key] = _forward_flops_per_sample(cfg)
     per_sample = _FLOPS_CACHE[key]
     if per_sample is None:
-        return None
-    t = cfg.train
+        return None, False
+    if "old_model_samples" in trained and "train_samples" in trained:
+        trained_samples = trained["train_samples"] + trained.get("extra_train_samples", 0)
+        return per_sample * (3 * trained_samples + trained["old_model_samples"]), False
+    return per_sample * _estimated_forwards(cfg), True
+
+
+def _estimated_forwards(cfg: Config) -> float:
+    """Forwards per run from the config: 3 per trained sample, plus a whole batch through
+    the old model every step of strategies whose loss runs it (phases after the first, or
+    all with align_initial)."""
+    from modx.strategies import STRATEGIES
+
     old_phases = 0
     if STRATEGIES[cfg.strategy.name].uses_old_model:
         first = 0 if _aligns_initial(cfg) else 1
         old_phases = sum(_phase_steps(cfg, i) for i in range(first, len(cfg.stream.phases)))
     steps = sum(_phase_steps(cfg, i) for i in range(len(cfg.stream.phases)))
-    return per_sample * t.batch_size * t.grad_accum * (3 * steps + old_phases)
+    return cfg.train.batch_size * cfg.train.grad_accum * (3 * steps + old_phases)
 
 
 def _forward_flops_per_sample(cfg: Config) -> float | None:
@@ -615,8 +629,9 @@ def write_bench_report(result: dict[str, Any], runs: list[BenchRun], out: Path) 
                         "each domain right after its own phase; forgetting, BWT, FWT as in GEM / "
                         "Chaudhry et al. Cost: wall time of the run as if trained alone (shared phases, "
                         "evaluation and every restarted attempt included), training samples per "
-                        "wall second, peak resident memory of the training processes, estimated "
-                        "training FLOPs."))
+                        "second, peak resident memory of the training processes, training FLOPs "
+                        "of the forwards run (estimated from the config for runs without "
+                        "old-model counts: train_tflops_estimated in bench.json)."))
     head = ["strategy", "seeds"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
     rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS]
             + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
