@@ -196,6 +196,9 @@ def test_bench_writes_one_summary_per_run_and_a_report(bench_dir):
         assert summary["eval_sets"] == ["a", "b"] and len(summary["matrix"]) == 2
         assert summary["strategy"] == r["strategy"]
         assert r["cost"]["wall_s"] > 0 and r["cost"]["samples"] == 4 * 8
+        assert r["cost"]["attempts"] == 2 and r["cost"]["train_tflops_estimated"] is False
+    tflops = {r["strategy"]: r["cost"]["train_tflops"] for r in bench["runs"]}
+    assert tflops["finetune"] == tflops["replay"] < tflops["modx"]  # modx's old model on replayed rows
     assert set(bench["table"]) == {"finetune", "modx", "replay"}
     page = (out / "report.html").read_text()
     assert "modx-bench" in page and "data:image/png;base64" in page
