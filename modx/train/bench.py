@@ -258,11 +258,11 @@ def stale_reason(directory: Path, cfg: Config, shared_hash: str | None = None) -
     if record.get("hash") != planned["hash"]:
         keys = changed_keys(record.get("config"), planned["config"])
         more = f", +{len(keys) - 5} more" if len(keys) > 5 else ""
-        return f"was trained with another config ({', '.join(keys[:5])}{more})" if keys else \
-            "was trained with another config"
+        listed = f" ({', '.join(keys[:5])}{more})" if keys else ""
+        return f"was trained with another config{listed}"
     fork = record.get("forked_from")
     if shared_hash is not None and fork is not None and fork.get("hash") != shared_hash:
-        return f"was forked from another training of its shared phase than shared/{fork.get('dir')}"
+        return f"was forked from shared/{fork.get('dir')} when that was trained with another config"
     return None
 
 
