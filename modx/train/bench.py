@@ -404,6 +404,7 @@ def _child(cfg: Config, resume: str | None, until_phase: int | None, started: fl
 
 
 def _beat_until(path: Path, started: float, stop: threading.Event) -> None:
+    """The heartbeat's thread: a beat now, then every HEARTBEAT_S until `stop` is set."""
     _beat(path, started, False)
     while not stop.wait(HEARTBEAT_S):
         _beat(path, started, False)
@@ -448,6 +449,8 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / ATTEMPTS
     attempts = []
     for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+        if not line.strip():
+            continue
         try:
             attempts.append(json.loads(line))
         except json.JSONDecodeError:
