@@ -148,6 +148,22 @@ def test_topology_kl_same_modal_leaves_out_each_rows_own_column():
     assert same > 1.0 and kept < same / 10
 
 
+def test_losses_stay_float32_under_bf16_autocast():
+    """bf16 features (a bf16 forward) give the float32 losses of their float32 copies."""
+    a, b, c = (unit(8, 16, seed).bfloat16() for seed in (0, 1, 2))
+    cases = [
+        lambda x, y, z: zscl_distillation(x, y, z, 30.0)[0],
+        lambda x, y, z: zscl_distillation(x, y, z, 30.0)[1],
+        lambda x, y, z: momentum_contrast(x[:4], y, z, 0.07),
+        lambda x, y, z: topology_kl(x[:4], y, z[:4], z, 0.07, same_modal=True),
+    ]
+    for loss in cases:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = loss(a, b, c)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(loss(a.float(), b.float(), c.float()).item(), rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- ZSCL strategy
 
 
@@ -366,3 +382,23 @@ def test_ctp_resumes_its_momentum_model_and_queue_from_the_state(accelerator):
     resumed.begin_phase(1, model, None)  # another phase: a fresh copy of the model
     for name, value in resumed.momentum.named_parameters():
         assert torch.equal(value, model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("strategy.ctp_queue_size=4", "strategy.ctp_queue_size"),  # under one global batch (8)
+        ("strategy.ctp_momentum=1.0", "strategy.ctp_momentum"),
+        ("strategy.ctp_compatible_momentum=-0.1", "strategy.ctp_compatible_momentum"),
+        ("strategy.ctp_temperature=0", "strategy.ctp_temperature"),
+        ("strategy.zscl_temperature=0", "strategy.zscl_temperature"),
+        ("strategy.zscl_we_every=-1", "strategy.zscl_we_every"),
+        ("strategy.zscl_batch=0", "strategy.zscl_batch"),
+    ],
+)
+def test_bad_zscl_and_ctp_values_name_the_key(override, key):
+    base = ["stream.phases=[{name: a, builtin: digits, steps: 2}]", "train.batch_size=8", "strategy.name=ctp",
+            "strategy.reference=x.tar"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*base, override])
+    assert err.value.key == key
