@@ -72,6 +72,21 @@ class StrategyConfig:
     ewc_batches: int = 10  # batches used to estimate the diagonal Fisher at each phase end
     wiseft_alpha: float = 0.5  # weight of the new model when interpolating at a phase end
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    # ---- zscl (Zheng et al., ICCV 2023; defaults: the authors' scripts/ZSCL.sh, docs/training.md)
+    reference: str | None = None  # reference image-text shard URLs the distillation runs on (zscl: required)
+    zscl_batch: int | None = None  # GLOBAL reference batch per forward (None: train.batch_size, as the authors)
+    zscl_temperature: float = 2.0  # T of the distillation (--T 2), loss scaled by T^2
+    zscl_image_weight: float = 1.0  # weight of the image-side distillation (--image_loss)
+    zscl_text_weight: float = 1.0  # weight of the text-side distillation (--text_loss)
+    zscl_l2: float = 1.0  # weight of sum (p - p_phase_start)^2 (--l2 1); 0: off
+    zscl_we_every: int = 100  # weight ensemble: average the weights every N optimiser steps (--avg_freq); 0: off
+    # ---- ctp (Zhu et al., ICCV 2023; defaults: the authors' models/clip_pretrain.py, docs/training.md)
+    ctp_queue_size: int = 1024  # momentum features kept as extra negatives (per modality)
+    ctp_momentum: float = 0.995  # EMA of the momentum model while there is no old model
+    ctp_compatible_momentum: float = 0.9  # with an old model: m <- c m + (1 - c)/2 (new + old)
+    ctp_temperature: float = 0.07  # tau of the momentum contrast and the topology KL
+    ctp_contrast_weight: float = 1.0  # weight of the momentum contrast (i2t + t2i)/2
+    ctp_topology_weight: float = 1.0  # weight of each topology term: cross-modal and same-modal KL
 
 
 @dataclass
@@ -303,6 +318,24 @@ def validate(cfg: Config) -> None:
     check(s.kl_on in ("auto", "batch", "replay"), "strategy.kl_on", "choose auto, batch or replay")
     check(s.ewc_batches > 0, "strategy.ewc_batches", "must be > 0")
     check(0.0 <= s.wiseft_alpha <= 1.0, "strategy.wiseft_alpha", "must be in [0, 1]")
+    # ---- zscl
+    check(s.name != "zscl" or bool(s.reference and s.reference.strip()), "strategy.reference",
+          "zscl distils on reference data: give image-text shard URLs (e.g. a slice of the pretraining data)")
+    check(s.zscl_batch is None or s.zscl_batch > 0, "strategy.zscl_batch", "must be > 0 (or null: train.batch_size)")
+    check(s.zscl_temperature > 0, "strategy.zscl_temperature", "must be > 0")
+    check(s.zscl_image_weight >= 0, "strategy.zscl_image_weight", "must be >= 0")
+    check(s.zscl_text_weight >= 0, "strategy.zscl_text_weight", "must be >= 0")
+    check(s.zscl_l2 >= 0, "strategy.zscl_l2", "must be >= 0")
+    check(s.zscl_we_every >= 0, "strategy.zscl_we_every", "must be >= 0 (0: no weight ensemble)")
+    # ---- ctp
+    check(s.ctp_queue_size > 0, "strategy.ctp_queue_size", "must be > 0")
+    check(s.name != "ctp" or s.ctp_queue_size >= cfg.train.batch_size, "strategy.ctp_queue_size",
+          f"must hold at least one global batch (train.batch_size = {cfg.train.batch_size})")
+    check(0.0 <= s.ctp_momentum < 1.0, "strategy.ctp_momentum", "must be in [0, 1)")
+    check(0.0 <= s.ctp_compatible_momentum < 1.0, "strategy.ctp_compatible_momentum", "must be in [0, 1)")
+    check(s.ctp_temperature > 0, "strategy.ctp_temperature", "must be > 0")
+    check(s.ctp_contrast_weight >= 0, "strategy.ctp_contrast_weight", "must be >= 0")
+    check(s.ctp_topology_weight >= 0, "strategy.ctp_topology_weight", "must be >= 0")
     ratio = s.replay.ratio
     check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
     check(s.replay.size > 0, "strategy.replay.size", "must be > 0")

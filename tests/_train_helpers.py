@@ -157,13 +157,20 @@ class NullEvaluator:
 
 
 def install_fake_stream(losses: list[float], setattr: Any = setattr, replayed: list | None = None) -> None:
-    """Patch modx.train.loop: fake data (reseeded by global step), no evaluation, and
+    """Patch modx.train.loop: fake data (reseeded by global step; zscl's reference pairs by
+    the reference batches read), no evaluation, and
     record every micro-step's loss (`setattr`: pytest's monkeypatch.setattr in-process)
     and, into `replayed`, the ids of the buffered samples this process replayed in it."""
+    import modx.strategies.zscl as zscl
     import modx.train.loop as loop
 
     def fake_loader(cfg, phase, preprocess, tokenizer, *, phase_step, global_step, rank, world_size, replay=None):
         return FakeLoader(cfg.train.batch_size, rank, world_size, tokenizer, global_step, preprocess, replay)
+
+    def fake_reference(urls, batch_size, context, segment):  # zscl's reference pairs, same global batches
+        world = context.world_size
+        return FakeLoader(batch_size * world, context.rank, world, context.tokenizer, 10**6 + segment,
+                          context.preprocess_eval)
 
     real_build = loop.build_strategy
 
@@ -184,6 +191,7 @@ def install_fake_stream(losses: list[float], setattr: Any = setattr, replayed: l
         return strategy
 
     setattr(loop, "train_loader", fake_loader)
+    setattr(zscl, "reference_loader", fake_reference)
     setattr(loop, "Evaluator", NullEvaluator)
     setattr(loop, "build_strategy", recording_build)
 
@@ -197,6 +205,7 @@ def fake_stream_overrides(out: Path, *extra: str) -> list[str]:
         f"model.arch={micro_model(out)}",
         f"stream.phases=[{{name: a, train: {shard}, eval: {shard}, steps: 2}}, "
         f"{{name: b, train: {shard}, eval: {shard}, steps: 2}}]",
+        f"strategy.reference={shard}",  # read by zscl only
         f"train.output_dir={out}", "train.tracker=none", "train.progress=false", "train.batch_size=8",
         "train.log_every=1", "train.ckpt_every=100", *extra,
     ]

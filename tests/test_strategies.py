@@ -51,7 +51,7 @@ def mark(b: dict, keys: list[str]) -> None:
 
 
 def test_registry_has_every_strategy():
-    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint"}
+    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "zscl", "ctp"}
 
 
 def test_finetune_is_the_clip_loss(accelerator):

@@ -67,6 +67,10 @@ def records(path: Path) -> list[dict]:
         ["strategy.name=wiseft"],
         ["strategy.name=joint"],
         ["strategy.name=modx", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
+        ["strategy.name=zscl"],
+        ["strategy.name=zscl", "strategy.replay.ratio=0.25", "strategy.zscl_we_every=1"],
+        ["strategy.name=ctp"],
+        ["strategy.name=ctp", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
     ],
     ids=lambda e: "+".join(x.split("=")[1] for x in e),
 )
@@ -167,11 +171,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy", [["strategy.name=modx", "strategy.replay.ratio=0"], ["strategy.name=zscl"],
+                                      ["strategy.name=ctp"]], ids=lambda a: a[0].split("=")[1])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     """Global-batch semantics: 2 x 4 samples on 2 processes == 8 samples on 1 process,
-    for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b)."""
+    for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b); for
+    ZSCL's distillation over a gathered reference batch (and its weight ensemble); for
+    CTP's momentum contrast (gathered keys, one queue) and topology KL."""
     script = str(ROOT / "tests" / "_train_helpers.py")
-    args = ["strategy.name=modx", "strategy.replay.ratio=0", "train.grad_accum=2", "train.workers=0"]
+    args = [*strategy, "train.grad_accum=2", "train.workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *args],
                          capture_output=True, text=True, timeout=300, env=env)
@@ -191,13 +199,25 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert_weights_close(w_two, w_one)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"strategy.name": "modx", "strategy.replay.ratio": 0.25},
+        {"strategy.name": "zscl", "strategy.zscl_we_every": 2},  # a merge due across the checkpoint
+        {"strategy.name": "ctp", "strategy.ctp_queue_size": 12},  # the queue wraps; an EMA step due
+    ],
+    ids=lambda e: e["strategy.name"],
+)
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch, extra):
     """Kill the run mid-phase b (right after its first checkpoint), resume: the final
-    weights, optimiser path, replay buffer and old model match an uninterrupted run."""
+    weights, optimiser path, replay buffer and old model match an uninterrupted run; so do
+    ZSCL's initial model, weight ensemble and reference stream, and CTP's momentum model
+    and queue."""
     import modx.train.loop as loop
+    from modx.data.builtin import ensure_builtin
     from modx.train import run
 
-    extra = {"strategy.name": "modx", "strategy.replay.ratio": 0.25}
+    extra = {**extra, "strategy.reference": ensure_builtin("digits", root=str(data_root))[0]}  # zscl's
     whole = run(load_config(None, tiny_overrides(tmp_path / "whole", data_root, **extra)))
 
     real_save, calls = loop.save_state, []

@@ -76,6 +76,8 @@ STRATEGIES = {
                    "strategy.replay.size": 32, "strategy.replay.source": "buffer"},
     # Mod-X replaying a stream of phase a's shards: the replay stream resumes where it was
     "modx+stream": {"strategy.name": "modx", "strategy.replay.source": "stream"},
+    # ZSCL: its reference stream (2 loader workers, the digits' shards), ensemble and initial model
+    "zscl": {"strategy.name": "zscl", "strategy.zscl_we_every": 2},
 }
 # how often each point is reached in the tiny 2 x 3-step run (ckpt_every=2, 2 eval sets)
 KILL_POINTS = {"step": 6, "checkpoint": 4, "evaluate": 6}
@@ -83,7 +85,10 @@ KILL_POINTS = {"step": 6, "checkpoint": 4, "evaluate": 6}
 
 def train_cli(run_dir: Path, data_root: Path, extra: dict, kill: str | None = None, resume: bool = False) -> int:
     """`python train_modx.py` on the tiny stream with 2 loader workers; MODX_KILL_AT=kill."""
-    overrides = tiny_overrides(run_dir, data_root, **{"train.workers": 2, **extra})
+    from modx.data.builtin import ensure_builtin
+
+    reference = ensure_builtin("digits", root=str(data_root))[0]  # read by zscl only
+    overrides = tiny_overrides(run_dir, data_root, **{"train.workers": 2, "strategy.reference": reference, **extra})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("MODX_KILL_AT", None)
     if kill is not None:
@@ -127,11 +132,11 @@ def check_kill_and_resume(tmp_path: Path, data_root: Path, whole: Path, strategy
     assert cost["train_samples"] == reference_cost["train_samples"]
 
 
-@pytest.mark.parametrize("strategy", ["ewc+replay", "modx+stream"])
+@pytest.mark.parametrize("strategy", ["ewc+replay", "modx+stream", "zscl"])
 def test_run_killed_in_phase_b_resumes_to_the_uninterrupted_results(tmp_path, data_root, uninterrupted, strategy):
     """kill -9 during training after phase a (EWC Fisher, replay buffer or replay stream,
-    old model, RNG and the loader workers' stream all restored): same weights,
-    results.jsonl, summary."""
+    ZSCL's ensemble and reference stream, old model, RNG and the loader workers' stream all
+    restored): same weights, results.jsonl, summary."""
     check_kill_and_resume(tmp_path, data_root, uninterrupted(strategy), strategy, "step:5")
 
 

@@ -6,15 +6,17 @@ from accelerate import Accelerator
 
 from modx.config import StrategyConfig
 from modx.strategies.base import Strategy
+from modx.strategies.ctp import CTP
 from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
 from modx.strategies.modx import Distill, ModX
 from modx.strategies.replay import Replay
 from modx.strategies.wiseft import WiseFT
+from modx.strategies.zscl import ZSCL
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint)
+    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, ZSCL, CTP)
 }
 
 
