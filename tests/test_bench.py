@@ -68,6 +68,11 @@ def test_plan_shares_the_first_phase_only_among_strategies_that_train_it_plainly
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]  # one per seed
     aligned = plan(_config(tmp_path), ["finetune", "modx"], [0], tmp_path / "out", ["strategy.align_initial=true"])
     assert [r.shared for r in aligned] == [0, 0]  # modx has an old model from phase 0 on: nothing shared
+    streaming = plan(_config(tmp_path), ["finetune", "modx:replay.source=stream"], [0], tmp_path / "out")
+    assert [r.shared_replay for r in streaming] == [0.0, 0.0]  # no member needs phase 0's buffer
+    data = f"replay.source=stream,replay.data={tmp_path / 'nothing.tar'}"
+    own = plan(_config(tmp_path), [f"replay:{data}", f"modx:{data}"], [0], tmp_path / "out")
+    assert [r.shared for r in own] == [0, 0]  # replays the user's shards from phase 0 on: nothing shared
 
 
 def test_bad_requests_exit_2_with_one_line(tmp_path, capsys):
@@ -213,6 +218,12 @@ def test_the_shared_phase_is_trained_once(bench_dir):
     assert [r["shared_phases"] for r in runs] == [1, 1, 1]
     phase_a = [r["summary"]["matrix"][0] for r in runs]
     assert phase_a[0] == phase_a[1] == phase_a[2]  # every strategy went on from one model
+    # the buffer phase 0 filled goes on with the members that replay from it, and is charged to them only
+    forks = {r["strategy"]: Path(r["run_dir"]) / "checkpoints" for r in runs}
+    assert not list(forks["finetune"].glob("state-*/replay.tar"))
+    assert list(forks["modx"].glob("state-*/replay.tar"))
+    cost = {r["strategy"]: r["cost"] for r in runs}
+    assert cost["finetune"]["wall_s_shared"] < cost["modx"]["wall_s_shared"] == cost["replay"]["wall_s_shared"]
 
 
 @pytest.mark.slow

@@ -164,7 +164,8 @@ def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Pa
             continue  # nothing to share
         # the shared run fills a replay buffer when a member replays from one (the stream
         # source needs nothing from phase 0); members without a buffer drop it when forked
-        ratio = max((replay_ratio(r.cfg.strategy) for r in members if _uses_buffer(r.cfg)), default=0.0)
+        # (any ratio fills it alike: there is nothing earlier to replay in phase 0)
+        ratio = 0.5 if any(_uses_buffer(r.cfg) for r in members) else 0.0
         for r in members:
             r.shared = 1  # the strategies differ at the latest from the first old model on
             r.shared_dir = out / "shared" / f"{key[:10]}-seed{r.seed}"
@@ -195,7 +196,7 @@ def _aligns_initial(cfg: Config) -> bool:
 
 # Strategy keys that act only once there is an old model (after the shared phases).
 _LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reduction", "wiseft_alpha",
-                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on")
+                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on", "teacher_cache")
 
 
 def _prefix_key(cfg: Config) -> str:
@@ -480,12 +481,26 @@ def _write_cost(run_dir: Path) -> None:
     (run_dir / COST).write_text(json.dumps(directory_cost(run_dir), indent=1) + "\n")
 
 
+def _buffer_cost(shared_dir: Path) -> dict[str, float]:
+    """What the shared run's replay buffer cost it (seconds adding to it, its peak MB), from
+    its latest state's trainer_state.json (modx.train.replay.ReplayFeed.cost)."""
+    from modx.train.checkpoint import find_latest, read_trainer_state
+
+    latest = find_latest(shared_dir / "checkpoints")
+    state = read_trainer_state(latest) if latest is not None else {}
+    return {k: float(state.get(k, 0.0)) for k in ("replay_seconds", "replay_mb")}
+
+
 def _combine_costs(r: BenchRun) -> dict[str, Any]:
     """The cost of the run as if trained alone: its shared phases + its own, every attempt
     (restarts included). Samples/s is the trainer's (training steps only, summary.json's
     "cost"); wall time includes evaluation and process start."""
     own = directory_cost(r.run_dir)
     shared = directory_cost(r.shared_dir) if r.shared_dir is not None else {}
+    if shared and not _uses_buffer(r.cfg):  # the shared run's replay buffer is not this run's cost
+        buffer = _buffer_cost(r.shared_dir)
+        shared["wall_s"] = shared["wall_s"] - buffer.get("replay_seconds", 0.0)
+        shared["peak_rss_mb"] = shared["peak_rss_mb"] - buffer.get("replay_mb", 0.0)
     trained = _read_json(r.run_dir / "summary.json").get("cost", {})
     flops, estimated = train_flops(r.cfg, trained)
     cuda = [c["peak_cuda_mb"] for c in (own, shared) if "peak_cuda_mb" in c]
