@@ -447,3 +447,28 @@ def test_a_run_resumes_on_another_number_of_processes_exactly(one_process_run, t
     launch(out, after, replay_args(out), resume=True)
     assert replayed_sets(out, after, "-resumed") == replayed_sets(one_process_run, 1)[4:]
     assert_weights_close(final_weights(out), final_weights(one_process_run))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is the Linux default")
+def test_loader_workers_are_forked_even_from_a_spawned_process(data_root):
+    """A spawned process (modx-bench's runs) would spawn its workers too: each would get a
+    pickled copy of the replay snapshot instead of sharing the main process's pages."""
+    import multiprocessing as mp
+
+    train, _ = digits(data_root)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_worker_start_method, args=(train, queue))
+    child.start()
+    child.join(timeout=120)
+    assert queue.get(timeout=5) == ("spawn", "fork")
+
+
+def _worker_start_method(train: str, queue) -> None:
+    import multiprocessing as mp
+
+    from modx.data import make_loader
+
+    loader = make_loader(train, mode="train", batch_size=4, preprocess=None, tokenizer=None, workers=1,
+                         rank=0, world_size=1, budget_steps=1)
+    queue.put((mp.get_start_method(), loader._loader.multiprocessing_context.get_start_method()))

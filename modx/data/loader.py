@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -346,6 +347,17 @@ def _identity(x):
     return x
 
 
+def _worker_context():
+    """Fork the loader's workers on Linux, however this process was started: a process
+    started with spawn (modx-bench's runs, any multiprocessing spawn child) would otherwise
+    spawn its workers too, and each would get a pickled copy of the dataset (the replay
+    buffer's snapshot: 855 MB more for 306 MB of samples with 2 workers) and import torch
+    anew. Forked workers share those pages with the main process. Elsewhere: the default."""
+    if sys.platform.startswith("linux"):
+        return mp.get_context("fork")
+    return None
+
+
 def _own_rng(items: Iterator[dict], seed: int) -> Iterator[dict]:
     """`items` run with torch, random and numpy RNGs of their own, seeded by `seed`; the
     caller's RNG states are restored around every step."""
@@ -413,6 +425,7 @@ class StreamLoader:
             num_workers=num_workers,
             collate_fn=_identity,
             persistent_workers=num_workers > 0,
+            multiprocessing_context=_worker_context() if num_workers > 0 else None,
             pin_memory=pin_memory,
         )
 
