@@ -119,6 +119,45 @@ def test_strategies_are_bound_once_and_see_the_gradients_before_each_step(tmp_pa
     assert all(torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
 
 
+def test_prepare_model_runs_before_the_optimiser_and_exports_leave_its_aids_out(tmp_path, monkeypatch):
+    """Strategy.prepare_model gets the bare model once, before the optimiser is built and
+    before bind: a module it adds trains (it is in the optimiser and in DDP), and when marked
+    `modx_export = False` the phase exports leave it out (create_model loads them)."""
+    import modx.train.loop as loop
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    real_build, seen = loop.build_strategy, []
+    aid = torch.nn.Linear(1, 1, bias=False)
+    aid.modx_export = False
+    start = aid.weight.detach().clone()
+
+    def build(cfg, accelerator, **kwargs):
+        strategy = real_build(cfg, accelerator, **kwargs)
+        real_loss, real_bind = strategy.loss, strategy.bind
+
+        def prepare_model(model):
+            assert not seen and not hasattr(model, "module")  # once, the bare model
+            seen.append("prepare")
+            model.aid = aid
+            return model
+
+        def loss(model, batch, old_model):
+            value, terms = real_loss(model, batch, old_model)
+            return value + (accelerator.unwrap_model(model).aid.weight - 5).pow(2).sum(), terms
+
+        strategy.prepare_model, strategy.loss = prepare_model, loss
+        strategy.bind = lambda context: (seen.append("bind"), real_bind(context))
+        return strategy
+
+    monkeypatch.setattr(loop, "build_strategy", build)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run", "strategy.name=finetune")))
+    assert seen == ["prepare", "bind"]
+    assert (aid.weight - 5).abs().item() < (start - 5).abs().item()  # trained toward 5
+    assert not any(k.startswith("aid") for k in weights(run_dir, "phase-1"))
+    create_model(str(run_dir / "checkpoints" / "phase-1"))
+
+
 def test_exported_phase_model_is_usable_by_create_model(tmp_path, monkeypatch):
     from modx.train import run
 
