@@ -71,6 +71,13 @@ class StrategyConfig:
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
     ewc_batches: int = 10  # batches used to estimate the diagonal Fisher at each phase end
     wiseft_alpha: float = 0.5  # weight of the new model when interpolating at a phase end
+    # ---- cclip (C-CLIP, docs/training.md): LoRA + contrastive knowledge consolidation
+    cclip_lora: bool = True  # LoRA on the towers' sequence backbones, merged at each phase end; false: all train
+    cclip_lora_rank: int = 16  # LoRA rank r (the authors')
+    cclip_lora_alpha: float = 32.0  # LoRA alpha: the update is alpha / r x B A
+    cclip_lora_dropout: float = 0.1  # dropout on the adapters' input
+    cclip_hidden: int = 2048  # hidden width of the CKC predictor (Linear -> BatchNorm -> ReLU -> Linear)
+    cclip_weight: float = 1.0  # weight of the CKC loss beside the CLIP loss
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
@@ -303,6 +310,12 @@ def validate(cfg: Config) -> None:
     check(s.kl_on in ("auto", "batch", "replay"), "strategy.kl_on", "choose auto, batch or replay")
     check(s.ewc_batches > 0, "strategy.ewc_batches", "must be > 0")
     check(0.0 <= s.wiseft_alpha <= 1.0, "strategy.wiseft_alpha", "must be in [0, 1]")
+    # ---- cclip
+    check(s.cclip_lora_rank > 0, "strategy.cclip_lora_rank", "must be > 0")
+    check(s.cclip_lora_alpha > 0, "strategy.cclip_lora_alpha", "must be > 0")
+    check(0.0 <= s.cclip_lora_dropout < 1.0, "strategy.cclip_lora_dropout", "must be in [0, 1)")
+    check(s.cclip_hidden > 0, "strategy.cclip_hidden", "must be > 0")
+    check(s.cclip_weight >= 0, "strategy.cclip_weight", "must be >= 0")
     ratio = s.replay.ratio
     check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
     check(s.replay.size > 0, "strategy.replay.size", "must be > 0")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def mark(b: dict, keys: list[str]) -> None:
 
 
 def test_registry_has_every_strategy():
-    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint"}
+    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "cclip"}
 
 
 def test_finetune_is_the_clip_loss(accelerator):
@@ -241,3 +243,129 @@ def test_modx_teacher_cache_is_keyed_by_the_view_never_by_the_sample(accelerator
     small.begin_phase(1, model, old)
     assert [float(small.loss(model, b, old)[1]["loss_kl"]) for b in batches] == pytest.approx(results[False], rel=1e-6)
     assert len(small.teacher) == 3  # bounded by strategy.replay.size
+
+
+# ----------------------------------------------------------------------------- C-CLIP
+
+
+def micro(seed: int = 0, arch: str | None = None) -> nn.Module:
+    """A real micro CLIP (open_clip transformer towers; width = embed_dim = 32) or a bundled one."""
+    from modx.models import create_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _train_helpers import MICRO_MODEL
+
+    torch.manual_seed(seed)
+    return create_model(arch or MICRO_MODEL)[0]
+
+
+def clip_batch(seed: int, n: int = 6, size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, size, size, generator=g), "text": torch.randint(1, 400, (n, 16), generator=g)}
+
+
+def naive_ckc(p: list[torch.Tensor], z: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+    """CKC term by term: rows normalised one by one, -log softmax of each row over every
+    column, both directions."""
+    def unit(v):
+        return v / torch.sqrt((v * v).sum())
+
+    p, z = [unit(v) for v in p], [unit(v) for v in z]
+    total = 0.0
+    for a, b in ((p, z), (z, p)):
+        for i in range(len(a)):
+            logits = [s * (a[i] * b[j]).sum() for j in range(len(b))]
+            total = total - (logits[i] - torch.logsumexp(torch.stack(logits), 0)) / len(a)
+    return total / 2
+
+
+def test_ckc_matches_a_naive_loop_value_and_gradient():
+    from modx.strategies.cclip import ckc_loss
+
+    g = torch.Generator().manual_seed(0)
+    p_img, p_txt, z_img, z_txt = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+                                  for _ in range(4))
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    got = ckc_loss(p_img, p_txt, z_img, z_txt, s)
+    want = naive_ckc([*p_img, *p_txt], [*z_img, *z_txt], s)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(want.item(), rel=1e-12)
+    inputs = (p_img, p_txt, z_img, z_txt, s)
+    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", [None, "modx-tiny-s4d"])
+def test_cclip_lora_trains_adapters_in_the_backbones_and_merging_keeps_the_function(accelerator, arch):
+    """prepare_model: adapters on the backbones' Linear layers (not on an attention's
+    out_proj, which nn.MultiheadAttention reads itself), their base weights frozen, outside
+    the backbones all but the patch embedding trains, a predictor. end_phase folds the update
+    into the same base parameters, starts new adapters (B = 0) and a new predictor."""
+    from peft.tuners.lora import LoraLayer
+
+    model = micro(0, arch)
+    strategy = build_strategy(StrategyConfig(name="cclip"), accelerator)
+    assert strategy.prepare_model(model) is model
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted and all(".transformer." in f".{n}" and "out_proj" not in n for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} >= {"c_fc", "c_proj"}
+    if arch:
+        assert any(n.endswith("ssm.output.0") for n in adapted)  # the SSM blocks' output Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n for n in trainable if ".transformer." in n)
+    assert {"visual.proj", "text.text_projection", "text.token_embedding.weight", "logit_scale"} <= trainable
+    assert "visual.conv1.weight" not in trainable and any(n.startswith("cclip_predictor.") for n in trainable)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    b = clip_batch(0)
+    model.eval()
+    with torch.no_grad():
+        before = model(b["image"], b["text"])
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    predictor = model.cclip_predictor.net[0].weight.detach().clone()
+    strategy.end_phase(0, model, None, [])
+    with torch.no_grad():
+        after = model(b["image"], b["text"])
+    torch.testing.assert_close(after["image_features"], before["image_features"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after["text_features"], before["text_features"], rtol=1e-5, atol=1e-5)
+    assert ids == {n: id(p) for n, p in model.named_parameters()}
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert not torch.equal(model.cclip_predictor.net[0].weight, predictor)
+
+
+def test_cclip_full_training_adds_only_the_predictor(accelerator):
+    model = micro(0)
+    build_strategy(StrategyConfig(name="cclip", cclip_lora=False), accelerator).prepare_model(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_cclip_loss_is_clip_plus_weighted_ckc_of_the_predicted_features_against_the_old_model(accelerator):
+    from modx.strategies.cclip import ckc_loss
+
+    model, old = micro(0), micro(1).eval().requires_grad_(False)
+    strategy = build_strategy(StrategyConfig(name="cclip", cclip_weight=0.5, cclip_lora_dropout=0.0), accelerator)
+    strategy.prepare_model(model)
+    b = clip_batch(1)
+    first, logs = strategy.loss(model, b, None)  # no old model: the CLIP loss alone
+    out = model(b["image"], b["text"])
+    clip = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+    assert "loss_ckc" not in logs and first.item() == pytest.approx(clip.item(), rel=1e-6)
+    first.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.cclip_predictor.parameters())
+    model.zero_grad()
+    loss, logs = strategy.loss(model, b, old)
+    assert strategy.old_samples == 6
+    h = model.cclip_predictor
+    with torch.no_grad():
+        out, out_old = model(b["image"], b["text"]), old(b["image"], b["text"])
+        want = ckc_loss(h(out["image_features"]), h(out["text_features"]), out_old["image_features"],
+                        out_old["text_features"], out["logit_scale"])
+    assert logs["loss_ckc"] == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(clip.item() + 0.5 * want.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in old.parameters())
+    assert model.cclip_predictor.net[0].weight.grad.abs().sum() > 0

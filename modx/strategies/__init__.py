@@ -6,6 +6,7 @@ from accelerate import Accelerator
 
 from modx.config import StrategyConfig
 from modx.strategies.base import Strategy
+from modx.strategies.cclip import CCLIP
 from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
@@ -14,7 +15,7 @@ from modx.strategies.replay import Replay
 from modx.strategies.wiseft import WiseFT
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint)
+    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, CCLIP)
 }
 
 
