@@ -78,6 +78,11 @@ class StrategyConfig:
     cclip_lora_dropout: float = 0.1  # dropout on the adapters' input
     cclip_hidden: int = 2048  # hidden width of the CKC predictor (Linear -> BatchNorm -> ReLU -> Linear)
     cclip_weight: float = 1.0  # weight of the CKC loss beside the CLIP loss
+    # ---- cmcl (CMCL, docs/training.md): dual-sided null-space gradient projection
+    cmcl_train: str = "heads"  # heads: only the two projection heads train (the authors' frozen encoders) | all
+    cmcl_lambda_min: float = 0.1  # input side: keep the directions whose eigenvalue (unit-norm features) exceeds it
+    cmcl_lambda_min_out: float = 0.0  # output side: the same for the other modality's projected features
+    cmcl_batches: int = 10  # batches whose features are added to the statistics at each phase end
     replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
@@ -316,6 +321,11 @@ def validate(cfg: Config) -> None:
     check(0.0 <= s.cclip_lora_dropout < 1.0, "strategy.cclip_lora_dropout", "must be in [0, 1)")
     check(s.cclip_hidden > 0, "strategy.cclip_hidden", "must be > 0")
     check(s.cclip_weight >= 0, "strategy.cclip_weight", "must be >= 0")
+    # ---- cmcl
+    check(s.cmcl_train in ("heads", "all"), "strategy.cmcl_train", "choose heads or all")
+    check(s.cmcl_lambda_min >= 0, "strategy.cmcl_lambda_min", "must be >= 0")
+    check(s.cmcl_lambda_min_out >= 0, "strategy.cmcl_lambda_min_out", "must be >= 0")
+    check(s.cmcl_batches > 0, "strategy.cmcl_batches", "must be > 0")
     ratio = s.replay.ratio
     check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
     check(s.replay.size > 0, "strategy.replay.size", "must be > 0")

@@ -53,7 +53,7 @@ def mark(b: dict, keys: list[str]) -> None:
 
 
 def test_registry_has_every_strategy():
-    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "cclip"}
+    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "cclip", "cmcl"}
 
 
 def test_finetune_is_the_clip_loss(accelerator):
@@ -369,3 +369,109 @@ def test_cclip_loss_is_clip_plus_weighted_ckc_of_the_predicted_features_against_
     loss.backward()
     assert all(p.grad is None for p in old.parameters())
     assert model.cclip_predictor.net[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- CMCL
+
+
+def random_cov(n: int, eigenvalues: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def test_subspace_projector_spans_the_directions_above_the_threshold():
+    from modx.strategies.cmcl import subspace_projector
+
+    cov, q = random_cov(5, [3.0, 1.0, 0.05, 0.0, 0.0], seed=0)
+    p = subspace_projector(cov, 0.1)
+    torch.testing.assert_close(p, q[:, :2] @ q[:, :2].T)
+    torch.testing.assert_close(p @ p, p)
+    assert torch.linalg.matrix_rank(subspace_projector(cov, 0.01)).item() == 3
+    assert not subspace_projector(cov, 5.0).any()
+
+
+def test_dns_projection_leaves_the_scores_of_earlier_pairs_unchanged():
+    """G' = G - P_in G P_out: for an earlier input x in the span of P_in and an earlier
+    feature y of the other modality in the span of P_out, the score change x G' y is 0."""
+    from modx.strategies.cmcl import dns_project, subspace_projector
+
+    p_in = subspace_projector(random_cov(6, [2.0, 1.0, 0, 0, 0, 0], seed=1)[0], 0.1)
+    p_out = subspace_projector(random_cov(4, [1.0, 0.5, 0.3, 0], seed=2)[0], 0.1)
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    projected = dns_project(g, p_in, p_out)
+    want = torch.stack([torch.stack([g[i, j] - sum(p_in[i, k] * g[k, m] * p_out[m, j] for k in range(6) for m in range(4))
+                                     for j in range(4)]) for i in range(6)])
+    torch.testing.assert_close(projected, want)
+    torch.testing.assert_close(p_in @ projected @ p_out, torch.zeros(6, 4, dtype=torch.float64))
+    x = p_in @ torch.randn(6, 3, dtype=torch.float64)  # (in, samples)
+    y = p_out @ torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(x.T @ projected @ y, torch.zeros(3, 3, dtype=torch.float64))
+    assert (x.T @ g @ y).abs().max() > 1e-3  # unprojected, the scores would move
+    torch.testing.assert_close(dns_project(g, torch.zeros(6, 6, dtype=torch.float64), p_out), g)
+
+
+def test_cmcl_statistics_are_running_means_with_the_other_modality_in_the_joint_space(accelerator):
+    """end_phase: C_in = mean over every sample so far of x^ x^T (the heads' unit-normalised
+    inputs), C_out[img] = sum over phases of P_txt(end of phase)^T (sum x^_txt x^_txt^T) P_txt
+    / samples, and the same swapped; checked against float64 loops with the inputs recovered
+    from the features through the (square) heads' inverses."""
+    model = micro(0)
+    strategy = build_strategy(StrategyConfig(name="cmcl", cmcl_batches=2), accelerator)
+    strategy.prepare_model(model)
+    phases = [[clip_batch(0, n=3), clip_batch(1, n=3), clip_batch(9)], [clip_batch(2, n=4), clip_batch(3, n=4)]]
+    heads = {"image": model.visual.proj, "text": model.text.text_projection}
+    want_in = {s: torch.zeros(32, 32, dtype=torch.float64) for s in heads}
+    want_out = {s: torch.zeros(32, 32, dtype=torch.float64) for s in heads}
+    for phase, batches in enumerate(phases):
+        with torch.no_grad():
+            heads["text"].mul_(1.5)  # "training" moves the heads between the phase ends
+        ends = {s: w.detach().double() for s, w in heads.items()}
+        for b in batches[:2]:
+            with torch.no_grad():
+                feats = {"image": model.encode_image(b["image"]), "text": model.encode_text(b["text"])}
+            for side, y in feats.items():
+                for row in y.double() @ torch.linalg.inv(ends[side]):  # the head's input x
+                    x = (row / row.norm())[:, None]
+                    other = "text" if side == "image" else "image"
+                    want_in[side] += x @ x.T
+                    want_out[other] += ends[side].T @ x @ x.T @ ends[side]
+        count = sum(b["image"].shape[0] for bs in phases[: phase + 1] for b in bs[:2])
+        strategy.end_phase(phase, model, None, iter(batches))
+        assert strategy.seen == count
+        for side in heads:
+            torch.testing.assert_close(strategy.stats[f"in_{side}"], want_in[side] / count, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(strategy.stats[f"out_{side}"], want_out[side] / count, rtol=1e-4, atol=1e-6)
+    assert strategy.old_samples == count
+    restored = build_strategy(StrategyConfig(name="cmcl"), accelerator)
+    restored.load_state_dict(copy.deepcopy(strategy.state_dict()))
+    assert restored.seen == count and all(torch.equal(restored.stats[k], v) for k, v in strategy.stats.items())
+
+
+def test_cmcl_trains_the_heads_and_projects_their_gradients_after_the_first_phase(accelerator):
+    from modx.strategies.cmcl import dns_project, subspace_projector
+
+    model = micro(0)
+    strategy = build_strategy(StrategyConfig(name="cmcl", cmcl_lambda_min=0.02), accelerator)
+    strategy.prepare_model(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"visual.proj", "text.text_projection"}
+    heads = (model.visual.proj, model.text.text_projection)
+
+    def gradients():
+        model.zero_grad()
+        strategy.loss(model, clip_batch(5), None)[0].backward()
+        return [w.grad.clone() for w in heads]
+
+    strategy.begin_phase(0, model, None)
+    raw = gradients()
+    strategy.before_step(model)
+    assert all(torch.equal(w.grad, g) for w, g in zip(heads, raw))  # the first phase: nothing to keep
+    strategy.end_phase(0, model, None, iter([clip_batch(i) for i in range(3)]))
+    strategy.begin_phase(1, model, None)
+    raw = gradients()
+    strategy.before_step(model)
+    for side, w, g in zip(("image", "text"), heads, raw):
+        p_in = subspace_projector(strategy.stats[f"in_{side}"], 0.02)
+        p_out = subspace_projector(strategy.stats[f"out_{side}"], 0.0)
+        assert 0 < torch.linalg.matrix_rank(p_in).item() < 32
+        torch.testing.assert_close(w.grad, dns_project(g.double(), p_in, p_out).float(), rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(w.grad, g)

@@ -7,6 +7,7 @@ from accelerate import Accelerator
 from modx.config import StrategyConfig
 from modx.strategies.base import Strategy
 from modx.strategies.cclip import CCLIP
+from modx.strategies.cmcl import CMCL
 from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
@@ -15,7 +16,7 @@ from modx.strategies.replay import Replay
 from modx.strategies.wiseft import WiseFT
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, CCLIP)
+    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, CCLIP, CMCL)
 }
 
 
