@@ -67,6 +67,12 @@ def records(path: Path) -> list[dict]:
         ["strategy.name=wiseft"],
         ["strategy.name=joint"],
         ["strategy.name=modx", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
+        ["strategy.name=cclip"],
+        ["strategy.name=cclip", "strategy.cclip_lora=false"],
+        ["strategy.name=cclip", "strategy.replay.ratio=0.25"],
+        ["strategy.name=cmcl"],
+        ["strategy.name=cmcl", "strategy.cmcl_train=all"],
+        ["strategy.name=cmcl", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
     ],
     ids=lambda e: "+".join(x.split("=")[1] for x in e),
 )
@@ -83,6 +89,28 @@ def test_each_strategy_trains_a_few_steps(tmp_path, monkeypatch, extra):
     assert not (run_dir / f"checkpoints/phase-{phases}").exists()
     final = weights(run_dir, f"phase-{phases - 1}")
     assert any(not torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
+
+
+@pytest.mark.parametrize("strategy", ["cclip", "cmcl"])
+def test_cclip_and_cmcl_train_what_their_authors_train(tmp_path, monkeypatch, strategy):
+    """The exports hold plain weights (create_model loads them). C-CLIP: the backbones change
+    only through their merged adapters (an attention's in_proj and out_proj, which carry
+    none, keep their values), the patch embedding is frozen, the rest trains. CMCL (heads):
+    only the two projection heads change."""
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run", f"strategy.name={strategy}")))
+    initial, final = weights(run_dir, "initial"), weights(run_dir, "phase-1")
+    assert set(final) == set(initial) == set(create_model(str(run_dir / "checkpoints" / "phase-1"))[0].state_dict())
+    changed = {k for k in initial if not torch.equal(initial[k], final[k])}
+    if strategy == "cmcl":
+        assert changed == {"visual.proj", "text.text_projection"}
+    else:
+        assert {"visual.transformer.resblocks.0.mlp.c_fc.weight", "text.transformer.resblocks.0.mlp.c_proj.weight",
+                "visual.proj", "text.token_embedding.weight"} <= changed
+        assert not any("conv1" in k or "attn" in k or "ln_1" in k for k in changed)
+        assert not any(k.endswith("c_fc.bias") for k in changed)  # LoRA adapts weights, the base bias is frozen
 
 
 def test_strategies_are_bound_once_and_see_the_gradients_before_each_step(tmp_path, monkeypatch):
@@ -206,11 +234,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize(
+    "strategy",
+    [["strategy.name=modx", "strategy.replay.ratio=0"],
+     ["strategy.name=cclip", "strategy.cclip_lora_dropout=0"],  # dropout masks depend on the split
+     ["strategy.name=cmcl", "strategy.cmcl_lambda_min=0.02"]],
+    ids=lambda e: e[0].split("=")[1],
+)
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     """Global-batch semantics: 2 x 4 samples on 2 processes == 8 samples on 1 process,
-    for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b)."""
+    for the CLIP loss (phase a) and in phase b the Mod-X KL over gathered features, C-CLIP's
+    CKC (predictor over the gathered batch, adapters merged and renewed at the phase end)
+    and CMCL's projection (statistics reduced over processes)."""
     script = str(ROOT / "tests" / "_train_helpers.py")
-    args = ["strategy.name=modx", "strategy.replay.ratio=0", "train.grad_accum=2", "train.workers=0"]
+    args = [*strategy, "train.grad_accum=2", "train.workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, script, str(tmp_path / "one"), *args],
                          capture_output=True, text=True, timeout=300, env=env)
@@ -230,13 +267,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert_weights_close(w_two, w_one)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch):
+@pytest.mark.parametrize(
+    "extra",
+    [{"strategy.name": "modx", "strategy.replay.ratio": 0.25},
+     {"strategy.name": "cclip"},  # adapters and predictor in the model's state, renewed at phase ends
+     {"strategy.name": "cmcl", "strategy.cmcl_lambda_min": 0.02}],  # the statistics in its state
+    ids=lambda e: e["strategy.name"],
+)
+def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch, extra):
     """Kill the run mid-phase b (right after its first checkpoint), resume: the final
-    weights, optimiser path, replay buffer and old model match an uninterrupted run."""
+    weights, optimiser path, replay buffer, strategy state and old model match an
+    uninterrupted run."""
     import modx.train.loop as loop
     from modx.train import run
 
-    extra = {"strategy.name": "modx", "strategy.replay.ratio": 0.25}
     whole = run(load_config(None, tiny_overrides(tmp_path / "whole", data_root, **extra)))
 
     real_save, calls = loop.save_state, []

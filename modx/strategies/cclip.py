@@ -22,7 +22,8 @@ the predictor is a training aid left out of them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,21 @@ class CCLIP(Strategy):
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]
     ) -> None:
+        """Merge the adapters and start new ones, and a new predictor (each task of the
+        authors is a new run). The new values are drawn from a seed of (train.seed, phase):
+        the same on every process and for any number of processes, the global RNG untouched."""
         net = self.accelerator.unwrap_model(model)
-        if self.cfg.cclip_lora:
-            merge_lora(net)
-        net.cclip_predictor.reset_parameters()  # a new predictor for the next phase, as a new run of theirs
+        context = getattr(self, "context", None)
+        with seeded((context.config.train.seed if context else 0) * 100_003 + phase):
+            if self.cfg.cclip_lora:
+                merge_lora(net)
+            net.cclip_predictor.reset_parameters()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU and CUDA generators seeded with `seed`, then restore them."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
