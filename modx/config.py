@@ -54,7 +54,7 @@ class ReplayConfig:
 
 @dataclass
 class StrategyConfig:
-    name: str = "modx"  # finetune | modx | distill | ewc | replay | wiseft | joint
+    name: str = "modx"  # finetune | modx | distill | ewc | replay | wiseft | joint | zscl | ctp | cclip | cmcl
     alpha: float | None = None  # weight of the Mod-X / distillation KL (None: 20 for the KL over
     #                             the batch, as the paper; 5 for the KL over replayed samples)
     temperature: float = 1.0  # tau inside the KL (1 = raw cosine similarities, as the reference)
@@ -71,6 +71,18 @@ class StrategyConfig:
     ewc_lambda: float = 1000.0  # weight of the EWC quadratic penalty
     ewc_batches: int = 10  # batches used to estimate the diagonal Fisher at each phase end
     wiseft_alpha: float = 0.5  # weight of the new model when interpolating at a phase end
+    # ---- cclip (C-CLIP, docs/training.md): LoRA + contrastive knowledge consolidation
+    cclip_lora: bool = True  # LoRA on the towers' sequence backbones, merged at each phase end; false: all train
+    cclip_lora_rank: int = 16  # LoRA rank r (the authors')
+    cclip_lora_alpha: float = 32.0  # LoRA alpha: the update is alpha / r x B A
+    cclip_lora_dropout: float = 0.1  # dropout on the adapters' input
+    cclip_hidden: int = 2048  # hidden width of the CKC predictor (Linear -> BatchNorm -> ReLU -> Linear)
+    cclip_weight: float = 1.0  # weight of the CKC loss beside the CLIP loss
+    # ---- cmcl (CMCL, docs/training.md): dual-sided null-space gradient projection
+    cmcl_train: str = "heads"  # heads: only the two projection heads train (the authors' frozen encoders) | all
+    cmcl_lambda_min: float = 0.1  # input side: keep the directions whose eigenvalue (unit-norm features) exceeds it
+    cmcl_lambda_min_out: float = 0.0  # output side: the same for the other modality's projected features
+    cmcl_batches: int = 10  # batches whose features are added to the statistics at each phase end
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     # ---- zscl (Zheng et al., ICCV 2023; defaults: the authors' scripts/ZSCL.sh, docs/training.md)
     reference: str | None = None  # reference image-text shard URLs the distillation runs on (zscl: required)
@@ -336,6 +348,17 @@ def validate(cfg: Config) -> None:
     check(s.ctp_temperature > 0, "strategy.ctp_temperature", "must be > 0")
     check(s.ctp_contrast_weight >= 0, "strategy.ctp_contrast_weight", "must be >= 0")
     check(s.ctp_topology_weight >= 0, "strategy.ctp_topology_weight", "must be >= 0")
+    # ---- cclip
+    check(s.cclip_lora_rank > 0, "strategy.cclip_lora_rank", "must be > 0")
+    check(s.cclip_lora_alpha > 0, "strategy.cclip_lora_alpha", "must be > 0")
+    check(0.0 <= s.cclip_lora_dropout < 1.0, "strategy.cclip_lora_dropout", "must be in [0, 1)")
+    check(s.cclip_hidden > 0, "strategy.cclip_hidden", "must be > 0")
+    check(s.cclip_weight >= 0, "strategy.cclip_weight", "must be >= 0")
+    # ---- cmcl
+    check(s.cmcl_train in ("heads", "all"), "strategy.cmcl_train", "choose heads or all")
+    check(s.cmcl_lambda_min >= 0, "strategy.cmcl_lambda_min", "must be >= 0")
+    check(s.cmcl_lambda_min_out >= 0, "strategy.cmcl_lambda_min_out", "must be >= 0")
+    check(s.cmcl_batches > 0, "strategy.cmcl_batches", "must be > 0")
     ratio = s.replay.ratio
     check(ratio is None or 0.0 <= ratio < 1.0, "strategy.replay.ratio", "must be in [0, 1)")
     check(s.replay.size > 0, "strategy.replay.size", "must be > 0")

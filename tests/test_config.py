@@ -70,6 +70,15 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["eval.retrieval=[{name: a, data: x.tar}]"], "eval.retrieval.0.name"),  # a phase's name
         (["eval.zeroshot=[{builtin: digits}, {builtin: digits}]"], "eval.zeroshot.1.name"),
         (["eval.zeroshot=[{builtin: digits, tempaltes: x}]"], "eval.zeroshot.0.tempaltes"),
+        (["strategy.cclip_lora_rank=0"], "strategy.cclip_lora_rank"),
+        (["strategy.cclip_lora_alpha=0"], "strategy.cclip_lora_alpha"),
+        (["strategy.cclip_lora_dropout=1"], "strategy.cclip_lora_dropout"),
+        (["strategy.cclip_hidden=0"], "strategy.cclip_hidden"),
+        (["strategy.cclip_weight=-1"], "strategy.cclip_weight"),
+        (["strategy.cmcl_train=trunk"], "strategy.cmcl_train"),
+        (["strategy.cmcl_lambda_min=-0.1"], "strategy.cmcl_lambda_min"),
+        (["strategy.cmcl_lambda_min_out=-1"], "strategy.cmcl_lambda_min_out"),
+        (["strategy.cmcl_batches=0"], "strategy.cmcl_batches"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):

@@ -476,3 +476,35 @@ def test_swap_vision_tower_keeps_text_weights():
     img, txt = _inputs(tok)
     torch.testing.assert_close(new.encode_text(txt), model.encode_text(txt), rtol=1e-5, atol=1e-6)
     assert new(img, txt)["image_features"].shape == (4, 32)
+
+
+@pytest.mark.parametrize("arch", ["open_clip", "modx-tiny-s4d"])
+def test_export_folds_lora_adapters_and_leaves_training_aids_out(tmp_path, arch):
+    """A model carrying peft LoRA adapters (with an update, B != 0) and a submodule marked
+    `modx_export = False` exports the bare architecture: the adapters merged into their base
+    weights, the aid left out; create_model and open_clip rebuild the adapted model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from modx.models import plain_state_dict
+
+    model, _, _, tok = create_model(TINY_OPEN_CLIP if arch == "open_clip" else arch)
+    img, txt = _inputs(tok)
+    bare_keys, before = set(model.state_dict()), _features(model, img, txt)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("c_fc")]
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=targets), model)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    aid = torch.nn.Linear(3, 3)
+    aid.modx_export = False
+    model.aid = aid
+    assert set(plain_state_dict(model)) == bare_keys
+    export_model(model, tmp_path)
+    want = _features(model, img, txt)
+    assert not torch.allclose(want[1], before[1], atol=1e-3)  # the adapters act
+    plain = [create_model(tmp_path)[0]]
+    if arch == "open_clip":
+        plain.append(open_clip.create_model(f"local-dir:{tmp_path}", output_dict=True))
+    for again in plain:
+        torch.testing.assert_close(_features(again, img, txt), want, rtol=1e-5, atol=1e-6)

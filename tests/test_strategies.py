@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,7 +53,8 @@ def mark(b: dict, keys: list[str]) -> None:
 
 
 def test_registry_has_every_strategy():
-    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "zscl", "ctp"}
+    assert set(STRATEGIES) == {"finetune", "modx", "distill", "ewc", "replay", "wiseft", "joint", "zscl", "ctp",
+                               "cclip", "cmcl"}
 
 
 def test_finetune_is_the_clip_loss(accelerator):
@@ -241,3 +244,241 @@ def test_modx_teacher_cache_is_keyed_by_the_view_never_by_the_sample(accelerator
     small.begin_phase(1, model, old)
     assert [float(small.loss(model, b, old)[1]["loss_kl"]) for b in batches] == pytest.approx(results[False], rel=1e-6)
     assert len(small.teacher) == 3  # bounded by strategy.replay.size
+
+
+# ----------------------------------------------------------------------------- C-CLIP
+
+
+def micro(seed: int = 0, arch: str | None = None) -> nn.Module:
+    """A real micro CLIP (open_clip transformer towers; width = embed_dim = 32) or a bundled one."""
+    from modx.models import create_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _train_helpers import MICRO_MODEL
+
+    torch.manual_seed(seed)
+    return create_model(arch or MICRO_MODEL)[0]
+
+
+def clip_batch(seed: int, n: int = 6, size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randn(n, 3, size, size, generator=g), "text": torch.randint(1, 400, (n, 16), generator=g)}
+
+
+def naive_ckc(p: list[torch.Tensor], z: list[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+    """CKC term by term: rows normalised one by one, -log softmax of each row over every
+    column, both directions."""
+    def unit(v):
+        return v / torch.sqrt((v * v).sum())
+
+    p, z = [unit(v) for v in p], [unit(v) for v in z]
+    total = 0.0
+    for a, b in ((p, z), (z, p)):
+        for i in range(len(a)):
+            logits = [s * (a[i] * b[j]).sum() for j in range(len(b))]
+            total = total - (logits[i] - torch.logsumexp(torch.stack(logits), 0)) / len(a)
+    return total / 2
+
+
+def test_ckc_matches_a_naive_loop_value_and_gradient():
+    from modx.strategies.cclip import ckc_loss
+
+    g = torch.Generator().manual_seed(0)
+    p_img, p_txt, z_img, z_txt = (torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+                                  for _ in range(4))
+    s = torch.tensor(2.5, dtype=torch.float64, requires_grad=True)
+    got = ckc_loss(p_img, p_txt, z_img, z_txt, s)
+    want = naive_ckc([*p_img, *p_txt], [*z_img, *z_txt], s)
+    assert got.dtype == torch.float64 and got.item() == pytest.approx(want.item(), rel=1e-12)
+    inputs = (p_img, p_txt, z_img, z_txt, s)
+    for a, b in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", [None, "modx-tiny-s4d"])
+def test_cclip_lora_trains_adapters_in_the_backbones_and_merging_keeps_the_function(accelerator, arch):
+    """prepare_model: adapters on the backbones' Linear layers (not on an attention's
+    out_proj, which nn.MultiheadAttention reads itself), their base weights frozen, outside
+    the backbones all but the patch embedding trains, a predictor. end_phase folds the update
+    into the same base parameters, starts new adapters (B = 0) and a new predictor."""
+    from peft.tuners.lora import LoraLayer
+
+    model = micro(0, arch)
+    strategy = build_strategy(StrategyConfig(name="cclip"), accelerator)
+    assert strategy.prepare_model(model) is model
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted and all(".transformer." in f".{n}" and "out_proj" not in n for n in adapted)
+    assert {n.rsplit(".", 1)[-1] for n in adapted} >= {"c_fc", "c_proj"}
+    if arch:
+        assert any(n.endswith("ssm.output.0") for n in adapted)  # the SSM blocks' output Linear
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n for n in trainable if ".transformer." in n)
+    assert {"visual.proj", "text.text_projection", "text.token_embedding.weight", "logit_scale"} <= trainable
+    assert "visual.conv1.weight" not in trainable and any(n.startswith("cclip_predictor.") for n in trainable)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    b = clip_batch(0)
+    model.eval()
+    with torch.no_grad():
+        before = model(b["image"], b["text"])
+    ids = {n: id(p) for n, p in model.named_parameters()}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    predictor = model.cclip_predictor.net[0].weight.detach().clone()
+    twin = copy.deepcopy(model)
+    rng = torch.get_rng_state()
+    strategy.end_phase(0, model, None, [])
+    assert torch.equal(torch.get_rng_state(), rng)  # drawn from a seed of (train.seed, phase)
+    torch.rand(100)  # whatever the global RNG went through: the same new adapters and predictor
+    strategy.end_phase(0, twin, None, [])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    with torch.no_grad():
+        after = model(b["image"], b["text"])
+    torch.testing.assert_close(after["image_features"], before["image_features"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after["text_features"], before["text_features"], rtol=1e-5, atol=1e-5)
+    assert ids == {n: id(p) for n, p in model.named_parameters()}
+    assert all(not p.any() for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert not torch.equal(model.cclip_predictor.net[0].weight, predictor)
+
+
+def test_cclip_full_training_adds_only_the_predictor(accelerator):
+    model = micro(0)
+    build_strategy(StrategyConfig(name="cclip", cclip_lora=False), accelerator).prepare_model(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_cclip_loss_is_clip_plus_weighted_ckc_of_the_predicted_features_against_the_old_model(accelerator):
+    from modx.strategies.cclip import ckc_loss
+
+    model, old = micro(0), micro(1).eval().requires_grad_(False)
+    strategy = build_strategy(StrategyConfig(name="cclip", cclip_weight=0.5, cclip_lora_dropout=0.0), accelerator)
+    strategy.prepare_model(model)
+    b = clip_batch(1)
+    first, logs = strategy.loss(model, b, None)  # no old model: the CLIP loss alone
+    out = model(b["image"], b["text"])
+    clip = clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+    assert "loss_ckc" not in logs and first.item() == pytest.approx(clip.item(), rel=1e-6)
+    first.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.cclip_predictor.parameters())
+    model.zero_grad()
+    loss, logs = strategy.loss(model, b, old)
+    assert strategy.old_samples == 6
+    h = model.cclip_predictor
+    with torch.no_grad():
+        out, out_old = model(b["image"], b["text"]), old(b["image"], b["text"])
+        want = ckc_loss(h(out["image_features"]), h(out["text_features"]), out_old["image_features"],
+                        out_old["text_features"], out["logit_scale"])
+    assert logs["loss_ckc"] == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(clip.item() + 0.5 * want.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in old.parameters())
+    assert model.cclip_predictor.net[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- CMCL
+
+
+def random_cov(n: int, eigenvalues: list[float], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T, q
+
+
+def test_subspace_projector_spans_the_directions_above_the_threshold():
+    from modx.strategies.cmcl import subspace_projector
+
+    cov, q = random_cov(5, [3.0, 1.0, 0.05, 0.0, 0.0], seed=0)
+    p = subspace_projector(cov, 0.1)
+    torch.testing.assert_close(p, q[:, :2] @ q[:, :2].T)
+    torch.testing.assert_close(p @ p, p)
+    assert torch.linalg.matrix_rank(subspace_projector(cov, 0.01)).item() == 3
+    assert not subspace_projector(cov, 5.0).any()
+
+
+def test_dns_projection_leaves_the_scores_of_earlier_pairs_unchanged():
+    """G' = G - P_in G P_out: for an earlier input x in the span of P_in and an earlier
+    feature y of the other modality in the span of P_out, the score change x G' y is 0."""
+    from modx.strategies.cmcl import dns_project, subspace_projector
+
+    p_in = subspace_projector(random_cov(6, [2.0, 1.0, 0, 0, 0, 0], seed=1)[0], 0.1)
+    p_out = subspace_projector(random_cov(4, [1.0, 0.5, 0.3, 0], seed=2)[0], 0.1)
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    projected = dns_project(g, p_in, p_out)
+    want = torch.stack([torch.stack([g[i, j] - sum(p_in[i, k] * g[k, m] * p_out[m, j] for k in range(6) for m in range(4))
+                                     for j in range(4)]) for i in range(6)])
+    torch.testing.assert_close(projected, want)
+    torch.testing.assert_close(p_in @ projected @ p_out, torch.zeros(6, 4, dtype=torch.float64))
+    x = p_in @ torch.randn(6, 3, dtype=torch.float64)  # (in, samples)
+    y = p_out @ torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(x.T @ projected @ y, torch.zeros(3, 3, dtype=torch.float64))
+    assert (x.T @ g @ y).abs().max() > 1e-3  # unprojected, the scores would move
+    torch.testing.assert_close(dns_project(g, torch.zeros(6, 6, dtype=torch.float64), p_out), g)
+
+
+def test_cmcl_statistics_are_running_means_with_the_other_modality_in_the_joint_space(accelerator):
+    """end_phase: C_in = mean over every sample so far of x^ x^T (the heads' unit-normalised
+    inputs), C_out[img] = sum over phases of P_txt(end of phase)^T (sum x^_txt x^_txt^T) P_txt
+    / samples, and the same swapped; checked against float64 loops with the inputs recovered
+    from the features through the (square) heads' inverses."""
+    model = micro(0)
+    strategy = build_strategy(StrategyConfig(name="cmcl", cmcl_batches=2), accelerator)
+    strategy.prepare_model(model)
+    phases = [[clip_batch(0, n=3), clip_batch(1, n=3), clip_batch(9)], [clip_batch(2, n=4), clip_batch(3, n=4)]]
+    heads = {"image": model.visual.proj, "text": model.text.text_projection}
+    want_in = {s: torch.zeros(32, 32, dtype=torch.float64) for s in heads}
+    want_out = {s: torch.zeros(32, 32, dtype=torch.float64) for s in heads}
+    for phase, batches in enumerate(phases):
+        with torch.no_grad():
+            heads["text"].mul_(1.5)  # "training" moves the heads between the phase ends
+        ends = {s: w.detach().double() for s, w in heads.items()}
+        for b in batches[:2]:
+            with torch.no_grad():
+                feats = {"image": model.encode_image(b["image"]), "text": model.encode_text(b["text"])}
+            for side, y in feats.items():
+                for row in y.double() @ torch.linalg.inv(ends[side]):  # the head's input x
+                    x = (row / row.norm())[:, None]
+                    other = "text" if side == "image" else "image"
+                    want_in[side] += x @ x.T
+                    want_out[other] += ends[side].T @ x @ x.T @ ends[side]
+        count = sum(b["image"].shape[0] for bs in phases[: phase + 1] for b in bs[:2])
+        strategy.end_phase(phase, model, None, iter(batches))
+        assert strategy.seen == count
+        for side in heads:
+            torch.testing.assert_close(strategy.stats[f"in_{side}"], want_in[side] / count, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(strategy.stats[f"out_{side}"], want_out[side] / count, rtol=1e-4, atol=1e-6)
+    assert strategy.old_samples == count
+    restored = build_strategy(StrategyConfig(name="cmcl"), accelerator)
+    restored.load_state_dict(copy.deepcopy(strategy.state_dict()))
+    assert restored.seen == count and all(torch.equal(restored.stats[k], v) for k, v in strategy.stats.items())
+
+
+def test_cmcl_trains_the_heads_and_projects_their_gradients_after_the_first_phase(accelerator):
+    from modx.strategies.cmcl import dns_project, subspace_projector
+
+    model = micro(0)
+    strategy = build_strategy(StrategyConfig(name="cmcl", cmcl_lambda_min=0.02), accelerator)
+    strategy.prepare_model(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"visual.proj", "text.text_projection"}
+    heads = (model.visual.proj, model.text.text_projection)
+
+    def gradients():
+        model.zero_grad()
+        strategy.loss(model, clip_batch(5), None)[0].backward()
+        return [w.grad.clone() for w in heads]
+
+    strategy.begin_phase(0, model, None)
+    raw = gradients()
+    strategy.before_step(model)
+    assert all(torch.equal(w.grad, g) for w, g in zip(heads, raw))  # the first phase: nothing to keep
+    strategy.end_phase(0, model, None, iter([clip_batch(i) for i in range(3)]))
+    strategy.begin_phase(1, model, None)
+    raw = gradients()
+    strategy.before_step(model)
+    for side, w, g in zip(("image", "text"), heads, raw):
+        p_in = subspace_projector(strategy.stats[f"in_{side}"], 0.02)
+        p_out = subspace_projector(strategy.stats[f"out_{side}"], 0.0)
+        assert 0 < torch.linalg.matrix_rank(p_in).item() < 32
+        torch.testing.assert_close(w.grad, dns_project(g.double(), p_in, p_out).float(), rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(w.grad, g)

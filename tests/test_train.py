@@ -71,6 +71,12 @@ def records(path: Path) -> list[dict]:
         ["strategy.name=zscl", "strategy.replay.ratio=0.25", "strategy.zscl_we_every=1"],
         ["strategy.name=ctp"],
         ["strategy.name=ctp", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
+        ["strategy.name=cclip"],
+        ["strategy.name=cclip", "strategy.cclip_lora=false"],
+        ["strategy.name=cclip", "strategy.replay.ratio=0.25"],
+        ["strategy.name=cmcl"],
+        ["strategy.name=cmcl", "strategy.cmcl_train=all"],
+        ["strategy.name=cmcl", "strategy.replay.ratio=0.25", "train.grad_accum=2"],
     ],
     ids=lambda e: "+".join(x.split("=")[1] for x in e),
 )
@@ -87,6 +93,28 @@ def test_each_strategy_trains_a_few_steps(tmp_path, monkeypatch, extra):
     assert not (run_dir / f"checkpoints/phase-{phases}").exists()
     final = weights(run_dir, f"phase-{phases - 1}")
     assert any(not torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
+
+
+@pytest.mark.parametrize("strategy", ["cclip", "cmcl"])
+def test_cclip_and_cmcl_train_what_their_authors_train(tmp_path, monkeypatch, strategy):
+    """The exports hold plain weights (create_model loads them). C-CLIP: the backbones change
+    only through their merged adapters (an attention's in_proj and out_proj, which carry
+    none, keep their values), the patch embedding is frozen, the rest trains. CMCL (heads):
+    only the two projection heads change."""
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run", f"strategy.name={strategy}")))
+    initial, final = weights(run_dir, "initial"), weights(run_dir, "phase-1")
+    assert set(final) == set(initial) == set(create_model(str(run_dir / "checkpoints" / "phase-1"))[0].state_dict())
+    changed = {k for k in initial if not torch.equal(initial[k], final[k])}
+    if strategy == "cmcl":
+        assert changed == {"visual.proj", "text.text_projection"}
+    else:
+        assert {"visual.transformer.resblocks.0.mlp.c_fc.weight", "text.transformer.resblocks.0.mlp.c_proj.weight",
+                "visual.proj", "text.token_embedding.weight"} <= changed
+        assert not any("conv1" in k or "attn" in k or "ln_1" in k for k in changed)
+        assert not any(k.endswith("c_fc.bias") for k in changed)  # LoRA adapts weights, the base bias is frozen
 
 
 def test_strategies_are_bound_once_and_see_the_gradients_before_each_step(tmp_path, monkeypatch):
@@ -121,6 +149,45 @@ def test_strategies_are_bound_once_and_see_the_gradients_before_each_step(tmp_pa
     assert seen["step"] == 4  # optimiser steps, not micro-batches
     final = weights(run_dir, "phase-1")
     assert all(torch.equal(final[k], v) for k, v in weights(run_dir, "initial").items())
+
+
+def test_prepare_model_runs_before_the_optimiser_and_exports_leave_its_aids_out(tmp_path, monkeypatch):
+    """Strategy.prepare_model gets the bare model once, before the optimiser is built and
+    before bind: a module it adds trains (it is in the optimiser and in DDP), and when marked
+    `modx_export = False` the phase exports leave it out (create_model loads them)."""
+    import modx.train.loop as loop
+    from modx.train import run
+
+    install_fake_stream([], monkeypatch.setattr)
+    real_build, seen = loop.build_strategy, []
+    aid = torch.nn.Linear(1, 1, bias=False)
+    aid.modx_export = False
+    start = aid.weight.detach().clone()
+
+    def build(cfg, accelerator, **kwargs):
+        strategy = real_build(cfg, accelerator, **kwargs)
+        real_loss, real_bind = strategy.loss, strategy.bind
+
+        def prepare_model(model):
+            assert not seen and not hasattr(model, "module")  # once, the bare model
+            seen.append("prepare")
+            model.aid = aid
+            return model
+
+        def loss(model, batch, old_model):
+            value, terms = real_loss(model, batch, old_model)
+            return value + (accelerator.unwrap_model(model).aid.weight - 5).pow(2).sum(), terms
+
+        strategy.prepare_model, strategy.loss = prepare_model, loss
+        strategy.bind = lambda context: (seen.append("bind"), real_bind(context))
+        return strategy
+
+    monkeypatch.setattr(loop, "build_strategy", build)
+    run_dir = run(load_config(None, fake_stream_overrides(tmp_path / "run", "strategy.name=finetune")))
+    assert seen == ["prepare", "bind"]
+    assert (aid.weight - 5).abs().item() < (start - 5).abs().item()  # trained toward 5
+    assert not any(k.startswith("aid") for k in weights(run_dir, "phase-1"))
+    create_model(str(run_dir / "checkpoints" / "phase-1"))
 
 
 def test_exported_phase_model_is_usable_by_create_model(tmp_path, monkeypatch):
@@ -171,13 +238,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("strategy", [["strategy.name=modx", "strategy.replay.ratio=0"], ["strategy.name=zscl"],
-                                      ["strategy.name=ctp"]], ids=lambda a: a[0].split("=")[1])
+@pytest.mark.parametrize(
+    "strategy",
+    [["strategy.name=modx", "strategy.replay.ratio=0"], ["strategy.name=zscl"], ["strategy.name=ctp"],
+     ["strategy.name=cclip", "strategy.cclip_lora_dropout=0"],  # dropout masks depend on the split
+     ["strategy.name=cmcl", "strategy.cmcl_lambda_min=0.02"]],
+    ids=lambda e: e[0].split("=")[1],
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, strategy):
     """Global-batch semantics: 2 x 4 samples on 2 processes == 8 samples on 1 process,
     for the CLIP loss (phase a) and the Mod-X KL over gathered features (phase b); for
     ZSCL's distillation over a gathered reference batch (and its weight ensemble); for
-    CTP's momentum contrast (gathered keys, one queue) and topology KL."""
+    CTP's momentum contrast (gathered keys, one queue) and topology KL; for C-CLIP's CKC
+    (predictor over the gathered batch, adapters merged and renewed at the phase end) and
+    CMCL's projection (statistics reduced over processes)."""
     script = str(ROOT / "tests" / "_train_helpers.py")
     args = [*strategy, "train.grad_accum=2", "train.workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -205,6 +279,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, st
         {"strategy.name": "modx", "strategy.replay.ratio": 0.25},
         {"strategy.name": "zscl", "strategy.zscl_we_every": 2},  # a merge due across the checkpoint
         {"strategy.name": "ctp", "strategy.ctp_queue_size": 12},  # the queue wraps; an EMA step due
+        {"strategy.name": "cclip"},  # adapters and predictor in the model's state, renewed at phase ends
+        {"strategy.name": "cmcl", "strategy.cmcl_lambda_min": 0.02},  # the statistics in its state
     ],
     ids=lambda e: e["strategy.name"],
 )

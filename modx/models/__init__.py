@@ -3,7 +3,13 @@
     model, preprocess_train, preprocess_eval, tokenizer = create_model("modx-tiny-s4d")
 """
 
-from modx.models.checkpoint import ModelLoadError, export_model, load_weights, read_state_dict
+from modx.models.checkpoint import (
+    ModelLoadError,
+    export_model,
+    load_weights,
+    plain_state_dict,
+    read_state_dict,
+)
 from modx.models.factory import (
     add_model_config,
     create_model,
@@ -29,6 +35,7 @@ __all__ = [
     "list_models",
     "load_weights",
     "model_param_groups",
+    "plain_state_dict",
     "read_state_dict",
     "swap_tower",
     "trim_padding",

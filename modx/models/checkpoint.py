@@ -136,12 +136,48 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the bare architecture, as `create_model` builds it: `model.state_dict()`
+    with every peft LoRA layer folded into its base layer (W + scale x B A, named as without
+    the adapter) and the submodules marked `modx_export = False` (training aids a strategy
+    attaches, e.g. C-CLIP's predictor) left out. A model without either: its state dict."""
+    state = model.state_dict()
+    aids = [f"{name}." for name, m in model.named_modules() if name and getattr(m, "modx_export", True) is False]
+    for name, layer in _lora_layers(model):
+        for key in [k for k in state if k.startswith(f"{name}.")]:
+            value = state.pop(key)
+            if key.startswith(f"{name}.base_layer."):  # the base layer's tensors, renamed
+                plain = f"{name}.{key[len(name) + len('.base_layer.'):]}"
+                if plain == f"{name}.weight":
+                    value = value + _unmerged_delta(layer).to(value)
+                state[plain] = value
+    return {k: v for k, v in state.items() if not any(k.startswith(a) for a in aids)}
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft, no adapters
+        return []
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _unmerged_delta(layer: nn.Module) -> torch.Tensor:
+    """The sum of the layer's active adapters' weight deltas not merged into its base yet."""
+    delta = torch.zeros_like(layer.get_base_layer().weight)
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A and adapter not in layer.merged_adapters:
+            delta = delta + layer.get_delta_weight(adapter).detach()
+    return delta
+
+
 def export_model(model: nn.Module, directory: str | Path) -> Path:
     """Write `model.safetensors` + `model_config.json` (from `model.modx_config`) to `directory`.
 
     `create_model(directory)` or `create_model(name, pretrained=directory)` rebuilds the
-    model exactly. Plain open_clip architectures also get `open_clip_config.json`,
-    so `open_clip.create_model("local-dir:DIR")` reads the export too.
+    model exactly (LoRA adapters merged, training aids left out: `plain_state_dict`).
+    Plain open_clip architectures also get `open_clip_config.json`, so
+    `open_clip.create_model("local-dir:DIR")` reads the export too.
     """
     while not hasattr(model, "modx_config") and hasattr(model, "module"):
         model = model.module  # DDP / Accelerate wrappers
@@ -153,7 +189,7 @@ def export_model(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {}
     seen: set[int] = set()
-    for k, v in model.state_dict().items():
+    for k, v in plain_state_dict(model).items():
         v = v.detach().cpu().contiguous()
         if v.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
             v = v.clone()

@@ -7,6 +7,8 @@ from accelerate import Accelerator
 from modx.config import StrategyConfig
 from modx.strategies.base import Strategy
 from modx.strategies.ctp import CTP
+from modx.strategies.cclip import CCLIP
+from modx.strategies.cmcl import CMCL
 from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
@@ -16,7 +18,7 @@ from modx.strategies.wiseft import WiseFT
 from modx.strategies.zscl import ZSCL
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, ZSCL, CTP)
+    cls.name: cls for cls in (Finetune, ModX, Distill, EWC, Replay, WiseFT, Joint, ZSCL, CTP, CCLIP, CMCL)
 }
 
 

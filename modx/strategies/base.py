@@ -1,6 +1,10 @@
 """The one interface every continual strategy implements.
 
-The training loop calls, once after the model is built and prepared:
+The training loop calls, once after the model is built and before the optimiser is:
+
+    model = strategy.prepare_model(model)   # e.g. freeze weights, add adapters or a predictor
+
+once after the model is prepared (Accelerate):
 
     strategy.bind(context)        # preprocess, tokenizer, rank, world size, seed, device, config
 
@@ -83,6 +87,13 @@ class Strategy:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         clip = self.contrastive(self.forward(model, batch))
         return clip, {"loss_clip": clip.detach()}
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Called once on the bare model before the optimiser is built from its trainable
+        parameters and before Accelerate prepares it (also when a run resumes): freeze
+        parameters or add modules here, never later (DDP and the optimiser hold the
+        parameters from then on). Returns the model to train."""
+        return model
 
     def bind(self, context: Context) -> None:
         """Called once, after the model is built and prepared, before anything else."""

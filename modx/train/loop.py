@@ -239,6 +239,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     align_initial = _align_initial(cfg, model)
+    model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
     optimizer = adamw(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all),
                       accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
