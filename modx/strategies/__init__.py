@@ -6,9 +6,9 @@ from accelerate import Accelerator
 
 from modx.config import StrategyConfig
 from modx.strategies.base import Strategy
-from modx.strategies.ctp import CTP
 from modx.strategies.cclip import CCLIP
 from modx.strategies.cmcl import CMCL
+from modx.strategies.ctp import CTP
 from modx.strategies.ewc import EWC
 from modx.strategies.finetune import Finetune
 from modx.strategies.joint import Joint
