@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
+        from modx.strategies import validate_strategy
+
+        validate_strategy(cfg.strategy)
         if args.print_config:
             import yaml
 

@@ -56,7 +56,6 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["train.batch_size=8.5"], "train.batch_size"),
         (["strategy.cognition_align=maybe"], "strategy.cognition_align"),
         (["train.precision=fp8"], "train.precision"),
-        (["strategy.name=magic"], "strategy.name"),
         (["stream.phases.0.samples=100"], "stream.phases.0"),  # two budgets
         (["stream.phases.5.steps=1"], "stream.phases.5"),
         (["eval.ks=3"], "eval.ks"),
@@ -88,6 +87,29 @@ def test_bad_values_name_the_key(tmp_path, overrides, key):
     assert f"'{key}'" in str(info.value)
 
 
+def test_config_does_not_import_the_strategies_it_sits_below():
+    """The dependency runs one way: modx.strategies imports modx.config, never the reverse;
+    loading and validating a config leaves the strategies unimported."""
+    code = (f"import sys; from modx.config import load_config; load_config({str(ROOT / 'configs' / 'demo.yaml')!r}); "
+            "print(sorted(m for m in sys.modules if m.startswith('modx.strategies')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_registry_rejects_an_unknown_strategy_naming_the_key(tmp_path):
+    from modx.strategies import STRATEGIES, validate_strategy
+
+    cfg = load_config(write(tmp_path, BASE), ["strategy.name=magic"])  # a name config cannot know
+    with pytest.raises(ConfigError) as info:
+        validate_strategy(cfg.strategy)
+    assert info.value.key == "strategy.name"
+    assert str(info.value) == f"config error at 'strategy.name': unknown strategy 'magic'; choose one of {sorted(STRATEGIES)}"
+    for name in STRATEGIES:
+        cfg.strategy.name = name
+        validate_strategy(cfg.strategy)
+
+
 def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'train.batch_size'"):
         load_config(write(tmp_path, BASE), ["train.bach_size=8"])
@@ -117,6 +139,13 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert "train.bach_size" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unknown_strategy_exits_2_with_one_line(tmp_path):
+    proc = run_cli("--config", str(write(tmp_path, BASE)), "--print-config", "strategy.name=magic", cwd=tmp_path)
+    assert proc.returncode == 2 and not proc.stdout
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("train_modx.py: config error at 'strategy.name': unknown strategy 'magic'; choose one of")
 
 
 def test_cli_missing_config_file_exits_2(tmp_path):

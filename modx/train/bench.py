@@ -135,7 +135,7 @@ def slug(label: str) -> str:
 def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Path,
          overrides: Sequence[str] = ()) -> list[BenchRun]:
     """One BenchRun per (strategy, seed), with the phases it shares assigned to a shared run."""
-    from modx.strategies import STRATEGIES, replay_ratio
+    from modx.strategies import STRATEGIES, replay_ratio, validate_strategy
 
     if not specs:
         raise BenchError("no strategy given (--strategies finetune modx ...)")
@@ -148,6 +148,7 @@ def plan(config: str | None, specs: Sequence[str], seeds: Sequence[int], out: Pa
             try:
                 cfg = load_config(config, [*overrides, *strategy_overrides(spec), f"train.seed={seed}",
                                            f"train.output_dir={run_dir}"])
+                validate_strategy(cfg.strategy)
             except ConfigError as err:
                 raise BenchError(f"strategy {spec!r}: {err}") from None
             runs.append(BenchRun(spec, seed, cfg, run_dir))

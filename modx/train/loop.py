@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from modx.config import Config, ConfigError, save_config, to_dict
 from modx.models import ModelLoadError, create_model, model_param_groups, trims_padding
-from modx.strategies import build_strategy, replay_ratio
+from modx.strategies import build_strategy, replay_ratio, validate_strategy
 from modx.strategies.base import Context
 from modx.train.checkpoint import (
     export_phase,
@@ -204,6 +204,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     `until_phase`: stop after that phase (its export, evaluation and resumable state
     written, no summary): modx-bench trains the phases several strategies share this way
     and continues each strategy from the state with `resume`."""
+    validate_strategy(cfg.strategy)  # before any directory or process group exists
     t = cfg.train
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
