@@ -18,7 +18,7 @@ import argparse
 import time
 
 from modx.eval.load import load_model, model_arguments, script_main
-from modx.eval.zeroshot import evaluate_zeroshot
+from modx.eval.zeroshot import evaluate_zeroshot, json_metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> dict:
         "data": args.data,
         "n_images": result.pop("n_images"),
         "n_classes": result.pop("n_classes"),
-        "metrics": result,
+        "metrics": json_metrics(result),  # acc5 null with fewer than 5 classes
         "stats": stats,
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -51,7 +51,8 @@ def format_table(result: dict) -> str:
         f"data    {result['data']}  ({result['n_images']} images, {result['n_classes']} classes)",
         "",
         f"{'top-1 accuracy':<24}{m['acc1']:>8.2f}",
-        f"{'top-5 accuracy':<24}{m['acc5']:>8.2f}",
+        f"{'top-5 accuracy':<24}{'-' if m['acc5'] is None else format(m['acc5'], '.2f'):>8}"
+        + ("  (fewer than 5 classes)" if m["acc5"] is None else ""),
         f"{'mean per-class recall':<24}{m['mean_per_class_recall']:>8.2f}",
     ])  # fmt: skip
 

@@ -4,6 +4,7 @@ webdataset layout, eval/zeroshot.py, and the built-in zero-shot sets."""
 import importlib.util
 import io
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -117,10 +118,15 @@ def test_metrics_match_a_naive_computation_at_any_chunk(chunk):
 
 
 def test_metrics_with_fewer_than_five_classes_and_bad_labels():
+    """acc5 is NaN below 5 classes, as CLIP_benchmark reports it (a top-5 among fewer
+    classes always hits); from 5 classes on it is the top-5 accuracy."""
     w = torch.eye(3)
     m = zeroshot_metrics(torch.eye(3)[[0, 1, 2, 1]], torch.tensor([0, 1, 1, 1]), w)
-    assert m["acc1"] == 75.0 and m["acc5"] == 100.0
+    assert m["acc1"] == 75.0 and math.isnan(m["acc5"])
     assert m["mean_per_class_recall"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    image = torch.eye(6)[:, :5] + 0.1 * torch.arange(5.0)  # (6, 5): image 5 ranks class 0 last
+    five = zeroshot_metrics(image, torch.tensor([0, 1, 2, 3, 4, 0]), torch.eye(5))
+    assert five["acc5"] == 100.0 and five["acc1"] == pytest.approx(500 / 6)
     with pytest.raises(ValueError, match="labels must lie in"):
         zeroshot_metrics(torch.eye(3), torch.tensor([0, 1, 3]), w)
 
@@ -135,7 +141,7 @@ def test_reads_clip_benchmark_classification_directory(setup):
     result = evaluate_zeroshot(setup.model, str(setup.root / "cls"), preprocess=setup.pre, tokenizer=setup.tok, batch_size=5)
     w = zeroshot_classifier(setup.model, setup.tok, CLASSES, TEMPLATES)
     acc1, acc5, mpcr = _naive(emb.image, emb.labels, w)
-    assert result["acc1"] == pytest.approx(acc1) and result["acc5"] == pytest.approx(acc5)
+    assert result["acc1"] == pytest.approx(acc1) and math.isnan(result["acc5"])  # 4 classes
     assert result["mean_per_class_recall"] == pytest.approx(mpcr)
 
 
@@ -169,8 +175,9 @@ def test_two_ranks_give_the_metrics_of_one(setup, monkeypatch):
     merged = evaluate_zeroshot(setup.model, root, accelerator=acc(0), **kw)
     assert len(shares[0]) == 1 and shares[0][0].shape == (8, 2)  # rank 1: classes 2 and 3
     assert 0 < len(shares[1]["keys"]) < N
-    for k in ("acc1", "acc5", "mean_per_class_recall", "n_images"):
+    for k in ("acc1", "mean_per_class_recall", "n_images"):
         assert merged[k] == pytest.approx(single[k]), k
+    assert math.isnan(merged["acc5"]) and math.isnan(single["acc5"])  # 4 classes
 
 
 def test_bad_directories_are_named():
@@ -213,14 +220,20 @@ def _script():
     return module
 
 
+def _no_nan(token: str):
+    raise AssertionError(f"{token} in JSON: modx writes undefined values as null")
+
+
 def test_zeroshot_script_json(setup, capsys):
     script = _script()
     assert script.main(["--checkpoint", str(setup.root / "run"), "--data", str(setup.root / "cls"), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capsys.readouterr().out, parse_constant=_no_nan)
     assert set(out["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
     assert out["n_images"] == N and out["n_classes"] == len(CLASSES)
+    assert out["metrics"]["acc5"] is None  # 4 classes: undefined, null in strict JSON
     assert script.main(["--checkpoint", str(setup.root / "run"), "--data", str(setup.root / "cls")]) == 0
-    assert "top-1 accuracy" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "top-1 accuracy" in table and "top-5 accuracy                 -  (fewer than 5 classes)" in table
 
 
 @pytest.mark.parametrize(
@@ -235,6 +248,7 @@ def test_zeroshot_script_bad_input_exits_2(setup, capsys, data, message):
 
 def test_trainer_evaluator_records_both_kinds_and_leaves_the_rng_alone(setup, tmp_path):
     from modx.config import load_config
+    from modx.eval.continual import zeroshot_retention
     from modx.train.evaluate import Evaluator
 
     ret, cls = str(setup.root / "ret"), str(setup.root / "cls")
@@ -245,5 +259,8 @@ def test_trainer_evaluator_records_both_kinds_and_leaves_the_rng_alone(setup, tm
     row = ev.evaluate(setup.model, -1, "initial", 0)
     assert torch.equal(torch.get_rng_state(), state)  # the eval loaders drew from a forked RNG
     assert row["z"]["acc1"] == pytest.approx(evaluate_zeroshot(setup.model, cls, preprocess=setup.pre, tokenizer=setup.tok)["acc1"])
-    kinds = [json.loads(line)["kind"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert kinds == ["retrieval", "zeroshot"] and "zero-shot z" in ev.headline(row)
+    records = [json.loads(line, parse_constant=_no_nan) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["retrieval", "zeroshot"] and "zero-shot z" in ev.headline(row)
+    assert records[1]["metrics"]["acc5"] is None  # 4 classes
+    assert zeroshot_retention(records, metric="acc5")["matrix"] == []  # null cells: no crash, no number
+    assert zeroshot_retention(records, metric="acc5")["initial"] == [None]

@@ -108,7 +108,7 @@ def recall_matrix(
         phases[p] = str(rec.get("phase_name", p))
         sets[j] = str(rec["eval_set"])
         held[j] = bool(rec.get("held_out", False))
-        cells[(p, j)] = float(rec["metrics"].get(metric, math.nan))
+        cells[(p, j)] = _cell(rec["metrics"].get(metric))
     set_idx = sorted(sets)
     trained = sorted(p for p in phases if p >= 0)
 
@@ -141,7 +141,7 @@ def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1
         p, name = int(rec["phase"]), str(rec["eval_set"])
         phases[p] = str(rec.get("phase_name", p))
         sets[name] = int(rec.get("eval_index", len(sets)))
-        cells[(p, name)] = float(rec["metrics"].get(metric, math.nan))
+        cells[(p, name)] = _cell(rec["metrics"].get(metric))
     if not cells:
         return None
     names = sorted(sets, key=sets.__getitem__)
@@ -163,6 +163,11 @@ def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1
         "retention": retention,
         "mean_retention": _num(float(np.mean(last))) if last and len(last) == len(names) else None,
     }
+
+
+def _cell(x: float | None) -> float:
+    """A metric read from results.jsonl as a float; an undefined one (null) is NaN."""
+    return math.nan if x is None else float(x)
 
 
 def _num(x: float | np.floating | None) -> float | None:

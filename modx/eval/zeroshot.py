@@ -14,6 +14,7 @@ balanced accuracy: recall of every class that has images, averaged).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -74,7 +75,8 @@ def zeroshot_metrics(
 ) -> dict[str, float | int]:
     """acc1, acc5 and mean_per_class_recall (percent) of images (N, d) with labels (N,)
     under classifier weights (d, C); logits are built ``chunk`` images at a time, so
-    memory stays at chunk x C whatever N."""
+    memory stays at chunk x C whatever N. acc5 is NaN with fewer than 5 classes, as
+    CLIP_benchmark reports it (top-5 of fewer classes would always hit)."""
     image = torch.as_tensor(image).float()
     labels = torch.as_tensor(labels).long()
     classifier = torch.as_tensor(classifier).float()
@@ -99,11 +101,17 @@ def zeroshot_metrics(
     recall = per_class_hits[present].double() / support[present].double()
     return {
         "acc1": 100.0 * hit1 / n,
-        "acc5": 100.0 * hit5 / n,
+        "acc5": 100.0 * hit5 / n if n_classes >= 5 else math.nan,
         "mean_per_class_recall": 100.0 * float(recall.mean()),
         "n_images": n,
         "n_classes": n_classes,
     }
+
+
+def json_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` for strict JSON, as modx writes it: an undefined value (NaN: acc5 with
+    fewer than 5 classes) becomes None (null)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
 def evaluate_zeroshot(

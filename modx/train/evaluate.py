@@ -139,7 +139,7 @@ class Evaluator:
         return metrics, probe_pairs(emb.image, emb.text, emb.text_image_ids, e.probe)
 
     def _zeroshot(self, model: nn.Module, root: str) -> dict[str, Any] | None:
-        from modx.eval.zeroshot import evaluate_zeroshot
+        from modx.eval.zeroshot import evaluate_zeroshot, json_metrics
 
         e = self.cfg.eval
         metrics = evaluate_zeroshot(
@@ -149,7 +149,7 @@ class Evaluator:
         if metrics is None:
             return None
         metrics.pop("stats", None)
-        return {k: _plain(v) for k, v in metrics.items()}
+        return json_metrics({k: _plain(v) for k, v in metrics.items()})
 
     def _disorder(self, probe: dict[str, tuple[torch.Tensor, torch.Tensor]], phase: int, phase_name: str) -> None:
         from modx.eval.disorder import spatial_disorder
