@@ -77,12 +77,26 @@ def test_modx_first_phase_is_plain_clip_then_adds_alpha_kl(accelerator):
     assert loss.item() == pytest.approx(first.item() + 20.0 * kl.item(), rel=1e-5)
 
 
-def test_modx_gradient_never_reaches_the_old_model(accelerator):
-    model, old = TinyClip(0), TinyClip(1).eval().requires_grad_(False)
-    loss, _ = build_strategy(StrategyConfig(name="modx", kl_on="batch"), accelerator).loss(model, batch(2), old)
+@pytest.mark.parametrize(("name", "kl_on", "cache"), [("modx", "batch", False), ("modx", "replay", False),
+                                                     ("modx", "replay", True), ("distill", "batch", False)])
+def test_modx_gradient_never_reaches_the_old_model(accelerator, name, kl_on, cache):
+    """The old model is left trainable here (requires_grad on, as if nobody froze it): the
+    strategy itself keeps the gradient out of it, on every path to the old features (whole
+    batch, replayed rows, teacher cache), while the KL's gradient reaches the new model."""
+    model, old, b = TinyClip(0), TinyClip(1).eval(), batch(2)
+    assert all(p.requires_grad for p in old.parameters())
+    mark(b, ["0", "replay", "2", "replay", "replay", "5"])
+    b["view"] = [view_digest(b["image"][j], b["text"][j]) if f else 0 for j, f in enumerate(b["replayed"])]
+    strategy = build_strategy(StrategyConfig(name=name, kl_on=kl_on, teacher_cache=cache), accelerator)
+    strategy.begin_phase(1, model, old)
+    loss, logs = strategy.loss(model, b, old)
+    assert logs["loss_kl"] > 0
     loss.backward()
     assert all(p.grad is None for p in old.parameters())
-    assert model.visual.weight.grad is not None
+    with_kl = model.visual.weight.grad.clone()
+    model.zero_grad()
+    strategy.loss(model, b, None)[0].backward()  # the CLIP loss alone
+    assert not torch.allclose(model.visual.weight.grad, with_kl)
 
 
 def test_distill_aligns_every_row_unlike_modx(accelerator):
@@ -353,7 +367,7 @@ def test_cclip_full_training_adds_only_the_predictor(accelerator):
 def test_cclip_loss_is_clip_plus_weighted_ckc_of_the_predicted_features_against_the_old_model(accelerator):
     from modx.strategies.cclip import ckc_loss
 
-    model, old = micro(0), micro(1).eval().requires_grad_(False)
+    model, old = micro(0), micro(1).eval()  # left trainable: the strategy keeps the gradient out of it
     strategy = build_strategy(StrategyConfig(name="cclip", cclip_weight=0.5, cclip_lora_dropout=0.0), accelerator)
     strategy.prepare_model(model)
     b = clip_batch(1)
