@@ -111,18 +111,37 @@ def test_distill_aligns_every_row_unlike_modx(accelerator):
     assert distill_loss > modx_loss
 
 
+def naive_fisher(model: nn.Module, batches: list[dict]) -> dict[str, torch.Tensor]:
+    """EWC's diagonal Fisher by hand: per batch the squared gradient of the symmetric CLIP
+    cross-entropy, averaged over the batches, then divided by its mean over every entry."""
+    squares = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for b in batches:
+        twin = copy.deepcopy(model).double()
+        out = twin(b["image"].double(), b["text"])
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
+        target = torch.arange(len(logits))
+        ((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2).backward()
+        for n, p in twin.named_parameters():
+            squares[n] += p.grad**2 / len(batches)
+    mean = torch.cat([f.flatten() for f in squares.values()]).mean()
+    return {n: f / mean for n, f in squares.items()}
+
+
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(accelerator):
     model = TinyClip()
     strategy = build_strategy(StrategyConfig(name="ewc", ewc_lambda=10.0, ewc_batches=3), accelerator)
     strategy.end_phase(0, model, None, iter([batch(i) for i in range(5)]))
-    assert set(strategy.fisher) == {n for n, _ in model.named_parameters()}
-    flat = torch.cat([f.flatten() for f in strategy.fisher.values()])
-    assert flat.mean().item() == pytest.approx(1.0, rel=1e-4) and (flat >= 0).all()
+    want = naive_fisher(model, [batch(i) for i in range(3)])  # the first ewc_batches batches
+    assert set(strategy.fisher) == set(want)
+    for n, f in want.items():
+        torch.testing.assert_close(strategy.fisher[n].double(), f, rtol=1e-4, atol=1e-6, msg=n)
     assert strategy.penalty(model).item() == pytest.approx(0.0, abs=1e-12)
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         model.visual.weight.add_(0.1)
     loss, logs = strategy.loss(model, batch(9), None)
-    assert logs["loss_ewc"] > 0
+    moved = sum((want[n] * (p.detach().double() - anchor[n].double()) ** 2).sum() for n, p in model.named_parameters())
+    assert logs["loss_ewc"] == pytest.approx(moved.item() / sum(p.numel() for p in model.parameters()), rel=1e-4)
     assert loss.item() == pytest.approx(logs["loss_clip"] + 5.0 * logs["loss_ewc"], rel=1e-5)
     restored = build_strategy(StrategyConfig(name="ewc"), accelerator)
     restored.load_state_dict(copy.deepcopy(strategy.state_dict()))
