@@ -186,13 +186,43 @@ def test_converged_ptd_reaches_the_papers_operating_point(N):
     assert lam.real.max() < -0.5 + 1e-2
 
 
-def test_robust_ptd_setting_keeps_modx_earlier_numbers():
-    A, _ = transition("legs", 64)
-    E = ssm_init._perturbation("legs", 64, "robust")
-    lam, V = np.linalg.eig(A + E)
-    assert np.linalg.cond(V) == pytest.approx(57.8, abs=0.5)
-    assert np.linalg.norm(E) / np.linalg.norm(A) == pytest.approx(0.0035, abs=2e-4)
-    assert lam.real.max() < 0
+def _legs_transfer(M, C, B, omegas):
+    """C (i w I - M)^{-1} B of a dense system at each frequency w, solved directly. (W, c)"""
+    return np.stack([C @ np.linalg.solve(1j * w * np.eye(len(M)) - M, B) for w in omegas])
+
+
+def test_robust_ptd_setting_optimises_the_papers_objective_and_keeps_the_legs_transfer_function():
+    # Checked against independent float64 references, not modx's own earlier numbers: the
+    # PTD objective (PAPERS.md 4: log cond(V) + gamma ||E||/||A||, gamma = 300 for this
+    # setting) computed here with numpy's eig and svd, and HiPPO-LegS's transfer function
+    # C (sI - A)^{-1} B solved from the closed-form A, B (PAPERS.md 5).
+    N = 64
+    A, B = transition("legs", N)
+
+    def objective(E):
+        s = np.linalg.svd(np.linalg.eig(A + E)[1], compute_uv=False)
+        return np.log(s[0] / s[-1]) + 300.0 * np.linalg.norm(E) / np.linalg.norm(A), s[0] / s[-1]
+
+    start = perturb_then_diagonalize(A, eps=0.02, method="random")[3]  # the setting's random start
+    E = ssm_init._perturbation("legs", N, "robust")
+    (j, cond), (j0, cond0) = objective(E), objective(start)
+    assert j < j0 - 5  # the optimiser moved well down the paper's objective from its start
+    assert cond < cond0 / 10 and np.linalg.norm(E) < np.linalg.norm(start) / 4  # both terms fell
+    # the diagonal init modx builds from it (Lambda, B~ = V^-1 B, C~ = C V) realises a
+    # transfer function close to HiPPO-LegS's, closer than the other PTD settings'
+    C = np.random.default_rng(0).standard_normal((8, N))
+    omegas = np.concatenate([[0.0], np.logspace(-2, 3, 120)])
+    legs = _legs_transfer(A, C, B, omegas)
+
+    def deviation(setting):
+        Lam, V, _, Bt = ptd_init("legs", N, setting)
+        diag = np.stack([(C @ V) @ (Bt / (1j * w - Lam)) for w in omegas])
+        return np.abs(diag - legs).max() / np.abs(legs).max()
+
+    robust = deviation("robust")
+    assert robust < 0.15
+    assert robust < deviation("converged") / 2 and robust < deviation("random") / 10
+    assert np.linalg.eigvals(A + E).real.max() < 0  # stable before the authors' reflection: a no-op
 
 
 def test_ptd_is_deterministic_and_random_ptd_has_the_requested_size():
