@@ -39,6 +39,7 @@ class ModelConfig:
     arch: str = "modx-tiny-s4d"  # open_clip name, local-dir:PATH, modx config name or export dir
     pretrained: str | None = None  # open_clip tag or a local file/directory (never downloaded)
     grad_checkpointing: bool = False
+    trust_torchscript: bool = False  # load a TorchScript `pretrained` archive (loading one runs its code)
 
 
 @dataclass

@@ -233,7 +233,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
     set_seed(t.seed)  # the same initial weights on every process
     try:
-        model, preprocess_train, preprocess_eval, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+        model, preprocess_train, preprocess_eval, tokenizer = create_model(
+            cfg.model.arch, pretrained=cfg.model.pretrained, trust_torchscript=cfg.model.trust_torchscript)
     except ModelLoadError as err:
         raise ConfigError("model.pretrained" if cfg.model.pretrained else "model.arch", str(err)) from None
     if cfg.model.grad_checkpointing:
