@@ -205,7 +205,7 @@ def test_a_killed_process_restarts_the_group_which_resumes_by_itself(tmp_path, w
     assert digests(out) == digests(whole_two)
 
 
-@pytest.mark.parametrize("kind", ["loss", "grad"])
+@pytest.mark.parametrize("kind", ["loss", pytest.param("grad", marks=pytest.mark.slow)])
 def test_a_non_finite_step_on_one_process_is_skipped_on_every_process(tmp_path, kind):
     """The loss (or the gradients) of optimiser step 2 is NaN on process 1 only: every
     process skips that step (weights unchanged, counted once), none hangs, and both end with
@@ -219,6 +219,37 @@ def test_a_non_finite_step_on_one_process_is_skipped_on_every_process(tmp_path, 
     assert trainer_state(out)["skipped_steps"] == 1
     first, second = digests(out)
     assert first == second
+
+
+@pytest.mark.slow
+def test_sigusr1_to_accelerate_launch_reaches_both_processes_through_the_elastic_agent(tmp_path):
+    """`accelerate launch` runs torch's elastic agent, which passes on only the signals of
+    PET_SIGNALS_TO_HANDLE (docs/training.md's sbatch script adds SIGUSR1): SIGUSR1 to the
+    launcher alone reaches both training processes, which save one state and exit 0 (the
+    launcher itself then exits with the signal's status)."""
+    from test_replay import _free_port
+
+    out = tmp_path / "run"
+    args = two_process_args(out)
+    args[0] = args[0].replace("steps: 3}, {name: b", "steps: 200}, {name: b")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "_train_helpers.py"), str(out), *args]
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + TIMEOUT
+        while "step 3/" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        rc = proc.wait(timeout=TIMEOUT)
+    text = log.read_text()
+    assert rc == 128 + signal.SIGUSR1, text[-3000:]
+    assert text.count("closing signal SIGUSR1") == 2 and "preempted at step" in text
+    assert "exitcode" not in text  # no training process failed
+    assert 3 <= trainer_state(out)["global_step"] < 200
 
 
 # ---- a signal to the whole process group, loader workers included ---------------------------

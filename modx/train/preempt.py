@@ -8,9 +8,11 @@
 A cluster may signal one process only (SLURM's `--signal`, a node being drained), so the
 flags are combined across processes at each step boundary (an all-reduce MAX of one
 number on a gloo group: no device sync) and every process stops at the same step. The
-handler only sets a flag; system calls it interrupts are restarted. Loader workers ignore
-the signals (modx.data.loader), so a signal to the whole process group leaves them
-running until the state is written.
+handler only sets a flag, however often the signal comes (a launcher may pass on the signal
+that the process got already); system calls it interrupts are restarted. A process stuck in
+a collective (a peer died) never reaches a step boundary: SIGKILL ends it (torchrun sends
+one after its shutdown timeout). Loader workers ignore the signals (modx.data.loader), so
+a signal to the whole process group leaves them running until the state is written.
 """
 
 from __future__ import annotations
