@@ -3,6 +3,7 @@
     accelerate launch train_modx.py                                  # the demo (configs/demo.yaml)
     accelerate launch train_modx.py --config configs/x.yaml train.lr=1e-3 strategy.name=finetune
     accelerate launch train_modx.py --config configs/x.yaml --resume # continue a killed run
+    ... train.resume=auto                         # resume if a checkpoint exists (requeued jobs)
 
 A bad config exits with status 2 and one line naming the key. See docs/training.md.
 """
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from modx.data.urls import DataError
     from modx.train.checkpoint import CheckpointError
     from modx.train.loop import TrainingStopped
+    from modx.train.preempt import Preempted
 
     try:
         cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 2
+    except Preempted:  # a state was saved and the line saying how to resume printed
+        return 0
     except (CheckpointError, TrainingStopped) as err:  # an unsafe checkpoint, a full disk, NaNs
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 1

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new", required=True, metavar="CKPT")
     p.add_argument("--old-pretrained", metavar="FILE")
     p.add_argument("--new-pretrained", metavar="FILE")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="load TorchScript --*-pretrained archives (loading one runs its code)")
     p.add_argument("--data", required=True, metavar="URLS", help="probe shards (brace URLs)")
     p.add_argument("--probe", type=int, default=1000, help="number of image-text pairs")
     p.add_argument("--batch-size", type=int, default=64)
@@ -68,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--probe must be at least 2, got {args.probe}")
     pairs, sources = [], []
     for ckpt, pretrained in ((args.old, args.old_pretrained), (args.new, args.new_pretrained)):
-        model, preprocess, tokenizer, source = load_model(ckpt, pretrained, args.device)
+        model, preprocess, tokenizer, source = load_model(ckpt, pretrained, args.device, args.trust_torchscript)
         emb = embed_dataset(
             model, args.data, preprocess=preprocess, tokenizer=tokenizer,
             batch_size=args.batch_size, workers=args.workers, device=args.device,

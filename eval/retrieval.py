@@ -29,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    model, preprocess, tokenizer, source = load_model(args.checkpoint, args.pretrained, args.device)
+    model, preprocess, tokenizer, source = load_model(args.checkpoint, args.pretrained, args.device,
+                                                          args.trust_torchscript)
     emb = embed_dataset(
         model, args.data, preprocess=preprocess, tokenizer=tokenizer, batch_size=args.batch_size,
         workers=args.workers, device=args.device, progress=not args.json,

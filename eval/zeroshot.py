@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    model, preprocess, tokenizer, source = load_model(args.checkpoint, args.pretrained, args.device)
+    model, preprocess, tokenizer, source = load_model(args.checkpoint, args.pretrained, args.device,
+                                                          args.trust_torchscript)
     result = evaluate_zeroshot(
         model, args.data, preprocess=preprocess, tokenizer=tokenizer, batch_size=args.batch_size,
         workers=args.workers, device=args.device, progress=not args.json,

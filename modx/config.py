@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 SOURCES = ("stream", "buffer")  # strategy.replay.source (modx.data.replay)
 SCHEDULES = ("equal", "all", "exp")  # strategy.replay.schedule
 TRACKERS = ("tensorboard", "wandb", "none")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")  # train.preempt_signals
 REDUCTIONS = ("sum", "mean")
 
 
@@ -39,6 +40,7 @@ class ModelConfig:
     arch: str = "modx-tiny-s4d"  # open_clip name, local-dir:PATH, modx config name or export dir
     pretrained: str | None = None  # open_clip tag or a local file/directory (never downloaded)
     grad_checkpointing: bool = False
+    trust_torchscript: bool = False  # load a TorchScript `pretrained` archive (loading one runs its code)
 
 
 @dataclass
@@ -139,7 +141,8 @@ class TrainConfig:
     ckpt_every: int = 100  # optimiser steps between checkpoints (and at every phase end)
     keep_checkpoints: int = 2  # resumable states kept on disk
     max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before training stops
-    resume: str | None = None  # "latest" or a checkpoint directory
+    resume: str | None = None  # auto (= latest: resume if a checkpoint exists, else start) or a state dir
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # stop, save, exit 0
     tracker: str = "tensorboard"  # tensorboard | wandb | none
     project: str = "modx"  # tracker project name
     progress: bool = True  # tqdm bar on the main process
@@ -402,6 +405,8 @@ def validate(cfg: Config) -> None:
     check(t.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
     check(t.max_bad_steps > 0, "train.max_bad_steps", "must be > 0")
     check(t.tracker in TRACKERS, "train.tracker", f"choose one of {list(TRACKERS)}")
+    for name in t.preempt_signals:
+        check(name in PREEMPT_SIGNALS, "train.preempt_signals", f"unknown signal {name!r}; choose from {list(PREEMPT_SIGNALS)}")
     check(bool(t.output_dir), "train.output_dir", "must not be empty")
 
     check(len(e.ks) > 0 and all(k > 0 for k in e.ks), "eval.ks", "must be a non-empty list of positive integers")

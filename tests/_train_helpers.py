@@ -8,13 +8,20 @@ The fake stream draws the GLOBAL batch of every micro-step from a generator seed
 (step, micro-step) and gives each process its slice, so any number of processes sees the
 same global batches; evaluation is skipped. The script writes OUT_DIR/losses.json and
 OUT_DIR/replayed_<rank>.json (per micro-step, the ids of the buffered samples that
-process replayed); with --resume, losses-resumed.json and replayed-resumed_<rank>.json.
+process replayed); with --resume, losses-resumed.json and replayed-resumed_<rank>.json;
+and OUT_DIR/digest_<rank>.txt, a hash of that process's final weights. A run stopped by a
+preemption signal (modx.train.preempt) exits 0 and writes none of these.
+MODX_TEST_NAN_STEPS=1,2 MODX_TEST_NAN_RANK=1 make those optimiser steps' loss NaN on that
+process only (MODX_TEST_NAN_KIND=loss: a NaN added to the loss, finite gradients; grad:
+NaN gradients too).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -180,6 +187,7 @@ def install_fake_stream(losses: list[float], setattr: Any = setattr, replayed: l
 
         def loss(*args, **kwargs):
             value, terms = real_loss(*args, **kwargs)
+            value = _poisoned(value, args[0], accelerator, len(losses))
             # with train.local_loss each process holds its share: their mean is the loss
             losses.append(accelerator.reduce(value.detach().clone(), reduction="mean").item())
             if replayed is not None:
@@ -194,6 +202,27 @@ def install_fake_stream(losses: list[float], setattr: Any = setattr, replayed: l
     setattr(zscl, "reference_loader", fake_reference)
     setattr(loop, "Evaluator", NullEvaluator)
     setattr(loop, "build_strategy", recording_build)
+
+
+def _poisoned(value: torch.Tensor, model: Any, accelerator: Any, micro_step: int) -> torch.Tensor:
+    """The loss, NaN at the micro-steps and process MODX_TEST_NAN_* name (see the module doc)."""
+    steps = os.environ.get("MODX_TEST_NAN_STEPS")
+    if not steps or accelerator.process_index != int(os.environ.get("MODX_TEST_NAN_RANK", "0")):
+        return value
+    if micro_step not in {int(s) for s in steps.split(",")}:
+        return value
+    if os.environ.get("MODX_TEST_NAN_KIND", "loss") == "loss":
+        return value + float("nan")  # the loss only: its gradients stay finite
+    return value + torch.sqrt(torch.zeros(()) * sum(p.sum() for p in model.parameters()))  # 0 * inf: NaN grads
+
+
+def weights_digest(model: Any) -> str:
+    """A hash of a model's weights (equal on two processes iff their weights are)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def fake_stream_overrides(out: Path, *extra: str) -> list[str]:
@@ -214,17 +243,31 @@ def fake_stream_overrides(out: Path, *extra: str) -> list[str]:
 def main(argv: list[str]) -> None:
     from accelerate import PartialState
 
+    import modx.train.loop as loop
     from modx.config import load_config
     from modx.train import run
+    from modx.train.preempt import Preempted
 
     out, resume = Path(argv[0]), "--resume" in argv
     losses: list[float] = []
     replayed: list[list[int]] = []
     install_fake_stream(losses, replayed=replayed)
-    run(load_config(None, fake_stream_overrides(out, *[a for a in argv[1:] if a != "--resume"])),
-        resume="latest" if resume else None)
+    models: list[Any] = []
+    real_frozen_copy = loop.frozen_copy
+
+    def frozen_copy(model: Any) -> Any:  # called with the trained model at every phase end
+        models[:] = [model]
+        return real_frozen_copy(model)
+
+    loop.frozen_copy = frozen_copy
+    try:
+        run(load_config(None, fake_stream_overrides(out, *[a for a in argv[1:] if a != "--resume"])),
+            resume="latest" if resume else None)
+    except Preempted:
+        return
     state, tag = PartialState(), "-resumed" if resume else ""
     (out / f"replayed{tag}_{state.process_index}.json").write_text(json.dumps(replayed))
+    (out / f"digest{tag}_{state.process_index}.txt").write_text(weights_digest(models[0]))
     if state.is_main_process:
         (out / f"losses{tag}.json").write_text(json.dumps(losses))
 

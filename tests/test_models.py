@@ -119,13 +119,30 @@ def test_open_clip_checkpoints_load(tmp_path, fmt, suffix):
     ref = open_clip.model.CLIP(**TINY_OPEN_CLIP, output_dict=True)
     path = tmp_path / f"ckpt{suffix}"
     _save_open_clip(ref, path, fmt)
-    model, _, _, tok = create_model(TINY_OPEN_CLIP, pretrained=str(path))
+    model, _, _, tok = create_model(TINY_OPEN_CLIP, pretrained=str(path), trust_torchscript=fmt == "torchscript")
     got = model.state_dict()
     assert set(got) == set(ref.state_dict()) and all(torch.equal(got[k], v) for k, v in ref.state_dict().items())
     img, txt = _inputs(tok)
     # the same features; modx computes the last blocks at the pooled rows only (float rounding)
     for a, b in zip(_features(ref, img, txt), _features(model, img, txt)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script's deprecation notice
+def test_a_torchscript_pretrained_file_loads_only_with_the_opt_in(tmp_path, monkeypatch):
+    """Loading a TorchScript archive runs its code: refused unless trust_torchscript, with a
+    message naming model.trust_torchscript, before torch.jit.load is reached."""
+    ref = open_clip.model.CLIP(**TINY_OPEN_CLIP, output_dict=True)
+    path = tmp_path / "ViT-openai.pt"
+    _save_open_clip(ref, path, "torchscript")
+    loaded = []
+    real_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    with pytest.raises(ModelLoadError, match=r"TorchScript archive.*runs the code.*model\.trust_torchscript=true"):
+        create_model(TINY_OPEN_CLIP, pretrained=str(path))
+    assert not loaded
+    create_model(TINY_OPEN_CLIP, pretrained=str(path), trust_torchscript=True)
+    assert len(loaded) == 1
 
 
 def test_open_clip_local_dir_both_ways(tmp_path):

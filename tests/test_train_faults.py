@@ -207,6 +207,38 @@ def test_cli_refuses_an_unsafe_checkpoint_with_one_line(tmp_path, saved_run):
     assert not (tmp_path / "code-ran").exists()
 
 
+def test_an_fp16_state_with_scaler_pt_resumes_and_a_planted_scaler_is_refused(tmp_path):
+    """Under fp16 Accelerate writes the GradScaler's state as scaler.pt: modx checks it with
+    torch.load(weights_only=True) and resumes (the scale comes back); a pickle planted in its
+    place is refused without running. (A CPU run has no GradScaler: the test gives the
+    Accelerator one, as fp16 on a GPU does.)"""
+    from accelerate import Accelerator
+
+    from modx.train.checkpoint import CheckpointError, load_state, save_state
+
+    def accelerator_with_scaler(scale: float) -> Accelerator:
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        accelerator.prepare(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+        accelerator.scaler.scale(torch.ones(()))  # the scale tensor exists from the first use
+        return accelerator
+
+    state = save_state(accelerator_with_scaler(512.0), tmp_path / "ckpt",
+                       {"phase": 0, "phase_step": 1, "global_step": 1}, {"strategy": {}}, keep=2)
+    assert (state / "scaler.pt").is_file()
+    resumed = accelerator_with_scaler(2.0**16)
+    load_state(resumed, state)
+    assert resumed.scaler.get_scale() == 512.0
+    marker = tmp_path / "code-ran"
+    torch.save({"scale": _Payload(marker)}, state / "scaler.pt")
+    with pytest.raises(CheckpointError, match=r"refusing to load .*scaler\.pt: it does not load as plain tensors"):
+        load_state(accelerator_with_scaler(1.0), state)
+    assert not marker.exists()
+
+
 def test_strategy_state_round_trips_through_safetensors_and_json(tmp_path):
     from modx.train.serialize import load_tree, save_tree
 

@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -343,6 +344,20 @@ class _StreamDataset(IterableDataset):
         yield {"stats": stats.take()}  # skips after the last batch still reach the log
 
 
+def _handled_signals() -> tuple[int, ...]:
+    """The signals this process handles in Python (a training run's preemption signals)."""
+    names = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGINT")
+    plain = (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
+    return tuple(int(getattr(signal, n)) for n in names if signal.getsignal(getattr(signal, n)) not in plain)
+
+
+def _ignore_signals(signals: tuple[int, ...], worker_id: int) -> None:
+    """A worker ignores the signals its process handles: a preemption signal sent to the
+    whole process group must not kill the workers before the checkpoint is written."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _identity(x):
     return x
 
@@ -426,6 +441,7 @@ class StreamLoader:
             collate_fn=_identity,
             persistent_workers=num_workers > 0,
             multiprocessing_context=_worker_context() if num_workers > 0 else None,
+            worker_init_fn=partial(_ignore_signals, _handled_signals()) if num_workers > 0 else None,
             pin_memory=pin_memory,
         )
 

@@ -55,6 +55,7 @@ def load_model(
     checkpoint: str | Path,
     pretrained: str | Path | None = None,
     device: str | torch.device = "cpu",
+    trust_torchscript: bool = False,
 ) -> tuple[nn.Module, Callable, Callable, str]:
     """-> (model in eval mode on ``device``, preprocess_eval, tokenizer, resolved source).
 
@@ -63,7 +64,7 @@ def load_model(
     from modx.models import create_model
 
     source = resolve_checkpoint(checkpoint)
-    model, _, preprocess, tokenizer = create_model(source, pretrained=pretrained)
+    model, _, preprocess, tokenizer = create_model(source, pretrained=pretrained, trust_torchscript=trust_torchscript)
     return model.to(device).eval(), preprocess, tokenizer, source
 
 
@@ -73,6 +74,8 @@ def model_arguments(description: str, data_help: tuple[str, str]) -> argparse.Ar
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_DIR_OR_NAME")
     p.add_argument("--pretrained", metavar="FILE", help="local weights for a model name")
+    p.add_argument("--trust-torchscript", action="store_true",
+                   help="load a TorchScript --pretrained archive (loading one runs its code)")
     p.add_argument("--data", required=True, metavar=data_help[0], help=data_help[1])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)

@@ -59,12 +59,13 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in zf.namelist())
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, trust_torchscript: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file or directory, unwrapped from a training checkpoint.
 
     Accepts a plain state dict, a training checkpoint `{"state_dict": ..., "epoch": ...}`
-    (open_clip_train's format, `module.` prefixes from DDP), safetensors, or a TorchScript
-    archive (OpenAI's CLIP releases; TorchScript, not pickle, so no arbitrary code).
+    (open_clip_train's format, `module.` prefixes from DDP), safetensors, or - only with
+    `trust_torchscript` - a TorchScript archive (OpenAI's CLIP releases): loading one runs
+    the code it holds, so it is refused by default (ModelLoadError naming the opt-in).
     """
     path = Path(path)
     if path.is_dir():
@@ -75,6 +76,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             obj = load_file(str(path), device="cpu")
         elif _is_torchscript(path):  # OpenAI's original CLIP checkpoints
+            if not trust_torchscript:
+                raise ModelLoadError(
+                    f"{path} is a TorchScript archive: loading one runs the code it holds; if you trust "
+                    "it, set model.trust_torchscript=true (--trust-torchscript for eval scripts, "
+                    "create_model(..., trust_torchscript=True) in Python), or convert it to safetensors")
             with warnings.catch_warnings():  # torch.jit.load's deprecation notice
                 warnings.simplefilter("ignore", FutureWarning)
                 obj = torch.jit.load(path, map_location="cpu").state_dict()
@@ -111,9 +117,10 @@ def adapt_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
     return sd
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint into `model`; every key must match (else ModelLoadError naming them)."""
-    sd = adapt_state_dict(model, read_state_dict(path))
+def load_weights(model: nn.Module, path: str | Path, trust_torchscript: bool = False) -> None:
+    """Load a checkpoint into `model`; every key must match (else ModelLoadError naming them).
+    `trust_torchscript`: see read_state_dict."""
+    sd = adapt_state_dict(model, read_state_dict(path, trust_torchscript))
     expected = model.state_dict()
     for name, _ in model.named_buffers():  # non-persistent buffers (e.g. attn_mask) are rebuilt
         if name not in expected:

@@ -165,6 +165,7 @@ def create_model(
         *,
         swap: dict[str, dict] | None = None,
         aug_cfg: dict[str, Any] | None = None,
+        trust_torchscript: bool = False,
         **overrides: Any,
 ) -> tuple[nn.Module, Callable, Callable, Callable]:
     """Build a CLIP model -> `(model, preprocess_train, preprocess_eval, tokenizer)`.
@@ -178,6 +179,8 @@ def create_model(
     swap: {"text" | "vision": tower config} replaces that tower after loading,
         keeping every other weight (see `swap_tower`); a dict config may carry it too.
     aug_cfg: open_clip augmentation config of the training transform.
+    trust_torchscript: load a TorchScript archive (OpenAI's CLIP releases) as weights;
+        loading one runs its code, so it is refused unless set.
     overrides: merged into the model config, e.g. `text_cfg={"context_length": 16}`.
 
     The model is open_clip's `CLIP` / `CustomTextCLIP` (or the subclass `ModxCLIP`) with
@@ -207,7 +210,7 @@ def create_model(
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"invalid model config for {spec['name'] or 'dict config'}: {e}") from e
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, trust_torchscript)
     model.modx_config = {"name": spec["name"], "model_cfg": model_cfg,
                          "preprocess_cfg": spec["preprocess_cfg"]}
     model.modx_weights = None if weights is None else str(weights)

@@ -567,7 +567,8 @@ def _forward_flops_per_sample(cfg: Config) -> float | None:
 
         from modx.models import create_model
 
-        model, _, _, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+        model, _, _, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained,
+                                             trust_torchscript=cfg.model.trust_torchscript)
         size = model.visual.image_size
         size = size if isinstance(size, (tuple, list)) else (size, size)
         image = torch.zeros(2, 3, *size)

@@ -1,8 +1,8 @@
 """Checkpoints of a run: resumable training states and exported per-phase models.
 
     checkpoints/state-00000120/   accelerator.save_state (model.safetensors, optimizer.bin,
-                                  scheduler.bin) + rng_<rank>.{safetensors,json} (RNG of
-                                  every process) + strategy_<rank>.{safetensors,json}
+                                  scheduler.bin; scaler.pt under fp16) + rng_<rank>.{safetensors,
+                                  json} (RNG of every process) + strategy_<rank>.{safetensors,json}
                                   (EWC Fisher) + replay.{tar,json} (the replay buffer: a
                                   WebDataset shard) + trainer_state.json
     checkpoints/latest            name of the newest complete state
@@ -10,9 +10,9 @@
     checkpoints/initial/          the same for the model before training
 
 Loading a checkpoint never runs code: everything is safetensors, JSON or a tar of samples
-(read as bytes, never extracted) except the optimiser and scheduler files, which are
-checked with `torch.load(weights_only=True)` before Accelerate reads them; a state holding
-any other file (a pickle) is refused.
+(read as bytes, never extracted) except the optimiser, scheduler and GradScaler files,
+which are checked with `torch.load(weights_only=True)` before Accelerate reads them; a
+state holding any other file (a pickle) is refused.
 Every write goes to a temporary directory first and is renamed into place with
 os.replace, so a run killed (or a disk filled) while saving leaves the previous
 checkpoint intact.
@@ -39,6 +39,7 @@ from modx.train.serialize import TreeError, load_tree, rng_state, save_tree, set
 
 STATE_PREFIX = "state-"
 TENSOR_FILES = (".bin",)  # written by accelerator.save_state; loaded with weights_only=True
+SCALER_FILE = "scaler.pt"  # the fp16 GradScaler's state (accelerator.save_state): the same
 
 
 class CheckpointError(RuntimeError):
@@ -153,8 +154,8 @@ def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
 
 def check_loadable(path: Path) -> None:
     """Raise CheckpointError unless every file of the state at `path` loads without
-    running code: safetensors and JSON as they are, Accelerate's .bin files with
-    torch.load(weights_only=True), nothing else (pickles are never loaded)."""
+    running code: safetensors and JSON as they are, Accelerate's .bin files and scaler.pt
+    with torch.load(weights_only=True), nothing else (pickles are never loaded)."""
     for file in sorted(path.iterdir()):
         if file.suffix == ".json" or file.is_dir():
             continue
@@ -168,7 +169,7 @@ def check_loadable(path: Path) -> None:
             except (OSError, SafetensorError) as err:
                 raise CheckpointError(f"cannot resume from {path}: {file.name} is not a valid safetensors file ({err})") from None
             continue
-        if file.suffix not in TENSOR_FILES:
+        if file.suffix not in TENSOR_FILES and file.name != SCALER_FILE:
             raise CheckpointError(
                 f"refusing to resume from {path}: {file.name} is not a safetensors, JSON or "
                 "optimiser file (modx never loads pickles; remove the file if you trust it is "

@@ -49,6 +49,7 @@ from modx.train.data import (
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
+from modx.train.preempt import Preempted, Preemption
 from modx.train.replay import ReplayFeed
 
 MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
@@ -199,12 +200,20 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) -> Path:
-    """Train `cfg`'s stream; `resume` = "latest" or a state directory. Returns the run dir.
+    """Train `cfg`'s stream; `resume` = "auto" (= "latest") or a state directory. Returns
+    the run dir.
 
     `until_phase`: stop after that phase (its export, evaluation and resumable state
     written, no summary): modx-bench trains the phases several strategies share this way
-    and continues each strategy from the state with `resume`."""
+    and continues each strategy from the state with `resume`.
+    A signal of train.preempt_signals stops every process at the same step boundary with a
+    state saved, and raises Preempted (modx.train.preempt)."""
     validate_strategy(cfg.strategy)  # before any directory or process group exists
+    with Preemption(cfg.train.preempt_signals) as preemption:
+        return _run(cfg, resume, until_phase, preemption)
+
+
+def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: Preemption) -> Path:
     t = cfg.train
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -234,7 +243,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
     set_seed(t.seed)  # the same initial weights on every process
     try:
-        model, preprocess_train, preprocess_eval, tokenizer = create_model(cfg.model.arch, pretrained=cfg.model.pretrained)
+        model, preprocess_train, preprocess_eval, tokenizer = create_model(
+            cfg.model.arch, pretrained=cfg.model.pretrained, trust_torchscript=cfg.model.trust_torchscript)
     except ModelLoadError as err:
         raise ConfigError("model.pretrained" if cfg.model.pretrained else "model.arch", str(err)) from None
     if cfg.model.grad_checkpointing:
@@ -364,6 +374,13 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             if evaluator.due(global_step, step, phase.steps):
                 evaluator.evaluate(accelerator.unwrap_model(model), phase.index, phase.name, global_step, in_phase=True)
 
+            # ---- preempted (a signal to any process): every process saves this step's state, stops
+            if preemption.requested(world) and step + 1 < phase.steps:
+                _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
+                            replay, t.keep_checkpoints, bad_steps)
+                batches.close()
+                _stop_preempted(accelerator, ckpt_dir, phase, step + 1, global_step)
+
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
@@ -387,6 +404,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         old_model = frozen_copy(net)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,
                     t.keep_checkpoints, bad_steps)
+        if phase.index + 1 < len(phases) and preemption.requested(world):  # signalled in the phase's last step
+            _stop_preempted(accelerator, ckpt_dir, phases[phase.index + 1], 0, global_step)
 
     progress.close()
     counters = _counters(accelerator, strategy)  # collective: every process
@@ -467,6 +486,15 @@ def _stop_bad_steps(
     )
 
 
+def _stop_preempted(accelerator: Accelerator, ckpt_dir: Path, phase: Phase, phase_step: int, global_step: int) -> None:
+    """A preemption signal: the state of this step is saved (on every process); stop."""
+    accelerator.end_training()
+    message = (f"preempted at step {phase_step} of phase {phase.index} ({phase.name}), global step {global_step}; "
+               f"checkpoint at {find_latest(ckpt_dir)}; resume with train.resume=auto (or --resume)")
+    accelerator.print(message)
+    raise Preempted(message)
+
+
 def _align_initial(cfg: Config, model: nn.Module) -> bool:
     """Whether phase 0 has an old model: the initial one (strategy.align_initial; auto = when
     initial weights were loaded, as the authors' script aligns its first phase with the
@@ -485,7 +513,7 @@ def _has_accelerator() -> bool:
 def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     if resume is None:
         return None
-    if resume == "latest":
+    if resume in ("auto", "latest"):
         path = find_latest(ckpt_dir)
         if path is None:
             print(f"note: nothing to resume under {ckpt_dir}; starting a fresh run")
