@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     from modx.config import ConfigError, load_config, to_dict
     from modx.data.urls import DataError
     from modx.train.checkpoint import CheckpointError
+    from modx.train.fsdp import ShardingError
+    from modx.train.launch import LaunchError
     from modx.train.loop import TrainingStopped
 
     try:
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         from modx.train import run
 
         run(cfg, resume="latest" if args.resume else None)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, LaunchError, ShardingError) as err:
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 2
     except (CheckpointError, TrainingStopped) as err:  # an unsafe checkpoint, a full disk, NaNs

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modx.config import StrategyConfig
 from modx.losses import ClipLoss
@@ -50,6 +51,12 @@ class Context:
     rank: int
     world_size: int
     device: Any
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a tensor of a sharded (FSDP) model, a DTensor; any other
+    tensor as it is. Elementwise updates of sharded models work on these shards."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Strategy:
