@@ -92,7 +92,7 @@ class Sharding:
         """Shard `model` (a bare model on the device) in place; returns it. The first call
         keeps a meta-device template of it for `frozen_copy` and `plain_copy`."""
         if self.template is None:
-            self.template = copy.deepcopy(model).to("meta")
+            self.template = meta_copy(model)
         if reshard_after_forward is None:
             reshard_after_forward = self.strategy == "FULL_SHARD"
         options = {"mesh": self.mesh, "reshard_after_forward": reshard_after_forward}
@@ -140,6 +140,16 @@ class Sharding:
     def _empty(self) -> nn.Module:
         empty = copy.deepcopy(self.template)
         return empty.to_empty(device=self.device)
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose tensors are on the meta device (no storage; the weights are
+    never copied, not even for a moment)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
