@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _train_helpers import MICRO_MODEL, ROOT  # noqa: E402
+from _train_helpers import MICRO_MODEL, ROOT, tiny_overrides  # noqa: E402
 
 from modx.models import create_model  # noqa: E402
 from modx.train.fsdp import ShardingError, requested  # noqa: E402
@@ -117,6 +117,30 @@ def test_fsdp_run_killed_resumes_exactly_also_on_another_number_of_processes(tmp
         else:
             assert_weights_close(w_resumed, w_whole)
         assert distributed(run) == {"type": "FSDP", "num_processes": n}
+
+
+def test_fsdp_run_evaluates_on_every_process_like_one_process(tmp_path):
+    """train_modx.py sharded over 2 processes on the built-in data: every process embeds its
+    share of the eval set (with a whole copy of the sharded model); the initial model's
+    metrics match one process's, the trained model's are close; summary.json says how each
+    run was distributed."""
+    data = tmp_path / "data"
+    extra = {"stream.phases": "[{name: a, builtin: digits, steps: 2}]", "eval.probe": 20}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for name, how in (("one", ["--num_processes", "1"]), ("fsdp", [*FSDP, "--num_processes", "2"])):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_machines", "1", "--mixed_precision",
+               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "train_modx.py"),
+               *tiny_overrides(tmp_path / name, data, **extra)]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        runs[name] = {r["phase"]: r["metrics"] for r in rows}
+    assert distributed(tmp_path / "one") == {"type": "NO", "num_processes": 1}
+    assert distributed(tmp_path / "fsdp") == {"type": "FSDP", "num_processes": 2}
+    assert set(runs["fsdp"]) == {-1, 0}
+    assert runs["fsdp"][-1] == pytest.approx(runs["one"][-1], rel=1e-4, abs=1e-4)
+    assert runs["fsdp"][0]["n_images"] == runs["one"][0]["n_images"] > 0
 
 
 def test_fsdp_export_of_an_open_clip_model_loads_in_open_clip_and_create_model(tmp_path):
