@@ -218,6 +218,22 @@ def test_fsdp_launch_options_and_unsupported_strategies_are_refused_in_one_line(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_fsdp_ewc_trains_like_one_process_with_the_global_batch(tmp_path):
+    """EWC sharded: its Fisher (of the global batch's gradients) and anchors as local shards,
+    the penalty's gradient added to the shards: 2 FSDP processes give one process's losses
+    and weights (the penalty is on in phase b, its gradient as large as the loss's)."""
+    args = ["strategy.name=ewc", "strategy.ewc_batches=2", "strategy.ewc_lambda=1e6", "train.workers=0"]
+    one = subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one"), *args], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = launch(tmp_path / "fsdp", FSDP, *args)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    loss_one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    loss_fsdp = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
+    assert loss_fsdp == pytest.approx(loss_one, rel=1e-5, abs=1e-6)
+    assert_weights_close(weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "one", "phase-1"))
+
+
 @pytest.mark.slow
 def test_shard_grad_op_trains_like_full_shard(tmp_path):
     """SHARD_GRAD_OP (parameters kept whole between forward and backward) computes what
