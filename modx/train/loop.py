@@ -281,8 +281,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
             old = create_model(str(ckpt_dir / previous))[0]
             old_model = sharding.frozen(old) if sharding else frozen_copy(old).to(accelerator.device)
-        strategy_state = load_state(accelerator, state_path, sharded=_sharded_parts(sharding, model, optimizer, scheduler))
-        # (the RNG too: nothing random after it)
+        parts = _sharded_parts(sharding, model, optimizer, scheduler)
+        strategy_state = load_state(accelerator, state_path, sharded=parts)  # the RNG too: nothing random after it
         strategy.load_state_dict(strategy_state["strategy"])
         if main:  # the counters are global sums, carried on the main process
             strategy.old_samples = trainer_state.get("old_model_samples", 0)
