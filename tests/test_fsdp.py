@@ -61,14 +61,17 @@ def distributed(run: Path) -> dict:
 
 
 @pytest.mark.parametrize(
-    "strategy", [["strategy.name=finetune"], ["strategy.name=modx", "strategy.replay.ratio=0"]],
-    ids=["finetune", "modx"],
+    "strategy",
+    [["strategy.name=finetune"], ["strategy.name=modx", "strategy.replay.ratio=0"],
+     ["strategy.name=ctp", "strategy.ctp_queue_size=12"]],  # momentum model sharded, followed on the shards
+    ids=["finetune", "modx", "ctp"],
 )
 def test_fsdp_trains_like_ddp_and_holds_half_of_each_parameter(tmp_path, strategy):
     """2 FSDP processes and 2 DDP processes over the same global batches: the same losses
     and weights (float32 rounding) after two phases, Mod-X's KL against a sharded old model
     included; each process's checkpoint holds half of each sharded parameter; the summary
-    records how each run was distributed."""
+    records how each run was distributed. CTP: its momentum model sharded like the student
+    and following it on the local shards, its queue of gathered features."""
     args = [*strategy, "train.grad_accum=2"]
     sharded, ddp = launch(tmp_path / "fsdp", FSDP, *args), launch(tmp_path / "ddp", DDP, *args)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
@@ -209,11 +212,11 @@ def test_fsdp_launch_options_and_unsupported_strategies_are_refused_in_one_line(
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(ROOT / "train_modx.py"), *fake_stream_overrides(tmp_path / "run", "strategy.name=ctp")]  # fmt: skip
+           str(ROOT / "train_modx.py"), *fake_stream_overrides(tmp_path / "run", "strategy.name=zscl")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.startswith("train_modx.py:")]
-    assert lines and "strategy 'ctp' is not supported under FSDP" in lines[0]
+    assert lines and "strategy 'zscl' is not supported under FSDP" in lines[0]
     assert len(set(lines)) == 1 and "modx/train/" not in done.stderr  # one line a process, no traceback of ours
     assert not (tmp_path / "run" / "checkpoints").exists()
 

@@ -46,7 +46,7 @@ from torch.distributed.tensor import DTensor
 
 from modx.strategies.base import local
 
-STRATEGIES = ("finetune", "modx", "distill", "replay", "joint", "wiseft", "ewc")  # trained under FSDP
+STRATEGIES = ("finetune", "modx", "distill", "replay", "joint", "wiseft", "ewc", "ctp")  # trained under FSDP
 
 
 class ShardingError(RuntimeError):

@@ -259,7 +259,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     distributed = {"type": "FSDP" if sharding is not None else accelerator.distributed_type.value,
                    "num_processes": world}
-    strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device))
+    strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
+                          frozen_copy=sharding.frozen_copy if sharding is not None else None))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
