@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from modx.config import ConfigError, load_config, to_dict
     from modx.data.urls import DataError
     from modx.train.checkpoint import CheckpointError
+    from modx.train.fsdp import ShardingError
+    from modx.train.launch import LaunchError
     from modx.train.loop import TrainingStopped
     from modx.train.preempt import Preempted
 
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from modx.train import run
 
         run(cfg, resume="latest" if args.resume else None)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, LaunchError, ShardingError) as err:
         print(f"train_modx.py: {err}", file=sys.stderr)
         return 2
     except Preempted:  # a state was saved and the line saying how to resume printed

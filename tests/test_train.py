@@ -341,6 +341,7 @@ def test_run_directory_holds_config_results_disorder_and_summary(tmp_path, data_
     assert "rotation_image_deg" in disorder[0]["metrics"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert len(summary["matrix"]) == 2 and len(summary["initial"]) == 2
+    assert summary["distributed"] == {"type": "NO", "num_processes": 1}  # how it ran
     assert (run_dir / "report.md").is_file()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "state-00000006"
 

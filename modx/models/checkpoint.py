@@ -178,8 +178,10 @@ def _unmerged_delta(layer: nn.Module) -> torch.Tensor:
     return delta
 
 
-def export_model(model: nn.Module, directory: str | Path) -> Path:
+def export_model(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model.safetensors` + `model_config.json` (from `model.modx_config`) to `directory`.
+    `state`: the weights to write instead of `plain_state_dict(model)` (a sharded model's,
+    gathered whole: modx.train.fsdp.full_state).
 
     `create_model(directory)` or `create_model(name, pretrained=directory)` rebuilds the
     model exactly (LoRA adapters merged, training aids left out: `plain_state_dict`).
@@ -194,15 +196,15 @@ def export_model(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError("model has no `modx_config`: create it with modx.models.create_model")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {}
+    tensors = {}
     seen: set[int] = set()
-    for k, v in plain_state_dict(model).items():
+    for k, v in (plain_state_dict(model) if state is None else state).items():
         v = v.detach().cpu().contiguous()
         if v.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
             v = v.clone()
         seen.add(v.untyped_storage().data_ptr())
-        state[k] = v
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "modx"})
+        tensors[k] = v
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "producer": "modx"})
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     if not is_modx_config(config["model_cfg"]):
         open_clip_cfg = {k: config[k] for k in ("model_cfg", "preprocess_cfg")}

@@ -24,6 +24,7 @@ processes so the math covers the global batch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modx.config import StrategyConfig
 from modx.losses import ClipLoss
@@ -50,6 +52,13 @@ class Context:
     rank: int
     world_size: int
     device: Any
+    frozen_copy: Callable | None = None  # model -> a frozen copy sharded like it (FSDP); None: not sharded
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a tensor of a sharded (FSDP) model, a DTensor; any other
+    tensor as it is. Elementwise updates of sharded models work on these shards."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Strategy:
@@ -87,6 +96,18 @@ class Strategy:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         clip = self.contrastive(self.forward(model, batch))
         return clip, {"loss_clip": clip.detach()}
+
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        """A copy of the (unwrapped) model that is never optimised: eval mode, no gradients;
+        under FSDP sharded like it (never a whole copy on a process)."""
+        if self.sharded:
+            return self.context.frozen_copy(model)
+        return copy.deepcopy(model).eval().requires_grad_(False)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded (FSDP): tensors of its shape are local shards."""
+        return getattr(getattr(self, "context", None), "frozen_copy", None) is not None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """Called once on the bare model before the optimiser is built from its trainable

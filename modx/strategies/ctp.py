@@ -24,13 +24,13 @@ process scores its own rows; the mean over processes is the global value.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modx.config import ConfigError
 from modx.losses import (
     all_gather,
     clip_loss,
@@ -39,7 +39,7 @@ from modx.losses import (
     gather_features,
     world_info,
 )
-from modx.strategies.base import Batch, Strategy
+from modx.strategies.base import Batch, Strategy, local
 
 QUEUE_SEED = 0  # the queue starts as random unit vectors drawn from this seed (no global RNG)
 
@@ -111,12 +111,12 @@ class CTP(Strategy):
 
     def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
         net = self.accelerator.unwrap_model(model)
-        self.momentum = copy.deepcopy(net).eval().requires_grad_(False)
+        self.momentum = self.frozen_copy(net)  # sharded like the model under FSDP
         if self.phase == phase and self.loaded:  # resumed inside the phase: the saved momentum model
             params = dict(self.momentum.named_parameters())
             with torch.no_grad():
                 for n, value in self.loaded.items():
-                    params[n].copy_(value)
+                    local(params[n]).copy_(value)
         else:  # the authors: a copy of the model at every task's start
             self.phase, self.ema_due = phase, False
         self.loaded = {}
@@ -131,12 +131,12 @@ class CTP(Strategy):
         with torch.no_grad():
             if old_model is None:
                 m = self.cfg.ctp_momentum
-                for p_m, p in pairs:
-                    p_m.mul_(m).add_(p.detach(), alpha=1 - m)
+                for p_m, p in pairs:  # elementwise: on the local shards under FSDP
+                    local(p_m).mul_(m).add_(local(p).detach(), alpha=1 - m)
             else:
                 c = self.cfg.ctp_compatible_momentum
                 for (p_m, p), p_old in zip(pairs, old_model.parameters()):
-                    p_m.mul_(c).add_(p.detach(), alpha=(1 - c) / 2).add_(p_old, alpha=(1 - c) / 2)
+                    local(p_m).mul_(c).add_(local(p).detach(), alpha=(1 - c) / 2).add_(local(p_old), alpha=(1 - c) / 2)
         self.ema_due = False
 
     def loss(
@@ -202,7 +202,8 @@ class CTP(Strategy):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"phase": self.phase, "ema_due": self.ema_due, "ptr": self.ptr}
         if self.momentum is not None:
-            state["momentum"] = dict(self.momentum.named_parameters())
+            state["momentum"] = {n: local(p) for n, p in self.momentum.named_parameters()}  # shards under FSDP
+            state["world_size"] = self.context.world_size if self.sharded else None
         if self.queue_image is not None:
             state["queue_image"], state["queue_text"] = self.queue_image, self.queue_text
         return state
@@ -210,6 +211,10 @@ class CTP(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.accelerator.device  # checkpoints hold CPU tensors
         self.phase, self.ema_due, self.ptr = state.get("phase", -1), state.get("ema_due", False), state.get("ptr", 0)
+        saved = state.get("world_size")
+        if saved is not None and saved != self.context.world_size:
+            raise ConfigError("strategy.name", f"this CTP state holds the momentum model sharded over {saved} "
+                              f"processes; resume it with {saved} processes")
         self.loaded = {n: p.to(device) for n, p in state.get("momentum", {}).items()}
         if "queue_image" in state:
             self.queue_image, self.queue_text = state["queue_image"].to(device), state["queue_text"].to(device)

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from modx.strategies.base import Batch, Strategy
+from modx.strategies.base import Batch, Strategy, local
 
 
 class WiseFT(Strategy):
@@ -28,7 +28,8 @@ class WiseFT(Strategy):
         a = self.cfg.wiseft_alpha
         new_state = self.accelerator.unwrap_model(model).state_dict()
         old_state = old_model.state_dict()
-        with torch.no_grad():
+        with torch.no_grad():  # elementwise: on this process's shards when the model is sharded (FSDP)
             for name, value in new_state.items():
                 if value.is_floating_point():
-                    value.copy_((1 - a) * old_state[name].to(value) + a * value)
+                    mine = local(value)
+                    mine.copy_((1 - a) * local(old_state[name]).to(mine) + a * mine)

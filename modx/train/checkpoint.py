@@ -1,8 +1,11 @@
 """Checkpoints of a run: resumable training states and exported per-phase models.
 
     checkpoints/state-00000120/   accelerator.save_state (model.safetensors, optimizer.bin,
-                                  scheduler.bin; scaler.pt under fp16) + rng_<rank>.{safetensors,
-                                  json} (RNG of every process) + strategy_<rank>.{safetensors,json}
+                                  scheduler.bin; scaler.pt under fp16), or sharded (FSDP):
+                                  shard_<rank>.{safetensors,json} (that process's shards of the
+                                  model and the optimiser state, with the full shapes) +
+                                  scheduler.{safetensors,json}; + rng_<rank>.{safetensors,json}
+                                  (RNG of every process) + strategy_<rank>.{safetensors,json}
                                   (EWC Fisher) + replay.{tar,json} (the replay buffer: a
                                   WebDataset shard) + trainer_state.json
     checkpoints/latest            name of the newest complete state
@@ -35,9 +38,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from modx.train.faults import fault_point
+from modx.train.fsdp import load_local_states, local_state
 from modx.train.serialize import TreeError, load_tree, rng_state, save_tree, set_rng_state
 
 STATE_PREFIX = "state-"
+SHARD_PREFIX = "shard_"  # shard_<rank>.{safetensors,json}: one process's shards of a sharded (FSDP) run
 TENSOR_FILES = (".bin",)  # written by accelerator.save_state; loaded with weights_only=True
 SCALER_FILE = "scaler.pt"  # the fp16 GradScaler's state (accelerator.save_state): the same
 
@@ -53,9 +58,12 @@ def save_state(
     strategy_state: dict[str, Any],
     keep: int,
     write_main: Callable[[Path], None] | None = None,
+    sharded: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None,
 ) -> Path:
     """Save a resumable state atomically (collective: every process must call it).
     `write_main(directory)` adds files of the main process's (the replay buffer).
+    `sharded`: (model, optimizer, scheduler) of an FSDP run, saved as every process's
+    shards (modx.train.fsdp.local_state) instead of Accelerate's files.
 
     A failed write (full disk, unwritable directory) on any process removes the partial
     state and raises CheckpointError on every process; the previous state stays usable.
@@ -73,8 +81,14 @@ def save_state(
         error = err
     _raise_on_any(accelerator, error, tmp)
     try:
-        accelerator.save_state(str(tmp))
-        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # saved below without pickle
+        if sharded is not None:
+            model, optimizer, scheduler = sharded
+            save_tree(local_state(model, optimizer), tmp / f"{SHARD_PREFIX}{rank}")
+            if accelerator.is_main_process:
+                save_tree(scheduler.state_dict(), tmp / "scheduler")
+        else:
+            accelerator.save_state(str(tmp))
+            (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # saved below without pickle
         save_tree(rng_state(), tmp / f"rng_{rank}")
         fault_point("checkpoint")
         save_tree(strategy_state, tmp / f"strategy_{rank}")
@@ -132,8 +146,12 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     return json.loads((path / "trainer_state.json").read_text())
 
 
-def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+def load_state(
+    accelerator: Accelerator, path: Path, sharded: tuple[nn.Module, torch.optim.Optimizer, Any] | None = None
+) -> dict[str, Any]:
     """Restore model, optimiser, scheduler and every RNG; return the strategy state.
+    `sharded`: (model, optimizer, scheduler) of an FSDP run; its state may have been saved
+    with another number of processes (the shards are put together and sharded anew).
 
     Refuses (CheckpointError naming the file) a state with a file that could run code
     when loaded. Call it last before training goes on: anything that draws random numbers
@@ -147,9 +165,27 @@ def load_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
         rng = load_tree(path / f"rng_{own}")
     except TreeError as err:
         raise CheckpointError(f"cannot resume from {path}: {err}") from None
-    accelerator.load_state(str(path))
+    saved_sharded = (path / f"{SHARD_PREFIX}0.json").is_file()
+    if saved_sharded != (sharded is not None):
+        how = ("sharded (FSDP): resume it with `accelerate launch --use_fsdp --fsdp_version 2`" if saved_sharded
+               else "unsharded: resume it without --use_fsdp")
+        raise CheckpointError(f"cannot resume from {path}: it was saved {how}")
+    if sharded is not None:
+        _load_sharded(path, *sharded)
+    else:
+        accelerator.load_state(str(path))
     set_rng_state(rng)
     return strategy_state
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    try:
+        first = load_tree(path / f"{SHARD_PREFIX}0")
+        states = [first] + [load_tree(path / f"{SHARD_PREFIX}{r}") for r in range(1, first["world_size"])]
+        scheduler.load_state_dict(load_tree(path / "scheduler"))
+    except TreeError as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from None
+    load_local_states(model, optimizer, states)
 
 
 def check_loadable(path: Path) -> None:
@@ -193,14 +229,15 @@ def forget_states(root: Path) -> None:
     (root / "latest").unlink(missing_ok=True)
 
 
-def export_phase(model: nn.Module, directory: Path) -> Path:
-    """Export a usable model (modx.models.export_model) atomically to `directory`."""
+def export_phase(model: nn.Module, directory: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Export a usable model (modx.models.export_model) atomically to `directory`; `state`:
+    its whole weights when the model is sharded (modx.train.fsdp.full_state)."""
     from modx.models import export_model
 
     tmp = directory.with_name(f".tmp-{directory.name}")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        export_model(model, tmp)
+        export_model(model, tmp, state=state)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

@@ -4,6 +4,9 @@ Accelerate's simple launcher starts ONE process for `--cpu` whatever `--num_proc
 says (it starts multi-CPU jobs only through mpirun with a host file), and it does not
 pass N on to the script. `train_modx.py` reads N from its launcher's command line and,
 when N > 1, starts the N processes itself with torch's elastic launcher (gloo on CPU).
+
+`check_distributed` stops a process that the launcher started as one of several while
+Accelerate runs it alone (they would be independent runs writing one output directory).
 """
 
 from __future__ import annotations
@@ -67,3 +70,20 @@ def relaunch_on_cpu(script: str, argv: Sequence[str], nprocs: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nprocs}", script, *argv]
     return subprocess.call(cmd)
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way modx cannot train with; the message says how to launch."""
+
+
+def check_distributed(num_processes: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Stop (LaunchError) when the launcher started several processes (WORLD_SIZE > 1) but
+    Accelerate runs this one alone: each would train the whole run by itself and write the
+    same output directory. Call it before anything is written."""
+    world = environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1 and num_processes == 1:
+        raise LaunchError(
+            f"the launcher started {world} processes (WORLD_SIZE={world}) but Accelerate runs this one alone "
+            "(not distributed): they would be independent runs writing the same output directory; launch with "
+            "`accelerate launch --num_processes N [--use_fsdp --fsdp_version 2] train_modx.py ...`"
+        )

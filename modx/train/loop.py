@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import (
+    DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
     is_wandb_available,
@@ -31,6 +32,7 @@ from modx.config import Config, ConfigError, save_config, to_dict
 from modx.models import ModelLoadError, create_model, model_param_groups, trims_padding
 from modx.strategies import build_strategy, replay_ratio, validate_strategy
 from modx.strategies.base import Context
+from modx.train import fsdp
 from modx.train.checkpoint import (
     export_phase,
     find_latest,
@@ -49,6 +51,7 @@ from modx.train.data import (
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
+from modx.train.launch import check_distributed
 from modx.train.preempt import Preempted, Preemption
 from modx.train.replay import ReplayFeed
 
@@ -164,6 +167,8 @@ def skip_step(accelerator: Accelerator, model: nn.Module, bad: torch.Tensor, gra
     norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip is not None else None
     if accelerator.scaler is not None:
         return bad
+    if norm is None and fsdp.is_sharded(model):
+        norm = fsdp.grad_norm(list(model.parameters()))
     if norm is None:
         grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros((), device=bad.device)
@@ -226,6 +231,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # ranks wait for evaluation
     )
+    check_distributed(accelerator.num_processes)  # before anything is written
+    sharding = _sharding(cfg, accelerator)
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -251,12 +258,20 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         model.set_grad_checkpointing(True)
     align_initial = _align_initial(cfg, model)
     model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
+    if sharding is not None:  # sharded before the optimiser is built over its (sharded) parameters
+        model = sharding.shard(model.to(accelerator.device))
     optimizer = adamw(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all),
                       accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device))
+    if sharding is not None and accelerator.distributed_type != DistributedType.FSDP:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)  # the model is sharded: no DDP
+    else:  # (Accelerate's FSDP2 preparation leaves an already sharded model as it is)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    distributed = {"type": "FSDP" if sharding is not None else accelerator.distributed_type.value,
+                   "num_processes": world}
+    strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
+                          frozen_copy=sharding.frozen_copy if sharding is not None else None))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
@@ -276,8 +291,10 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                              trainer_state.get("bad_in_row", 0))
         if start_phase > 0 or align_initial:  # the export that ended the previous phase
             previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
-            old_model = frozen_copy(create_model(str(ckpt_dir / previous))[0]).to(accelerator.device)
-        strategy_state = load_state(accelerator, state_path)  # the RNG too: nothing random after it
+            old = create_model(str(ckpt_dir / previous))[0]
+            old_model = sharding.frozen(old) if sharding else frozen_copy(old).to(accelerator.device)
+        parts = _sharded_parts(sharding, model, optimizer, scheduler)
+        strategy_state = load_state(accelerator, state_path, sharded=parts)  # the RNG too: nothing random after it
         strategy.load_state_dict(strategy_state["strategy"])
         if main:  # the counters are global sums, carried on the main process
             strategy.old_samples = trainer_state.get("old_model_samples", 0)
@@ -295,11 +312,12 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         run_dir.mkdir(parents=True, exist_ok=True)
         evaluator.reset()
         save_config(cfg, run_dir / "config.yaml")
-        export_phase(accelerator.unwrap_model(model), ckpt_dir / "initial")
+    if state_path is None:
+        _export(accelerator, model, sharding, ckpt_dir / "initial")
     if state_path is None and cfg.eval.initial:  # every process embeds its share
-        evaluator.evaluate(accelerator.unwrap_model(model), -1, "initial", 0)
+        evaluator.evaluate(_eval_view(accelerator, model, sharding), -1, "initial", 0)
     if state_path is None and align_initial:  # phase 0 aligns with the (pretrained) start
-        old_model = frozen_copy(accelerator.unwrap_model(model))
+        old_model = sharding.frozen_copy(model) if sharding else frozen_copy(accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     accelerator.init_trackers(t.project, config=_flat_hparams(to_dict(cfg)))
 
@@ -330,6 +348,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                     accelerator.backward(loss)
                     skip = torch.maximum(skip, (~torch.isfinite(loss.detach())).float())
                     if accelerator.sync_gradients:
+                        if sharding is not None:
+                            fsdp.sync_replicated_grads(model)
                         strategy.before_step(model)
                         skip = skip_step(accelerator, model, skip, t.grad_clip)
                         optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
@@ -358,7 +378,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                                       f"non-finite loss or gradients and were skipped ({bad_steps.in_row} in a row now)")
                 if bad_steps.longest >= bad_steps.limit:
                     _stop_bad_steps(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds,
-                                    strategy, replay, t, bad_steps)
+                                    strategy, replay, t, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
                 logs = meter.flush(batches, accelerator) | {
                     "lr": lr,
                     "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
@@ -372,19 +392,20 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
 
             # ---- evaluate inside the phase (eval.every: learning curves)
             if evaluator.due(global_step, step, phase.steps):
-                evaluator.evaluate(accelerator.unwrap_model(model), phase.index, phase.name, global_step, in_phase=True)
+                evaluator.evaluate(_eval_view(accelerator, model, sharding), phase.index, phase.name, global_step,
+                                   in_phase=True)
 
             # ---- preempted (a signal to any process): every process saves this step's state, stops
             if preemption.requested(world) and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
-                            replay, t.keep_checkpoints, bad_steps)
+                            replay, t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
                 batches.close()
                 _stop_preempted(accelerator, ckpt_dir, phase, step + 1, global_step)
 
             # ---- checkpoint (the data stream is reseeded from here: see modx.train.data)
             if global_step % t.ckpt_every == 0 and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
-                            replay, t.keep_checkpoints, bad_steps)
+                            replay, t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
                 batches.close()
                 batches, plan = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer,
                                          accelerator, trim, replay)
@@ -393,17 +414,17 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         strategy.end_phase(phase.index, model, old_model, batches)
         batches.close()
         net = accelerator.unwrap_model(model)
-        if main:
-            export_phase(net, ckpt_dir / f"phase-{phase.index}")
+        _export(accelerator, model, sharding, ckpt_dir / f"phase-{phase.index}")
         start = time.perf_counter()
-        row = evaluator.evaluate(net, phase.index, phase.name, global_step)  # every process embeds its share
+        row = evaluator.evaluate(_eval_view(accelerator, model, sharding), phase.index, phase.name,
+                                 global_step)  # every process embeds its share
         if main:
             progress.write(f"after phase {phase.index} ({phase.name}): {evaluator.headline(row)}"
                            f"  (evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
-        old_model = frozen_copy(net)
+        old_model = sharding.frozen_copy(model) if sharding else frozen_copy(net)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,
-                    t.keep_checkpoints, bad_steps)
+                    t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
         if phase.index + 1 < len(phases) and preemption.requested(world):  # signalled in the phase's last step
             _stop_preempted(accelerator, ckpt_dir, phases[phase.index + 1], 0, global_step)
 
@@ -415,7 +436,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                 "samples_per_s": samples / train_seconds if train_seconds else None,
                 **counters, **(replay.cost() if replay is not None else {})}
         bad_steps.read()
-        evaluator.finish(extra={"skipped_steps": bad_steps.total, "cost": cost})
+        evaluator.finish(extra={"skipped_steps": bad_steps.total, "cost": cost, "distributed": distributed})
     accelerator.end_training()
     return run_dir
 
@@ -445,6 +466,7 @@ def _checkpoint(
     replay: ReplayFeed | None,
     keep: int,
     bad_steps: BadSteps,
+    sharded: tuple | None = None,
 ) -> None:
     bad_steps.read()
     if replay is not None:
@@ -456,7 +478,7 @@ def _checkpoint(
     }
     strategy_state = {"strategy": strategy.state_dict()}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep,
-               write_main=replay.save if replay is not None else None)
+               write_main=replay.save if replay is not None else None, sharded=sharded)
 
 
 def _counters(accelerator: Accelerator, strategy: object) -> dict[str, int]:
@@ -472,12 +494,13 @@ def _counters(accelerator: Accelerator, strategy: object) -> dict[str, int]:
 def _stop_bad_steps(
     accelerator: Accelerator, ckpt_dir: Path, phase: int, phase_step: int, global_step: int, train_seconds: float,
     strategy: object, replay: ReplayFeed | None, t: object, bad_steps: BadSteps,
+    sharded: tuple | None = None,
 ) -> None:
     """train.max_bad_steps optimiser steps in a row were skipped: save the state and stop.
     A skipped step leaves the model as it was, so the state is the last good step's
     model and optimiser (the run is found at the log line after the limit was reached)."""
     _checkpoint(accelerator, ckpt_dir, phase, phase_step, global_step, train_seconds, strategy, replay,
-                t.keep_checkpoints, bad_steps)
+                t.keep_checkpoints, bad_steps, sharded)
     raise TrainingStopped(
         f"training stopped at global step {global_step}: {bad_steps.longest} optimiser steps in a row had "
         f"a non-finite loss or gradients (train.max_bad_steps={t.max_bad_steps}); the model and optimiser "
@@ -493,6 +516,44 @@ def _stop_preempted(accelerator: Accelerator, ckpt_dir: Path, phase: Phase, phas
                f"checkpoint at {find_latest(ckpt_dir)}; resume with train.resume=auto (or --resume)")
     accelerator.print(message)
     raise Preempted(message)
+
+
+def _sharding(cfg: Config, accelerator: Accelerator) -> fsdp.Sharding | None:
+    """How the launch shards the model (modx.train.fsdp), None for replicated training.
+    FSDP with one process has nothing to shard: the model trains as it is."""
+    strategy = fsdp.requested()
+    if strategy is None:
+        return None
+    if accelerator.num_processes == 1:
+        accelerator.print("note: FSDP with one process has nothing to shard; training the whole model")
+        return None
+    if cfg.strategy.name not in fsdp.STRATEGIES:
+        raise fsdp.ShardingError(f"strategy {cfg.strategy.name!r} is not supported under FSDP yet (supported: "
+                                 f"{', '.join(fsdp.STRATEGIES)}); launch it without --use_fsdp (DDP)")
+    if cfg.train.precision == "fp16":
+        raise fsdp.ShardingError("train.precision=fp16 is not supported under FSDP (its gradient scaler does "
+                                 "not handle sharded gradients); use bf16 or fp32")
+    return fsdp.Sharding.create(strategy, accelerator.device)
+
+
+def _sharded_parts(sharding: fsdp.Sharding | None, model: nn.Module, optimizer: object, scheduler: object) -> tuple | None:
+    """(model, torch optimiser, scheduler) for a sharded checkpoint, None when not sharded."""
+    if sharding is None:
+        return None
+    return model, getattr(optimizer, "optimizer", optimizer), scheduler
+
+
+def _export(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None, directory: Path) -> None:
+    """Export the whole model (main process); sharded, its weights are gathered first (collective)."""
+    state = fsdp.full_state(model) if sharding is not None else None
+    if accelerator.is_main_process:
+        export_phase(accelerator.unwrap_model(model), directory, state=state)
+
+
+def _eval_view(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None) -> nn.Module:
+    """The model evaluation embeds with: sharded, a whole copy on every process (collective),
+    so that each process embeds its share of a set without a collective per forward."""
+    return sharding.plain_copy(model) if sharding is not None else accelerator.unwrap_model(model)
 
 
 def _align_initial(cfg: Config, model: nn.Module) -> bool:
