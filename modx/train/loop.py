@@ -18,12 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import ProjectConfiguration, is_wandb_available, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -46,6 +41,14 @@ from modx.train.data import (
     resolve_eval_sets,
     resolve_phases,
     train_loader,
+)
+from modx.train.engines import (
+    accelerator_options,
+    broadcast_scalars,
+    deepspeed_problem,
+    deepspeed_skipped,
+    is_deepspeed,
+    refresh_master,
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
@@ -208,19 +211,24 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     accelerator = Accelerator(
-        cpu=not _has_accelerator(),  # several processes on a CPU-only machine: gloo (MULTI_CPU)
+        # several processes on a CPU-only machine: gloo (MULTI_CPU); DeepSpeed there too
+        **accelerator_options(_has_accelerator(), timeout=timedelta(hours=2)),  # ranks wait for evaluation
         mixed_precision=MIXED_PRECISION[t.precision],
         gradient_accumulation_steps=t.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
         log_with=None if t.tracker == "none" else t.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # ranks wait for evaluation
     )
+    deepspeed = is_deepspeed(accelerator)
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if t.batch_size % world:
         raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes")
+    if deepspeed:
+        problem = deepspeed_problem(accelerator, cfg.strategy.name, t.batch_size // world, t.grad_accum, t.grad_clip)
+        if problem is not None:
+            raise ConfigError(*problem)
 
     # ---- the stream, the model, the strategy
     with accelerator.main_process_first():
@@ -244,7 +252,8 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                       accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    with broadcast_scalars(deepspeed):
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
@@ -316,9 +325,12 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, terms = strategy.loss(model, batch, old_model)
-                    accelerator.backward(loss)
+                    accelerator.backward(loss)  # DeepSpeed: the optimiser step too
                     skip = torch.maximum(skip, (~torch.isfinite(loss.detach())).float())
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and deepspeed:
+                        strategy.before_step(model)  # after DeepSpeed's step: no strategy that edits gradients
+                        skip = deepspeed_skipped(model).to(skip.device)  # its own, global, decision
+                    elif accelerator.sync_gradients:
                         strategy.before_step(model)
                         skip = skip_step(accelerator, model, skip, t.grad_clip)
                         optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
@@ -327,7 +339,12 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
             lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
             with torch.no_grad():
-                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                logit_scale = accelerator.unwrap_model(model).logit_scale
+                if not deepspeed:
+                    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                elif not 0 <= logit_scale.item() <= MAX_LOGIT_SCALE:  # ZeRO's fp32 copy must follow
+                    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    refresh_master(accelerator, optimizer)
             global_step += 1
             train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum, skipped=skip)
@@ -373,6 +390,7 @@ def run(cfg: Config, resume: str | None = None, until_phase: int | None = None) 
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
+        refresh_master(accelerator, optimizer)  # weights the strategy edited (DeepSpeed's fp32 copy)
         batches.close()
         net = accelerator.unwrap_model(model)
         if main:
