@@ -126,6 +126,7 @@ def test_the_deepspeed_config_auto_values_come_from_modx_config():
     assert key == "train.grad_clip" and "gradient_clipping=0.5" in why
     key, why = deepspeed_problem(_Accelerator({"zero_optimization": {"stage": 2}}), "cmcl", 4, 1, 1.0)
     assert key == "strategy.name" and "cmcl edits the gradients" in why
+    assert deepspeed_problem(_Accelerator({}), "ewc", 4, 1, 1.0)[0] == "strategy.name"
     key, why = deepspeed_problem(_Accelerator({"bf16": {"enabled": True}}), "modx", 4, 1, 1.0)
     assert key == "train.precision"
 
@@ -138,3 +139,16 @@ def test_weights_a_strategy_edits_at_a_phase_end_reach_zero_fp32_copy(tmp_path):
     ok(launch(ddp, [*replay_args(ddp), *RUN, *args], "ddp"))
     ok(launch(ds, [*replay_args(ds), *RUN, *args], "deepspeed"))
     assert_weights_close(final_weights(ds), final_weights(ddp))
+
+
+def test_the_shipped_accelerate_config_runs_with_gradient_accumulation(tmp_path):
+    """configs/accelerate/deepspeed_zero2.yaml (+ its JSON, "auto" values filled from
+    modx's config) as a user launches it, here on 2 CPU processes with 2 micro-batches."""
+    out = tmp_path / "run"
+    args = [*replay_args(out), *RUN, "strategy.name=finetune", "strategy.replay.ratio=0", "train.grad_accum=2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2",
+           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "_train_helpers.py"), str(out), *args]
+    ok(subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    assert len(json.loads((out / "losses.json").read_text())) == 2 * 6  # micro-batches of 2 phases x 3 steps

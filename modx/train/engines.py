@@ -21,8 +21,9 @@ the gradients too. What modx adds to Accelerate's DeepSpeed path:
 
 Not supported, refused at the start with one line: ZeRO stage 3 (it partitions the
 parameters themselves; the old model, the evaluation and the strategies read whole
-parameters: use FSDP's FULL_SHARD for sharded parameters) and strategies that edit
-gradients between backward and the step (`cmcl`: DeepSpeed steps inside backward).
+parameters: use FSDP's FULL_SHARD for sharded parameters) and strategies that need the
+gradients themselves (`cmcl` projects them before the step, `ewc` runs backward passes of
+its own for its Fisher information): DeepSpeed steps inside backward and owns them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
-GRADIENT_STRATEGIES = ("cmcl",)  # edit gradients between backward and the optimiser step
+GRADIENT_STRATEGIES = {  # what DeepSpeed, stepping inside backward and owning the gradients, breaks
+    "cmcl": "edits the gradients between backward and the optimiser step",
+    "ewc": "computes its Fisher information from backward passes of its own",
+}
 
 
 def deepspeed_requested(environ: dict[str, str] | None = None) -> bool:
