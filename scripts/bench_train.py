@@ -50,16 +50,20 @@ TINY_VIT = {  # a small ViT CLIP that open_clip and modx both build from this co
 }
 
 
-def write_model_dir(directory: Path, seed: int = 0) -> str:
-    """open_clip_config.json + open_clip_model.safetensors of TINY_VIT (seeded init)."""
+def write_model_dir(directory: Path, seed: int = 0, name: str | None = None) -> str:
+    """open_clip_config.json + open_clip_model.safetensors of TINY_VIT, or of open_clip's
+    built-in config `name` (e.g. ViT-B-16; random weights, seeded)."""
     import open_clip
     import torch
     from safetensors.torch import save_file
 
+    cfg = TINY_VIT if name is None else open_clip.get_model_config(name)
+    if cfg is None:
+        raise SystemExit(f"bench_train.py: open_clip has no model config {name!r}")
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**TINY_VIT)
-    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_VIT, "preprocess_cfg": {}}))
+    model = open_clip.model.CLIP(**cfg)
+    (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "open_clip_model.safetensors"))
     return f"local-dir:{directory}"
 
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-repeats", type=int, default=10, help="model-only steps per strategy")
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY of both trainers")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--model", help="an open_clip model config (e.g. ViT-B-16, at its own image size) "
+                   "instead of the small ViT")  # fmt: skip
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", args.omp_wait_policy)  # before torch starts its threads
 
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, evals = ensure_builtin("digits", args.data_root)
-    arch = write_model_dir(out / "model")
+    arch = write_model_dir(out / "model", name=args.model)
     # passive OpenMP waits: on a shared machine spinning threads cost 2-3x (BENCHMARKS.md)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": args.omp_wait_policy}
     have_open_clip = (Path(args.open_clip_path) / "open_clip_train").is_dir()

@@ -26,14 +26,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -157,7 +159,13 @@ def load_state(
     when loaded. Call it last before training goes on: anything that draws random numbers
     afterwards (building a model, say) would move the RNG away from the saved run's.
     """
-    check_loadable(path)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if (path / DEEPSPEED_DIR).is_dir() != deepspeed:
+        raise CheckpointError(
+            f"cannot resume from {path}: it was saved " + ("under DeepSpeed; launch with DeepSpeed again"
+            if not deepspeed else "without DeepSpeed; launch as it was saved") + " (or start a new run "
+            "from a phase export with model.pretrained)")
+    check_loadable(path, deepspeed=deepspeed)
     rank = accelerator.process_index
     own = rank if (path / f"strategy_{rank}.json").is_file() else 0  # world size changed
     try:
@@ -188,13 +196,28 @@ def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     load_local_states(model, optimizer, states)
 
 
-def check_loadable(path: Path) -> None:
+DEEPSPEED_DIR = "pytorch_model"  # Accelerate's DeepSpeed checkpoint (engine.save_checkpoint) in a state
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # DeepSpeed's converters, written, never run
+
+
+def check_loadable(path: Path, deepspeed: bool = False) -> None:
     """Raise CheckpointError unless every file of the state at `path` loads without
     running code: safetensors and JSON as they are, Accelerate's .bin files and scaler.pt
-    with torch.load(weights_only=True), nothing else (pickles are never loaded)."""
+    with torch.load(weights_only=True), nothing else (pickles are never loaded). A DeepSpeed
+    state's `pytorch_model/*.pt` are checked the same way, with DeepSpeed's plain data
+    classes (its loss scaler, ZeRO stage, fragment addresses) allowed."""
     for file in sorted(path.iterdir()):
-        if file.suffix == ".json" or file.is_dir():
+        if file.suffix == ".json":
             continue
+        if file.is_dir() and file.name == DEEPSPEED_DIR and not deepspeed:
+            continue  # a DeepSpeed state resumed without DeepSpeed: Accelerate does not read it
+        if file.is_dir() and file.name == DEEPSPEED_DIR:
+            _check_deepspeed(path, file)
+            continue
+        if file.is_dir():
+            continue
+        if deepspeed and (file.name in DEEPSPEED_SCRIPTS or file.name == "latest"):
+            continue  # DeepSpeed's tag pointer (text) and converter scripts: never loaded
         if file.suffix == ".tar":  # samples (the replay buffer): read as bytes, never extracted
             if not tarfile.is_tarfile(file):
                 raise CheckpointError(f"cannot resume from {path}: {file.name} is not a valid tar file")
@@ -211,15 +234,41 @@ def check_loadable(path: Path) -> None:
                 "optimiser file (modx never loads pickles; remove the file if you trust it is "
                 "not needed, or resume from another checkpoint)"
             )
-        try:
+        _check_tensors(file)
+
+
+def _check_tensors(file: Path, allowed: Sequence[type] = ()) -> None:
+    """CheckpointError unless `file` loads with torch.load(weights_only=True) (`allowed`:
+    classes the restricted unpickler may build besides tensors and containers)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
             torch.load(file, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"refusing to load {file}: it does not load as plain tensors "
-                f"(torch.load weights_only=True: {first}); it may run code - resume from "
-                "another checkpoint"
-            ) from None
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        unsupported = re.search(r"GLOBAL [\w.]+", text)  # what the file would build: the reason
+        raise CheckpointError(
+            f"refusing to load {file}: it does not load as plain tensors "
+            f"(torch.load weights_only=True: {first}{f' ({unsupported.group(0)})' if unsupported else ''}); "
+            "it may run code - resume from another checkpoint"
+        ) from None
+
+
+def _check_deepspeed(path: Path, directory: Path) -> None:
+    """DeepSpeed's model and ZeRO optimiser files (`*.pt`), each with weights_only=True."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        raise CheckpointError(f"cannot resume from {path}: it is a DeepSpeed state and DeepSpeed is not "
+                              "installed (pip install deepspeed)") from None
+    allowed = (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+    for file in sorted(directory.iterdir()):
+        if file.suffix != ".pt":
+            raise CheckpointError(f"refusing to resume from {path}: {DEEPSPEED_DIR}/{file.name} is not a "
+                                  "DeepSpeed tensor file (modx never loads pickles)")
+        _check_tensors(file, allowed)
 
 
 def forget_states(root: Path) -> None:

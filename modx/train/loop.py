@@ -18,13 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedType,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    is_wandb_available,
-    set_seed,
-)
+from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,6 +42,14 @@ from modx.train.data import (
     resolve_eval_sets,
     resolve_phases,
     train_loader,
+)
+from modx.train.engines import (
+    accelerator_options,
+    broadcast_scalars,
+    deepspeed_problem,
+    deepspeed_skipped,
+    is_deepspeed,
+    refresh_master,
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
@@ -223,21 +225,26 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     run_dir = Path(t.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     accelerator = Accelerator(
-        cpu=not _has_accelerator(),  # several processes on a CPU-only machine: gloo (MULTI_CPU)
+        # several processes on a CPU-only machine: gloo (MULTI_CPU); DeepSpeed there too
+        **accelerator_options(_has_accelerator(), timeout=timedelta(hours=2)),  # ranks wait for evaluation
         mixed_precision=MIXED_PRECISION[t.precision],
         gradient_accumulation_steps=t.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimiser step, below
         log_with=None if t.tracker == "none" else t.tracker,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],  # ranks wait for evaluation
     )
     check_distributed(accelerator.num_processes)  # before anything is written
+    deepspeed = is_deepspeed(accelerator)
     sharding = _sharding(cfg, accelerator)
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     if t.batch_size % world:
         raise ConfigError("train.batch_size", f"{t.batch_size} does not split evenly over {world} processes")
+    if deepspeed:
+        problem = deepspeed_problem(accelerator, cfg.strategy.name, t.batch_size // world, t.grad_accum, t.grad_clip)
+        if problem is not None:
+            raise ConfigError(*problem)
 
     # ---- the stream, the model, the strategy
     with accelerator.main_process_first():
@@ -267,7 +274,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     if sharding is not None and accelerator.distributed_type != DistributedType.FSDP:
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)  # the model is sharded: no DDP
     else:  # (Accelerate's FSDP2 preparation leaves an already sharded model as it is)
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        with broadcast_scalars(deepspeed):  # DeepSpeed: the 0-d logit_scale
+            model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     distributed = {"type": "FSDP" if sharding is not None else accelerator.distributed_type.value,
                    "num_processes": world}
     strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
@@ -345,9 +353,12 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
                         loss, terms = strategy.loss(model, batch, old_model)
-                    accelerator.backward(loss)
+                    accelerator.backward(loss)  # DeepSpeed: the optimiser step too
                     skip = torch.maximum(skip, (~torch.isfinite(loss.detach())).float())
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients and deepspeed:
+                        strategy.before_step(model)  # after DeepSpeed's step: no strategy that edits gradients
+                        skip = deepspeed_skipped(model).to(skip.device)  # its own, global, decision
+                    elif accelerator.sync_gradients:
                         if sharding is not None:
                             fsdp.sync_replicated_grads(model)
                         strategy.before_step(model)
@@ -358,7 +369,12 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
             lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
             with torch.no_grad():
-                accelerator.unwrap_model(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                logit_scale = accelerator.unwrap_model(model).logit_scale
+                if not deepspeed:
+                    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                elif not 0 <= logit_scale.item() <= MAX_LOGIT_SCALE:  # ZeRO's fp32 copy must follow
+                    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+                    refresh_master(accelerator, optimizer)
             global_step += 1
             train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum, skipped=skip)
@@ -412,6 +428,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
+        refresh_master(accelerator, optimizer)  # weights the strategy edited (DeepSpeed's fp32 copy)
         batches.close()
         net = accelerator.unwrap_model(model)
         _export(accelerator, model, sharding, ckpt_dir / f"phase-{phase.index}")
