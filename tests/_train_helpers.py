@@ -272,7 +272,8 @@ def main(argv: list[str]) -> None:
         return
     state, tag = PartialState(), "-resumed" if resume else ""
     (out / f"replayed{tag}_{state.process_index}.json").write_text(json.dumps(replayed))
-    (out / f"digest{tag}_{state.process_index}.txt").write_text(weights_digest(models[0]))
+    if models:  # (a sharded run snapshots its old model through modx.train.fsdp instead)
+        (out / f"digest{tag}_{state.process_index}.txt").write_text(weights_digest(models[0]))
     if state.is_main_process:
         (out / f"losses{tag}.json").write_text(json.dumps(losses))
 

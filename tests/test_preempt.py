@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from modx.config import ConfigError, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _train_helpers import ROOT, fake_stream_overrides, install_fake_stream, tiny_overrides  # noqa: E402
+from test_train_faults import assert_same_weights, weights  # noqa: E402
 
 TIMEOUT = 300  # a process that waits for another in a collective fails the test instead of hanging it
 
@@ -41,16 +40,6 @@ def fresh_state(monkeypatch):
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path / "model.safetensors")
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 def trainer_state(run_dir: Path) -> dict:
