@@ -184,13 +184,28 @@ class ClipLoss(nn.Module):
         text_features: torch.Tensor,
         logit_scale: torch.Tensor | float,
     ) -> torch.Tensor:
-        image_all, text_all = gather_features(
-            image_features, text_features, gather_with_grad=self.gather_with_grad
-        )
-        rank, world = world_info()
-        if self.local_loss and world > 1:
-            return clip_loss_local(image_features, text_features, image_all, text_all, logit_scale, rank)
-        return clip_loss(image_all, text_all, logit_scale)
+        loss, _, _ = global_clip_loss(image_features, text_features, logit_scale,
+                                      local_loss=self.local_loss, gather_with_grad=self.gather_with_grad)
+        return loss
+
+
+def global_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CLIP loss over the global batch, gathered image features, gathered text features):
+    what ``ClipLoss`` computes, with the (B, d) features strategies reuse for their own
+    terms. ``local_loss``: this rank's rows against the gathered columns."""
+    image_all, text_all = gather_features(image_features, text_features, gather_with_grad=gather_with_grad)
+    rank, world = world_info()
+    if local_loss and world > 1:
+        loss = clip_loss_local(image_features, text_features, image_all, text_all, logit_scale, rank)
+    else:
+        loss = clip_loss(image_all, text_all, logit_scale)
+    return loss, image_all, text_all
 
 
 def _row_kl(old_logits: torch.Tensor, new_logits: torch.Tensor, diagonal: bool = True) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modx.config import ConfigError
-from modx.losses import clip_loss, clip_loss_local, full_precision, gather_features, world_info
+from modx.losses import clip_loss, full_precision, gather_features, global_clip_loss
 from modx.strategies.base import Batch, Strategy
 
 # Where the towers' sequence backbones live: open_clip's vision and CLIP text towers, the
@@ -149,12 +149,8 @@ class CCLIP(Strategy):
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.forward(model, batch)
-        img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
-        rank, world = world_info()
-        if self.local_loss and world > 1:  # this rank's rows against the gathered columns
-            clip = clip_loss_local(out["image_features"], out["text_features"], img, txt, out["logit_scale"], rank)
-        else:
-            clip = clip_loss(img, txt, out["logit_scale"])
+        clip, img, txt = global_clip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                          local_loss=self.local_loss)  # img, txt: (B_global, d)
         predictor = self.accelerator.unwrap_model(model).cclip_predictor
         if old_model is None:  # nothing to consolidate; DDP wants a gradient for every trainable parameter
             idle = sum(p.sum() for p in predictor.parameters()) * 0.0

@@ -33,10 +33,9 @@ from torch import nn
 from modx.config import ConfigError
 from modx.losses import (
     all_gather,
-    clip_loss,
-    clip_loss_local,
     full_precision,
     gather_features,
+    global_clip_loss,
     world_info,
 )
 from modx.strategies.base import Batch, Strategy, local
@@ -147,13 +146,9 @@ class CTP(Strategy):
         out = self.forward(model, batch)
         img, txt = out["image_features"], out["text_features"]  # (b, d)
         b = img.shape[0]
-        rank, world = world_info()
+        rank, _ = world_info()
         offset = rank * b  # this process's rows in the global batch
-        img_all, txt_all = gather_features(img, txt)  # (B, d), with gradients
-        if self.local_loss and world > 1:
-            clip = clip_loss_local(img, txt, img_all, txt_all, out["logit_scale"], rank)
-        else:
-            clip = clip_loss(img_all, txt_all, out["logit_scale"])
+        clip, img_all, txt_all = global_clip_loss(img, txt, out["logit_scale"], local_loss=self.local_loss)
         tau = self.cfg.ctp_temperature
 
         with torch.no_grad():

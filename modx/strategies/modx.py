@@ -19,9 +19,8 @@ from torch import nn
 
 from modx.losses import (
     all_gather,
-    clip_loss,
-    clip_loss_local,
     gather_features,
+    global_clip_loss,
     modx_kl,
     modx_kl_local,
     world_info,
@@ -42,13 +41,11 @@ class ModX(Strategy):
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.forward(model, batch)
-        img, txt = gather_features(out["image_features"], out["text_features"])  # (B_global, d)
+        # = self.contrastive(out), keeping the gathered (B_global, d) features for the KL
+        clip, img, txt = global_clip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                          local_loss=self.local_loss)
         rank, world = world_info()
         local = self.local_loss and world > 1
-        if local:  # this rank's rows against the gathered columns (= self.contrastive(out))
-            clip = clip_loss_local(out["image_features"], out["text_features"], img, txt, out["logit_scale"], rank)
-        else:
-            clip = clip_loss(img, txt, out["logit_scale"])  # = self.contrastive(out)
         if old_model is None:
             return clip, {"loss_clip": clip.detach()}
         on, mine, keep = self.kl_on, None, None

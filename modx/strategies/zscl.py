@@ -38,10 +38,9 @@ from modx.data import DataError, make_loader, parse_sources
 from modx.data.seeds import stable_seed
 from modx.losses import (
     all_gather,
-    clip_loss,
-    clip_loss_local,
     full_precision,
     gather_features,
+    global_clip_loss,
     world_info,
 )
 from modx.strategies.base import Batch, Context, Strategy
@@ -209,11 +208,7 @@ class ZSCL(Strategy):
         self.extra_samples += n_ref  # the reference images through the trained image tower
 
         rank, world = world_info()
-        img_all, txt_all = gather_features(img, out["text_features"])  # (B, d), with gradients
-        if self.local_loss and world > 1:
-            clip = clip_loss_local(img, out["text_features"], img_all, txt_all, out["logit_scale"], rank)
-        else:
-            clip = clip_loss(img_all, txt_all, out["logit_scale"])
+        clip, _, _ = global_clip_loss(img, out["text_features"], out["logit_scale"], local_loss=self.local_loss)
         student, txt_ref = gather_features(ref_img, teacher["text_features"])  # the teacher's: no gradient
         img_ref = all_gather(teacher["image_features"])
         scale = self.initial.logit_scale.exp()
