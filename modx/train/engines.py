@@ -76,8 +76,8 @@ def deepspeed_problem(accelerator: Accelerator, strategy: str, micro_batch: int,
                 "and the strategies read whole ones: use stage 1 or 2, or FSDP's FULL_SHARD "
                 "(accelerate launch --use_fsdp) for sharded parameters")
     if strategy in GRADIENT_STRATEGIES:
-        return ("strategy.name", f"{strategy} edits the gradients before the optimiser step, and DeepSpeed steps "
-                "inside backward: run it with DDP or FSDP")
+        return ("strategy.name", f"{strategy} {GRADIENT_STRATEGIES[strategy]}, and DeepSpeed steps inside "
+                "backward and owns the gradients: run it with DDP or FSDP")
     if ds.get("fp16", {}).get("enabled") is True or ds.get("bf16", {}).get("enabled") is True:
         if accelerator.mixed_precision == "no":
             return ("train.precision", "the DeepSpeed config enables fp16/bf16 while train.precision is fp32: "
@@ -100,8 +100,7 @@ def deepspeed_problem(accelerator: Accelerator, strategy: str, micro_batch: int,
 
 def deepspeed_skipped(model: torch.nn.Module) -> torch.Tensor:
     """1.0 (0-d) when DeepSpeed's last step was skipped (a non-finite gradient norm)."""
-    engine = model
-    optimizer = getattr(engine, "optimizer", None)
+    optimizer = getattr(model, "optimizer", None)  # the DeepSpeedEngine's ZeRO optimiser
     return torch.tensor(float(bool(getattr(optimizer, "overflow", False))))
 
 
