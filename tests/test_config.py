@@ -79,6 +79,13 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["strategy.cmcl_lambda_min=-0.1"], "strategy.cmcl_lambda_min"),
         (["strategy.cmcl_lambda_min_out=-1"], "strategy.cmcl_lambda_min_out"),
         (["strategy.cmcl_batches=0"], "strategy.cmcl_batches"),
+        (["stream.phases.0.val=[1, 2]"], "stream.phases.0.val"),  # URLs are one string
+        (["stream.phases.1.builtin=[]"], "stream.phases.1.builtin"),
+        (["stream.phases.1.builtin=[digits, shapes]", "stream.phases.1.classes=[zero]"], "stream.phases.1.classes"),
+        (["stream.phases.0.classes=[zero]"], "stream.phases.0.classes"),  # no builtin to take them from
+        (["stream.phases.1.classes=zero"], "stream.phases.1.classes"),  # a list
+        (["eval.zeroshot=[{data: d, classes: [zero]}]"], "eval.zeroshot.0.classes"),
+        (["eval.retention_from=digits"], "eval.retention_from"),  # no phase of that name
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):
@@ -86,6 +93,21 @@ def test_bad_values_name_the_key(tmp_path, overrides, key):
         load_config(write(tmp_path, BASE), overrides)
     assert info.value.key == key
     assert f"'{key}'" in str(info.value)
+
+
+def test_val_builtin_lists_classes_and_retention_from_are_read(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), [
+        "stream.phases.0.val=data/a/val-000000.tar", "stream.phases.1.builtin=[digits, shapes]",
+        "stream.phases.1.name=''", "eval.retention_from=digits+shapes",
+        "eval.zeroshot=[{builtin: digits, classes: [nine, eight]}]",
+    ])
+    assert cfg.stream.phases[0].val == "data/a/val-000000.tar" and cfg.stream.phases[1].val == ""
+    assert cfg.stream.phases[1].builtin == ["digits", "shapes"] and cfg.stream.phases[1].name == "digits+shapes"
+    assert cfg.eval.retention_from == "digits+shapes" and cfg.eval.zeroshot[0].name == "digits.nine+eight-zs"
+    cfg = load_config(write(tmp_path, BASE), ["stream.phases.1.classes=[zero, one]", "stream.phases.1.name=''"])
+    assert cfg.stream.phases[1].name == "digits.zero+one"
+    with pytest.raises(ConfigError, match="choose initial or a phase name \\(a, b\\)"):
+        load_config(write(tmp_path, BASE), ["eval.retention_from=c"])
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
