@@ -344,8 +344,9 @@ def format_zeroshot(zs: dict[str, Any]) -> list[str]:
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """What a comparison of runs reads from a summary.json: the strategy, the continual
-    metrics, plasticity (mean recall on each domain right after its phase) and the first
-    domain's recall right after its phase and at the end."""
+    metrics, plasticity (mean recall on each domain right after its phase), the first
+    domain's recall right after its phase and at the end, the val sets' average recall
+    (val_average) and the zero-shot retention (None where absent or omitted)."""
     learned = [x for x in summary.get("learned_recall") or [] if x is not None]
     last = summary.get("last_recall") or [None]
     out = {k: summary.get(k) for k in ("strategy", "average_recall", "forgetting", "backward_transfer",
@@ -353,6 +354,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     out["plasticity"] = sum(learned) / len(learned) if learned else None
     out["first_learned"] = learned[0] if learned else None
     out["first_last"] = last[0]
+    out["val_average"] = (summary.get("val") or {}).get("average_recall")
+    out["zeroshot_retention"] = summary.get("zeroshot_retention")
     if summary.get("strategy") == "joint" and None not in last:  # one phase over every domain
         out["average_recall"] = out["plasticity"] = sum(last) / len(last)
     return out
