@@ -185,3 +185,19 @@ def test_cli_bad_zero_shot_directory_exits_2_naming_the_key(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "eval.zeroshot.0.data" in proc.stderr and "not a CLIP_benchmark" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_retention_stream_holds_its_zero_shot_classes_out_of_the_narrow_phases():
+    cfg = load_config(ROOT / "configs" / "bench_retention.yaml")
+    names = [p.name for p in cfg.stream.phases]
+    broad = cfg.stream.phases[names.index(cfg.eval.retention_from)]
+    assert cfg.eval.retention_from == names[0] and isinstance(broad.builtin, list) and len(broad.builtin) >= 2
+    narrow = cfg.stream.phases[1:]
+    assert narrow and all(isinstance(p.builtin, str) and p.classes for p in narrow)
+    trained = {(p.builtin, c) for p in narrow for c in p.classes}
+    for z in cfg.eval.zeroshot:
+        assert z.builtin in broad.builtin  # the "pretrained" model saw the zero-shot domain
+        if z.classes:
+            assert not {(z.builtin, c) for c in z.classes} & trained, z.name
+        else:
+            assert z.builtin not in {p.builtin for p in narrow}, z.name  # a whole held-out domain

@@ -201,7 +201,7 @@ def zeroshot_retention(
 def retention_reference(zs: Mapping[str, Any]) -> str:
     """The model a ``zeroshot_retention`` result is relative to, in words."""
     ref = zs.get("reference", "initial")
-    return "the initial model's" if ref == "initial" else f"the model's after phase '{ref}'"
+    return "the initial model" if ref == "initial" else f"the model after phase '{ref}'"
 
 
 def _num(x: float | np.floating | None) -> float | None:

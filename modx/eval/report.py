@@ -267,7 +267,7 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
             rows = [["initial"] + [_fmt(x) for x in z["initial"]]] if z["initial"] else []
             rows += [[p] + [f"{_fmt(v)} ({_fmt(k, 0)}%)" if k is not None else _fmt(v) for v, k in zip(row, kept)]
                      for p, row, kept in zip(z["phases"], z["matrix"], z["retention"])]  # fmt: skip
-            title = "Zero-shot top-1 accuracy" + ("" if z["omitted"] else f" (retention: % of {retention_reference(z)})")
+            title = "Zero-shot top-1 accuracy" + ("" if z["omitted"] else f" (retention: % of the accuracy of {retention_reference(z)})")
             b += [("h3", title), ("table", ["after phase"] + z["eval_sets"], rows)]
             if z["omitted"]:
                 b.append(("p", f"Zero-shot retention omitted: {z['omitted']}."))
@@ -553,7 +553,8 @@ def _plot_learning_curves(runs: list[Run], metric: str) -> bytes:
             ends = sorted({int(rec["step"]) for rec in r.results if int(rec["phase"]) >= 0})
             for x in ends:
                 ax.axvline(x, color=f"C{i}", linestyle=":", alpha=0.5)
-        ax.set_title(f"{name} ({'zero-shot top-1' if kind == 'zeroshot' else metric})", fontsize=9)
+        what = {"zeroshot": "zero-shot top-1", "val": f"val set, {metric}"}.get(kind, metric)
+        ax.set_title(f"{name} ({what})", fontsize=9)
         ax.set_xlabel("optimiser step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes[len(sets) :]:

@@ -334,12 +334,12 @@ def format_zeroshot(zs: dict[str, Any]) -> list[str]:
         lines = _table(f"zero-shot accuracy ({zs['metric']}, %)", zs["eval_sets"], zs["phases"], zs["matrix"],
                        zs["initial"])  # fmt: skip
         return lines + [f"zero-shot retention omitted: {zs['omitted']}"]
-    title = f"zero-shot accuracy ({zs['metric']}, %) and retention (% of {retention_reference(zs)})"
+    title = f"zero-shot accuracy ({zs['metric']}, %) and retention (% of the accuracy of {retention_reference(zs)})"
     cells = [[f"{_fmt(v)} ({_fmt(r, 0)}%)" if r is not None else _fmt(v) for v, r in zip(row, kept)]
              for row, kept in zip(zs["matrix"], zs["retention"])]  # fmt: skip
     lines = _table(title, zs["eval_sets"], zs["phases"], cells, zs["initial"])
     return lines + [f"mean zero-shot retention after the last phase {_fmt(zs['mean_retention'])}% "
-                    f"(of {retention_reference(zs)} accuracy)"]
+                    f"(of the accuracy of {retention_reference(zs)})"]
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
