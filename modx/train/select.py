@@ -63,10 +63,9 @@ def choose(result: dict[str, Any], points: Sequence[tuple[str, dict[str, str]]])
     for spec, params in points:
         mine = [r for r in result["runs"] if r["strategy"] == spec]
         by_seed = {r["seed"]: (r["summary"].get("val") or {}).get("average_recall") for r in mine}
-        missing = [seed for seed, v in by_seed.items() if v is None]
-        if not mine or missing:
-            raise BenchError(f"{spec}: no val score (seed {missing[0] if missing else '-'}): the stream's phases "
-                             "need val sets (stream.phases[].val; built-in phases have them)")
+        if not mine or None in by_seed.values():
+            raise BenchError(f"{spec}: no val score: the stream's phases need val sets "
+                             "(stream.phases[].val; built-in phases have them)")
         rows.append({"spec": spec, "params": params, "val": _mean_std(list(by_seed.values())),
                      "val_by_seed": by_seed})
     best = max(range(len(rows)), key=lambda i: (rows[i]["val"]["mean"], -i))
