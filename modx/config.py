@@ -107,8 +107,11 @@ class StrategyConfig:
 class PhaseConfig:
     name: str = ""
     train: str = ""  # training shard URLs (brace expansion, `::` joins sources)
-    eval: str = ""  # evaluation shard URLs
-    builtin: str | None = None  # a modx.data.builtin dataset whose shards are built when missing
+    eval: str = ""  # evaluation (test) shard URLs
+    val: str = ""  # validation shard URLs, disjoint from train and eval (model selection: modx-bench --select)
+    builtin: str | list[str] | None = None  # modx.data.builtin dataset(s) whose shards are built when
+    #                                         missing; a list mixes their training data in equal shares
+    classes: list[str] | None = None  # a narrow subset of the (one) builtin dataset: its "class" values
     steps: int | None = None  # budget in optimiser steps ...
     samples: int | None = None  # ... or in training samples (global)
     lr: float | None = None  # per-phase peak learning rate (default train.lr)
@@ -153,6 +156,7 @@ class ZeroShotSetConfig:
     name: str = ""  # default: the directory's name, or BUILTIN-zs
     data: str = ""  # a CLIP_benchmark classification directory (classnames.txt, templates, test/)
     builtin: str | None = None  # or a built-in dataset's zero-shot set (built under stream.data_root)
+    classes: list[str] | None = None  # builtin: only these classes (e.g. ones no phase trains on)
 
 
 @dataclass
@@ -174,6 +178,8 @@ class EvalConfig:
     reference: str | None = None  # summary.json of another run on this stream (e.g. fine-tuning)
     #                               printed beside this run's; relative: to the config file
     every: int = 0  # also evaluate every N optimiser steps inside a phase (0: phase ends only)
+    retention_from: str = "initial"  # zero-shot retention relative to: the initial model (omitted when
+    #                                  its weights are random) or the model after the phase of this name
     zeroshot: list[ZeroShotSetConfig] = field(default_factory=list)  # zero-shot classification sets
     retrieval: list[RetrievalSetConfig] = field(default_factory=list)  # held-out retrieval sets
 
@@ -379,8 +385,12 @@ def validate(cfg: Config) -> None:
     names = set()
     for i, p in enumerate(phases):
         key = f"stream.phases.{i}"
+        if isinstance(p.builtin, list):
+            check(len(p.builtin) > 0, f"{key}.builtin", "give a dataset name or a non-empty list of names")
+            check(p.classes is None, f"{key}.classes", "a class subset needs one builtin dataset, not a list")
+        check(p.classes is None or p.builtin is not None, f"{key}.classes", "a class subset needs a builtin dataset")
         if not p.name:
-            p.name = p.builtin or f"phase{i}"
+            p.name = _builtin_name(p.builtin, p.classes) if p.builtin else f"phase{i}"
         check(p.name not in names, f"{key}.name", f"duplicate phase name {p.name!r}")
         names.add(p.name)
         check((p.steps is None) != (p.samples is None), key, "give exactly one budget: steps or samples")
@@ -421,11 +431,23 @@ def validate(cfg: Config) -> None:
         for i, item in enumerate(sets):
             key = f"eval.{group}.{i}"
             check(bool(item.data) != (item.builtin is not None), key, "give exactly one of data or builtin")
+            classes = getattr(item, "classes", None)
+            check(classes is None or item.builtin is not None, f"{key}.classes", "a class subset needs a builtin dataset")
             if not item.name:
                 default = Path(item.data.rstrip("/")).name if group == "zeroshot" and item.data else f"{group}{i}"
-                item.name = item.builtin + ("-zs" if group == "zeroshot" else "-heldout") if item.builtin else default
+                suffix = "-zs" if group == "zeroshot" else "-heldout"
+                item.name = _builtin_name(item.builtin, classes) + suffix if item.builtin else default
             check(item.name not in taken, f"{key}.name", f"duplicate eval set name {item.name!r} (phases and eval sets need distinct names)")
             taken.add(item.name)
+    check(e.retention_from == "initial" or e.retention_from in names, "eval.retention_from",
+          f"choose initial or a phase name ({', '.join(sorted(names))})")
+
+
+def _builtin_name(builtin: str | list[str], classes: list[str] | None) -> str:
+    """Default name of a built-in phase or eval set: `digits`, `digits+shapes`, `digits.zero+one`."""
+    if isinstance(builtin, list):
+        return "+".join(builtin)
+    return f"{builtin}.{'+'.join(classes)}" if classes else builtin
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -78,6 +78,13 @@ def test_saved_config_loads_back_identically(tmp_path):
         (["strategy.cmcl_lambda_min=-0.1"], "strategy.cmcl_lambda_min"),
         (["strategy.cmcl_lambda_min_out=-1"], "strategy.cmcl_lambda_min_out"),
         (["strategy.cmcl_batches=0"], "strategy.cmcl_batches"),
+        (["stream.phases.0.val=[1, 2]"], "stream.phases.0.val"),  # URLs are one string
+        (["stream.phases.1.builtin=[]"], "stream.phases.1.builtin"),
+        (["stream.phases.1.builtin=[digits, shapes]", "stream.phases.1.classes=[zero]"], "stream.phases.1.classes"),
+        (["stream.phases.0.classes=[zero]"], "stream.phases.0.classes"),  # no builtin to take them from
+        (["stream.phases.1.classes=zero"], "stream.phases.1.classes"),  # a list
+        (["eval.zeroshot=[{data: d, classes: [zero]}]"], "eval.zeroshot.0.classes"),
+        (["eval.retention_from=digits"], "eval.retention_from"),  # no phase of that name
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, key):
@@ -108,6 +115,21 @@ def test_the_registry_rejects_an_unknown_strategy_naming_the_key(tmp_path):
     for name in STRATEGIES:
         cfg.strategy.name = name
         validate_strategy(cfg.strategy)
+
+
+def test_val_builtin_lists_classes_and_retention_from_are_read(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), [
+        "stream.phases.0.val=data/a/val-000000.tar", "stream.phases.1.builtin=[digits, shapes]",
+        "stream.phases.1.name=''", "eval.retention_from=digits+shapes",
+        "eval.zeroshot=[{builtin: digits, classes: [nine, eight]}]",
+    ])
+    assert cfg.stream.phases[0].val == "data/a/val-000000.tar" and cfg.stream.phases[1].val == ""
+    assert cfg.stream.phases[1].builtin == ["digits", "shapes"] and cfg.stream.phases[1].name == "digits+shapes"
+    assert cfg.eval.retention_from == "digits+shapes" and cfg.eval.zeroshot[0].name == "digits.nine+eight-zs"
+    cfg = load_config(write(tmp_path, BASE), ["stream.phases.1.classes=[zero, one]", "stream.phases.1.name=''"])
+    assert cfg.stream.phases[1].name == "digits.zero+one"
+    with pytest.raises(ConfigError, match="choose initial or a phase name \\(a, b\\)"):
+        load_config(write(tmp_path, BASE), ["eval.retention_from=c"])
 
 
 def test_unknown_key_suggests_the_close_one(tmp_path):
@@ -192,3 +214,19 @@ def test_cli_bad_zero_shot_directory_exits_2_naming_the_key(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "eval.zeroshot.0.data" in proc.stderr and "not a CLIP_benchmark" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_retention_stream_holds_its_zero_shot_classes_out_of_the_narrow_phases():
+    cfg = load_config(ROOT / "configs" / "bench_retention.yaml")
+    names = [p.name for p in cfg.stream.phases]
+    broad = cfg.stream.phases[names.index(cfg.eval.retention_from)]
+    assert cfg.eval.retention_from == names[0] and isinstance(broad.builtin, list) and len(broad.builtin) >= 2
+    narrow = cfg.stream.phases[1:]
+    assert narrow and all(isinstance(p.builtin, str) and p.classes for p in narrow)
+    trained = {(p.builtin, c) for p in narrow for c in p.classes}
+    for z in cfg.eval.zeroshot:
+        assert z.builtin in broad.builtin  # the "pretrained" model saw the zero-shot domain
+        if z.classes:
+            assert not {(z.builtin, c) for c in z.classes} & trained, z.name
+        else:
+            assert z.builtin not in {p.builtin for p in narrow}, z.name  # a whole held-out domain

@@ -20,8 +20,11 @@ from modx.data.builtin import (
     VERSION,
     build_builtin,
     builtin_samples,
+    check_classes,
     defect_place,
     digit_features,
+    ensure_builtin_splits,
+    subset_name,
     tercile_levels,
     textile_features,
 )
@@ -86,7 +89,9 @@ def test_ensure_builtin_builds_once_and_returns_brace_urls(tmp_path):
     assert test == f"{tmp_path}/digits/test-000000.tar"
     n_train = sum(shard_sizes(parse_sources(train)[0].urls))
     n_test = sum(shard_sizes(parse_sources(test)[0].urls))
-    assert n_train + n_test == 1797 and 100 < n_test < 260  # 10 % test split by key hash
+    n_val = sum(shard_sizes(parse_sources(f"{tmp_path}/digits/val-000000.tar")[0].urls))
+    assert n_train + n_val + n_test == 1797  # 10 % test, 10 % val split by key hash
+    assert 100 < n_test < 260 and 100 < n_val < 260
     mtime = os.path.getmtime(f"{tmp_path}/digits/train-000000.tar")
     assert ensure_builtin("digits", root=str(tmp_path), num_shards=2) == (train, test)
     assert os.path.getmtime(f"{tmp_path}/digits/train-000000.tar") == mtime  # not rebuilt
@@ -105,7 +110,7 @@ def test_ensure_builtin_builds_once_and_returns_brace_urls(tmp_path):
     assert len(keys) == len(set(keys)) == n_test
     assert loader.stats.as_dict()["skipped"] == 0
     # other options rebuild; no test split means no eval URL
-    train1, test1 = ensure_builtin("digits", root=str(tmp_path), num_shards=1, test_fraction=0.0)
+    train1, test1 = ensure_builtin("digits", root=str(tmp_path), num_shards=1, test_fraction=0.0, val_fraction=0.0)
     assert (train1, test1) == (f"{tmp_path}/digits/train-000000.tar", None)
     assert sorted(os.listdir(tmp_path / "digits")) == [
         "builtin.json",
@@ -120,6 +125,7 @@ def test_modx_shards_builtin_is_reused_by_ensure_builtin(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed == {
         "train": f"{out}/train-{{000000..000002}}.tar",
+        "val": f"{out}/val-000000.tar",
         "test": f"{out}/test-000000.tar",
     }
     mtime = os.path.getmtime(f"{out}/test-000000.tar")
@@ -179,10 +185,10 @@ def test_builtin_shards_are_deterministic(tmp_path):
     a = build_builtin("digits", str(tmp_path / "a"), num_shards=2)
     b = build_builtin("digits", str(tmp_path / "b"), num_shards=2)
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 5
+    assert names == sorted(os.listdir(tmp_path / "b")) and len(names) == 6  # 2 train, val, test, 2 json
     for n in names:  # same members, same bytes (the tar headers differ only in mtime)
         assert _members(tmp_path / "a" / n) == _members(tmp_path / "b" / n), n
-    assert a[0].replace("/a/", "/b/") == b[0]
+    assert a.train.replace("/a/", "/b/") == b.train
     again = [s for s in builtin_samples("textiles") if split_of(s["__key__"], 0.1, 0) == "test"]
     assert [s["json"] for s in again] == [s["json"] for s in _test_split("textiles")]
 
@@ -240,3 +246,61 @@ def test_ensure_builtin_rebuilds_shards_of_an_older_data_version(tmp_path):
     ensure_builtin("shapes", root=str(tmp_path), num_shards=1)
     assert json.loads(marker.read_text())["options"]["version"] == VERSION
     assert not (tmp_path / "shapes" / "stale").exists()
+
+
+def _keys(urls: str | None) -> list[str]:
+    """The sample keys of the shards at `urls`."""
+    keys = []
+    for url in parse_sources(urls)[0].urls if urls else []:
+        with tarfile.open(url) as tar:
+            keys += sorted({m.name.split(".")[0] for m in tar.getmembers()})
+    return keys
+
+
+def test_val_split_is_disjoint_from_train_and_test_and_leaves_test_as_it_was(tmp_path):
+    splits = ensure_builtin_splits("digits", root=str(tmp_path), num_shards=2)
+    train, val, test = (_keys(u) for u in splits)
+    assert len(set(train)) == len(train) and len(set(val)) == len(val) and len(set(test)) == len(test)
+    assert not (set(train) & set(val) or set(train) & set(test) or set(val) & set(test))
+    everything = [s["__key__"] for s in builtin_samples("digits")]
+    assert sorted(train + val + test) == sorted(everything)
+    # the test keys are those of the split before val splits existed (test_fraction 0.1 only)
+    assert set(test) == {k for k in everything if split_of(k, 0.1, 0) == "test"}
+    assert set(val) == {k for k in everything if split_of(k, 0.1, 0, 0.1) == "val"}
+    assert 100 < len(val) < 260
+    assert ensure_builtin("digits", root=str(tmp_path), num_shards=2) == (splits.train, splits.test)
+
+
+def test_split_of_carves_val_from_train_only():
+    keys = [f"k{i}" for i in range(2000)]
+    before = {k: split_of(k, 0.2, 3) for k in keys}
+    after = {k: split_of(k, 0.2, 3, 0.15) for k in keys}
+    assert all(after[k] == "test" for k in keys if before[k] == "test")
+    assert all(before[k] == "train" for k in keys if after[k] == "val")
+    assert 200 < sum(v == "val" for v in after.values()) < 400
+
+
+def test_class_subset_keeps_each_split_of_those_classes(tmp_path):
+    full = ensure_builtin_splits("digits", root=str(tmp_path), num_shards=2)
+    sub = ensure_builtin_splits("digits", root=str(tmp_path), classes=["one", "zero"], num_shards=2)
+    assert sub.train.startswith(f"{tmp_path}/digits.zero+one/")  # classes in label order
+    for split, (a, b) in zip(("train", "val", "test"), zip(full, sub)):
+        keys = set(_keys(b))
+        assert keys and keys <= set(_keys(a)), split
+        for url in parse_sources(b)[0].urls:
+            with tarfile.open(url) as tar:
+                classes = {json.load(tar.extractfile(m))["class"] for m in tar.getmembers() if m.name.endswith(".json")}
+            assert classes <= {"zero", "one"}, split
+    wanted = {s["__key__"] for s in builtin_samples("digits") if s["json"]["class"] in ("zero", "one")}
+    assert set(_keys(sub.train)) | set(_keys(sub.val)) | set(_keys(sub.test)) == wanted
+    mtime = os.path.getmtime(parse_sources(sub.test)[0].urls[0])
+    assert ensure_builtin_splits("digits", root=str(tmp_path), classes=["zero", "one"], num_shards=2) == sub
+    assert os.path.getmtime(parse_sources(sub.test)[0].urls[0]) == mtime  # not rebuilt
+
+
+def test_class_subset_names_an_unknown_class():
+    with pytest.raises(ValueError, match="'digits' has no class 'ten'; its classes are"):
+        check_classes("digits", ["one", "ten"])
+    with pytest.raises(ValueError, match="an empty class list"):
+        check_classes("digits", [])
+    assert subset_name("shapes", ["star", "circle"]) == "shapes.circle+star"

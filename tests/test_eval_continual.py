@@ -114,4 +114,35 @@ def test_zeroshot_retention_is_accuracy_relative_to_the_initial_model():
     assert z["retention"] == [[pytest.approx(80.0), pytest.approx(150.0)], [pytest.approx(90.0), pytest.approx(50.0)]]
     assert z["mean_retention"] == pytest.approx(70.0)
     assert zeroshot_retention(records[2:4])["retention"] == [[None, None]]  # no initial model
+    assert "not evaluated" in zeroshot_retention(records[2:4])["omitted"]
     assert zeroshot_retention([_rec(0, "a", 3.0)]) is None
+
+
+ZS = [_rec(-1, "x", 10.0, "zeroshot", random_init=True), _rec(-1, "y", 20.0, "zeroshot", j=1, random_init=True),
+      _rec(0, "x", 60.0, "zeroshot"), _rec(0, "y", 40.0, "zeroshot", j=1),
+      _rec(1, "x", 30.0, "zeroshot"), _rec(1, "y", 50.0, "zeroshot", j=1),
+      _rec(2, "x", 15.0, "zeroshot"), _rec(2, "y", 10.0, "zeroshot", j=1)]  # fmt: skip
+
+
+def test_retention_from_a_random_start_is_omitted_with_the_reason():
+    from modx.eval.continual import RANDOM_START, zeroshot_retention
+
+    z = zeroshot_retention(ZS)
+    assert z["omitted"] == RANDOM_START and "random weights" in z["omitted"]
+    assert z["mean_retention"] is None and all(r is None for row in z["retention"] for r in row)
+    assert z["matrix"] == [[60.0, 40.0], [30.0, 50.0], [15.0, 10.0]]  # the accuracies stay
+
+
+def test_retention_is_relative_to_the_model_after_the_named_phase():
+    from modx.eval.continual import zeroshot_retention
+
+    z = zeroshot_retention(ZS, reference="p0")
+    assert z["omitted"] is None and z["reference"] == "p0" and z["reference_accuracy"] == [60.0, 40.0]
+    # by hand: after p1 x kept 30/60 = 50 %, y 50/40 = 125 %; after p2 15/60 = 25 %, 10/40 = 25 %
+    assert z["retention"] == [[100.0, 100.0], [50.0, 125.0], [25.0, 25.0]]
+    assert z["mean_retention"] == 25.0
+    later = zeroshot_retention(ZS, reference="p1")
+    assert later["retention"][0] == [None, None] and later["retention"][2] == [50.0, 20.0]  # nothing before p1
+    assert later["mean_retention"] == 35.0
+    missing = zeroshot_retention(ZS[:4], reference="p1")  # the run has not reached p1 yet
+    assert "reference phase 'p1'" in missing["omitted"] and missing["mean_retention"] is None

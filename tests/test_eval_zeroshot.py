@@ -213,6 +213,23 @@ def test_builtin_zero_shot_set_labels_follow_the_class_names(tmp_path):
     assert all(bench.classnames[y] == meta[k]["class"] for k, y in got.items())
 
 
+
+def test_builtin_zero_shot_subset_holds_only_its_classes(tmp_path):
+    from modx.data.builtin import ensure_builtin
+    from modx.data.samples import tar_samples
+    from modx.data.stats import SkipStats
+
+    root = ensure_builtin_zeroshot("digits", str(tmp_path), classes=["nine", "seven"])
+    assert root == str(tmp_path / "digits.seven+nine-zs")
+    bench = read_benchmark(root)
+    assert list(bench.classnames) == ["seven", "nine"]  # the dataset's label order, labels 0..k-1
+    meta = {s["__key__"]: json.loads(s["json"])["class"] for s in
+            tar_samples(({"url": u} for u in [ensure_builtin("digits", str(tmp_path))[1]]), SkipStats())}  # fmt: skip
+    loader = make_loader(root, mode="eval", batch_size=64, preprocess=None, tokenizer=None, labels=True)
+    got = {k: y for b in loader for k, y in zip(b["key"], b["label"].tolist())}
+    assert got.keys() == {k for k, c in meta.items() if c in ("seven", "nine")}
+    assert all(bench.classnames[y] == meta[k] for k, y in got.items())
+
 def _script():
     spec = importlib.util.spec_from_file_location("modx_eval_script_zeroshot", ROOT / "eval" / "zeroshot.py")
     module = importlib.util.module_from_spec(spec)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from modx.config import load_config
+from modx.eval.continual import RANDOM_START, zeroshot_retention
 from modx.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -321,7 +322,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, data_root, monkeypatch
     for k in w_whole:
         torch.testing.assert_close(w_resumed[k], w_whole[k], rtol=0, atol=1e-6, msg=k)
     rows = records(resumed / "results.jsonl")
-    assert sorted({(r["phase"], r["eval_set"]) for r in rows}) == sorted((r["phase"], r["eval_set"]) for r in rows)
+    assert sorted({(r["kind"], r["phase"], r["eval_set"]) for r in rows}) == sorted((r["kind"], r["phase"], r["eval_set"]) for r in rows)
     assert {r["phase"] for r in rows} == {-1, 0, 1}
     summary = json.loads((resumed / "summary.json").read_text())
     assert summary["n_phases"] == 2 and summary["forgetting"] is not None
@@ -333,7 +334,8 @@ def test_run_directory_holds_config_results_disorder_and_summary(tmp_path, data_
     run_dir = run(load_config(None, tiny_overrides(tmp_path / "run", data_root, **{"eval.report": True})))
     assert load_config(run_dir / "config.yaml").train.output_dir == str(run_dir)
     rows = records(run_dir / "results.jsonl")
-    assert [(r["phase"], r["eval_index"]) for r in rows] == [(-1, 0), (-1, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(r["kind"], r["phase"], r["eval_index"]) for r in rows] == [
+        (kind, p, j) for p in (-1, 0, 1) for kind in ("retrieval", "val") for j in (0, 1)]  # the phases' val sets too
     assert rows[0]["phase_name"] == "initial" and "i2t_R@1" in rows[0]["metrics"]
     assert rows[0]["metrics"]["n_images"] > 0 and rows[0]["metrics"]["n_texts"] >= rows[0]["metrics"]["n_images"]
     disorder = records(run_dir / "disorder.jsonl")
@@ -413,19 +415,28 @@ def test_zero_shot_held_out_and_in_phase_evaluations(tmp_path, data_root):
     rows = records(run_dir / "results.jsonl")
     ends = [(r["kind"], r["phase"], r["eval_set"]) for r in rows if not r.get("in_phase")]
     assert ends == [(k, p, s) for p in (-1, 0, 1) for k, s in
-                    (("retrieval", "a"), ("retrieval", "b"), ("retrieval", "shapes-test"), ("zeroshot", "digits-zs"))]  # fmt: skip
+                    (("retrieval", "a"), ("retrieval", "b"), ("retrieval", "shapes-test"), ("val", "a"), ("val", "b"),
+                     ("zeroshot", "digits-zs"))]  # fmt: skip
     inside = sorted({(r["phase"], r["step"]) for r in rows if r.get("in_phase")})
     assert inside == [(0, 2), (1, 4)]  # every 2 steps, not at a phase end (steps 3 and 6)
+    assert not any(r["kind"] == "val" for r in rows if r.get("in_phase"))  # val sets at phase ends only
+    val = next(r for r in rows if r["kind"] == "val")
+    test = next(r for r in rows if r["kind"] == "retrieval")
+    assert val["metrics"]["n_images"] != test["metrics"]["n_images"]  # digits' val split, not its test split
     assert all(bool(r.get("held_out")) == (r["eval_set"] == "shapes-test") for r in rows if r["kind"] == "retrieval")
     zs = next(r for r in rows if r["kind"] == "zeroshot")
     assert set(zs["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"} and zs["metrics"]["n_classes"] == 10
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["eval_sets"] == ["a", "b"] and len(summary["matrix"][0]) == 2  # held-out set apart
     assert summary["held_out"]["eval_sets"] == ["shapes-test"] and len(summary["held_out"]["matrix"]) == 2
+    assert summary["val"]["eval_sets"] == ["a", "b"] and len(summary["val"]["matrix"]) == 2
+    assert summary["val"]["average_recall"] == pytest.approx(sum(summary["val"]["matrix"][-1]) / 2)
     z = summary["zeroshot"]
     assert z["eval_sets"] == ["digits-zs"] and len(z["matrix"]) == 2
-    assert z["retention"][-1][0] == pytest.approx(100 * z["matrix"][-1][0] / z["initial"][0])
-    assert summary["zeroshot_retention"] == pytest.approx(z["retention"][-1][0])
+    assert z["omitted"] == RANDOM_START and summary["zeroshot_retention"] is None  # a random initial model
+    assert all(r.get("random_init") for r in rows if r["kind"] == "zeroshot" and r["phase"] == -1)
+    from_a = zeroshot_retention(rows, reference="a")
+    assert from_a["retention"][-1][0] == pytest.approx(100 * z["matrix"][-1][0] / z["matrix"][0][0])
     disorder = records(run_dir / "disorder.jsonl")
     assert {d["eval_set"] for d in disorder} == {"a", "b"} and {d["phase"] for d in disorder} == {0, 1}
 
@@ -442,7 +453,7 @@ def test_resume_keeps_the_in_phase_records_before_the_resume_step(tmp_path):
 
 
 def test_two_processes_evaluate_like_one(tmp_path, data_root):
-    """Every process embeds its share of the eval and zero-shot sets: the initial model's
+    """Every process embeds its share of the eval, val and zero-shot sets: the initial model's
     metrics (the same weights on any number of processes) match one process's."""
     from modx.data.benchmark import ensure_builtin_zeroshot
 
@@ -460,6 +471,6 @@ def test_two_processes_evaluate_like_one(tmp_path, data_root):
                               capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         out[n] = {(r["kind"], r["eval_set"]): r["metrics"] for r in records(tmp_path / f"run{n}" / "results.jsonl") if r["phase"] == -1}
-    assert set(out[1]) == set(out[2]) == {("retrieval", "a"), ("zeroshot", "digits-zs")}
+    assert set(out[1]) == set(out[2]) == {("retrieval", "a"), ("val", "a"), ("zeroshot", "digits-zs")}
     for key, metrics in out[1].items():
         assert out[2][key] == pytest.approx(metrics, rel=1e-4, abs=1e-4), key

@@ -407,10 +407,11 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_state(tmp_path, monke
 
 
 def test_a_missing_shard_keeps_its_place_and_is_counted(tmp_path, data_root):
-    from modx.data import DataError, make_loader, parse_sources
+    from modx.data import DataError, make_loader, parse_sources, shard_sizes
     from modx.data.builtin import ensure_builtin
 
     train, _ = ensure_builtin("digits", root=str(data_root))
+    kept = sum(shard_sizes([train.replace("{000000..000003}", f"00000{i}") for i in (0, 2)]))
     for i in (0, 2):
         shutil.copy(train.replace("{000000..000003}", f"00000{i}"), tmp_path / f"s-00000{i}.tar")
     pattern = f"{tmp_path}/s-{{000000..000002}}.tar"
@@ -419,7 +420,7 @@ def test_a_missing_shard_keeps_its_place_and_is_counted(tmp_path, data_root):
     (src,) = parse_sources(pattern, missing_ok=True)
     assert [Path(u).name for u in src.urls] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
     loader = make_loader(pattern, mode="eval", batch_size=64, preprocess=None, tokenizer=None, workers=0, missing_ok=True)
-    assert sum(len(b["key"]) for b in loader) == 800
+    assert sum(len(b["key"]) for b in loader) == kept > 600  # shards 0 and 2 of the four
     assert loader.stats.as_dict()["reasons"] == {"open_error": 1}
 
 

@@ -90,3 +90,42 @@ def test_joint_headline_averages_every_domain_it_trained_on():
     joint = {"strategy": "joint", "eval_sets": ["a", "b", "c"], "learned_recall": [60.0],
              "last_recall": [60.0, 30.0, 30.0], "average_recall": 60.0}
     assert headline(joint)["average_recall"] == headline(joint)["plasticity"] == 40.0
+
+
+def test_builtin_phases_get_val_sets_mixed_lists_and_class_subsets(tmp_path):
+    from modx.config import ConfigError, load_config
+    from modx.data.builtin import ensure_builtin_splits
+    from modx.train.data import resolve_phases
+
+    root = tmp_path / "data"
+    phases = "[{builtin: [digits, shapes], steps: 1}, {builtin: digits, classes: [zero, one], steps: 1}]"
+    cfg = load_config(None, [f"stream.data_root={root}", f"stream.phases={phases}"])
+    broad, narrow = resolve_phases(cfg)
+    digits, shapes = (ensure_builtin_splits(n, root=str(root)) for n in ("digits", "shapes"))
+    assert broad.name == "digits+shapes" and broad.train == f"{digits.train}@1::{shapes.train}@1"
+    assert broad.val == f"{digits.val}::{shapes.val}" and broad.eval == f"{digits.test}::{shapes.test}"
+    subset = ensure_builtin_splits("digits", root=str(root), classes=["zero", "one"])
+    assert (narrow.name, narrow.train, narrow.val, narrow.eval) == ("digits.zero+one", *subset)
+    cfg = load_config(None, [f"stream.data_root={root}", "stream.phases=[{builtin: digits, steps: 1}]",
+                             f"stream.phases.0.val={digits.test}"])
+    with pytest.raises(ConfigError, match="disjoint from the eval set") as info:
+        resolve_phases(cfg)
+    assert info.value.key == "stream.phases.0.val"
+    cfg = load_config(None, [f"stream.data_root={root}", "stream.phases=[{builtin: digits, classes: [ten], steps: 1}]"])
+    with pytest.raises(ConfigError, match="no class 'ten'") as info:
+        resolve_phases(cfg)
+    assert info.value.key == "stream.phases.0.classes"
+
+
+def test_summary_prints_the_reason_instead_of_retention_from_a_random_start():
+    from modx.eval.continual import RANDOM_START, zeroshot_retention
+    from modx.train.evaluate import format_zeroshot
+
+    records = [{"kind": "zeroshot", "phase": p, "phase_name": name, "eval_set": "z", "eval_index": 0,
+                "metrics": {"acc1": acc}, **({"random_init": True} if p < 0 else {})}
+               for p, name, acc in ((-1, "initial", 10.0), (0, "broad", 80.0), (1, "narrow", 40.0))]  # fmt: skip
+    text = "\n".join(format_zeroshot(zeroshot_retention(records)))
+    assert f"zero-shot retention omitted: {RANDOM_START}" in text and "(50%)" not in text
+    text = "\n".join(format_zeroshot(zeroshot_retention(records, reference="broad")))
+    assert "40.00 (50%)" in text and "mean zero-shot retention after the last phase 50.00%" in text
+    assert "after phase 'broad'" in text

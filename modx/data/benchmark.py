@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import webdataset as wds
@@ -119,11 +119,13 @@ def _write_lines(path: str, lines: list[str]) -> None:
         f.write("".join(line + "\n" for line in lines))
 
 
-def ensure_builtin_zeroshot(name: str, root: str = "data") -> str:
+def ensure_builtin_zeroshot(name: str, root: str = "data", classes: Sequence[str] | None = None) -> str:
     """The zero-shot classification set of built-in dataset ``name`` (its test split, the
     images of the stream's eval set) at ``root/NAME-zs``, built when missing; returns the
-    directory. Safe to call from several ranks at once (a file lock, one rename)."""
-    from modx.data.builtin import ZEROSHOT, ensure_builtin
+    directory. ``classes``: only those classes (metadata "class" values), labelled 0..k-1
+    in the dataset's label order, at ``root/NAME.CLS+CLS-zs``. Safe to call from several
+    ranks at once (a file lock, one rename)."""
+    from modx.data.builtin import ZEROSHOT, check_classes, ensure_builtin, subset_name
     from modx.data.samples import tar_samples
     from modx.data.stats import SkipStats
     from modx.data.urls import parse_sources
@@ -131,10 +133,17 @@ def ensure_builtin_zeroshot(name: str, root: str = "data") -> str:
     if name not in ZEROSHOT:
         raise ValueError(f"no zero-shot set for built-in dataset {name!r}; choose from {sorted(ZEROSHOT)}")
     values, classnames, templates = ZEROSHOT[name]
+    dirname = f"{name}-zs"
+    if classes is not None:
+        kept = check_classes(name, classes)
+        classnames = [c for v, c in zip(values, classnames) if v in kept]
+        values, dirname = kept, f"{subset_name(name, kept)}-zs"
     _, test_urls = ensure_builtin(name, root=root)
-    target = os.path.join(root, f"{name}-zs")
+    target = os.path.join(root, dirname)
     info = {"name": name, "version": ZEROSHOT_VERSION, "test": test_urls}
-    with open(os.path.join(root, f".{name}-zs.lock"), "w") as lock:
+    if classes is not None:
+        info["classes"] = values
+    with open(os.path.join(root, f".{dirname}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = os.path.join(target, "builtin.json")
         if os.path.isfile(marker):
@@ -142,12 +151,12 @@ def ensure_builtin_zeroshot(name: str, root: str = "data") -> str:
                 if json.load(f) == info:
                     return target
         urls = [u for s in parse_sources(test_urls) for u in s.urls]
+        labelled = ((s, json.loads(s["json"])["class"]) for s in tar_samples(({"url": u} for u in urls), SkipStats()))
         samples = (
-            {"__key__": s["__key__"], "png": s["png"],
-             "cls": values.index(json.loads(s["json"])["class"])}
-            for s in tar_samples(({"url": u} for u in urls), SkipStats())
+            {"__key__": s["__key__"], "png": s["png"], "cls": values.index(c)}
+            for s, c in labelled if c in values
         )  # fmt: skip
-        tmp = os.path.join(root, f".{name}-zs.tmp{os.getpid()}")
+        tmp = os.path.join(root, f".{dirname}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         write_benchmark(tmp, samples, classnames=classnames, templates=templates)
         with open(os.path.join(tmp, "builtin.json"), "w") as f:

@@ -23,7 +23,8 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,7 +34,7 @@ from tqdm import tqdm
 from modx.data.sources import split_of
 from modx.data.writer import write_shards
 
-VERSION = 4  # bump when the generated data changes; ensure_builtin then rebuilds
+VERSION = 5  # bump when the generated data changes; ensure_builtin then rebuilds (5: val splits)
 
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -377,23 +378,34 @@ def builtin_samples(name: str, seed: int = 0) -> Iterator[dict]:
         }
 
 
+class Splits(NamedTuple):
+    """Shard URLs of a built-in dataset's splits (None: the split is empty)."""
+
+    train: str
+    val: str | None
+    test: str | None
+
+
+SPLITS = ("train", "val", "test")
+
+
 def _brace(directory: str, prefix: str, n: int) -> str:
     if n == 1:
         return os.path.join(directory, f"{prefix}-000000.tar")
     return os.path.join(directory, f"{prefix}-{{000000..{n - 1:06d}}}.tar")
 
 
-def _urls(directory: str, n_train: int, n_test: int) -> tuple[str, str | None]:
-    return _brace(directory, "train", n_train), (
-        _brace(directory, "test", n_test) if n_test else None
-    )
+def _urls(directory: str, counts: dict[str, int]) -> Splits:
+    """The splits' URLs from their shard counts (``builtin.json``'s ``"shards"``)."""
+    return Splits(*(_brace(directory, s, counts[s]) if counts.get(s) else None for s in SPLITS))
 
 
-def _options(num_shards: int, test_fraction: float, seed: int) -> dict:
+def _options(num_shards: int, test_fraction: float, val_fraction: float, seed: int) -> dict:
     return {
         "version": VERSION,
         "num_shards": num_shards,
         "test_fraction": test_fraction,
+        "val_fraction": val_fraction,
         "seed": seed,
     }
 
@@ -404,24 +416,29 @@ def build_builtin(
     *,
     num_shards: int = 4,
     test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
     seed: int = 0,
     progress: bool = False,
-) -> tuple[str, str | None]:
-    """Write train/test shards of a built-in dataset to ``out_dir`` (and ``builtin.json``
-    recording how); return the (train, test) URLs, test None when ``test_fraction`` is 0."""
+) -> Splits:
+    """Write train/val/test shards of a built-in dataset to ``out_dir`` (and ``builtin.json``
+    recording how); return their URLs. The splits are disjoint by sample key
+    (``split_of``): test is what it was before val splits existed (the same keys for the
+    same ``test_fraction`` and ``seed``), val is carved from the former training keys."""
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
     items = list(tqdm(builtin_samples(name, seed), desc=name, unit="img", disable=not progress))
-    test = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "test"]
-    train = [s for s in items if split_of(s["__key__"], test_fraction, seed) == "train"]
-    random.Random(seed).shuffle(train)  # mix classes across shards (textiles come sorted)
-    per_shard = math.ceil(len(train) / max(1, num_shards))
-    n_train = len(write_shards(train, out_dir, "train", per_shard))
-    n_test = len(write_shards(test, out_dir, "test", max(1, len(test))))
-    info = {"name": name, "options": _options(num_shards, test_fraction, seed)}
+    split = {s: [] for s in SPLITS}
+    for sample in items:
+        split[split_of(sample["__key__"], test_fraction, seed, val_fraction)].append(sample)
+    random.Random(seed).shuffle(split["train"])  # mix classes across shards (textiles come sorted)
+    per_shard = math.ceil(len(split["train"]) / max(1, num_shards))
+    counts = {"train": len(write_shards(split["train"], out_dir, "train", per_shard))}
+    for s in ("val", "test"):
+        counts[s] = len(write_shards(split[s], out_dir, s, max(1, len(split[s]))))
+    info = {"name": name, "options": _options(num_shards, test_fraction, val_fraction, seed)}
     with open(os.path.join(out_dir, "builtin.json"), "w") as f:
-        json.dump({**info, "n_train": n_train, "n_test": n_test}, f, indent=1)
-    return _urls(out_dir, n_train, n_test)
+        json.dump({**info, "shards": counts, "samples": {s: len(v) for s, v in split.items()}}, f, indent=1)
+    return _urls(out_dir, counts)
 
 
 def ensure_builtin(
@@ -430,34 +447,105 @@ def ensure_builtin(
     *,
     num_shards: int = 4,
     test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
     seed: int = 0,
     force: bool = False,
 ) -> tuple[str, str | None]:
-    """Build ``root/name/{train,test}-*.tar`` unless present; return (train_urls, eval_urls).
+    """Build ``root/name/{train,val,test}-*.tar`` unless present; return (train_urls, eval_urls)
+    (``ensure_builtin_splits`` gives the val URLs too).
 
     Idempotent (a ``builtin.json`` with the same options means "already built") and safe to
     call from several ranks at once: a file lock serialises the build, and the finished
     folder replaces the old one in one rename.
     """
+    splits = ensure_builtin_splits(name, root, num_shards=num_shards, test_fraction=test_fraction,
+                                   val_fraction=val_fraction, seed=seed, force=force)
+    return splits.train, splits.test
+
+
+def ensure_builtin_splits(
+    name: str,
+    root: str = "data",
+    *,
+    classes: Sequence[str] | None = None,
+    num_shards: int = 4,
+    test_fraction: float = 0.1,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    force: bool = False,
+) -> Splits:
+    """``ensure_builtin`` with every split: (train, val, test) URLs. ``classes``: a narrow
+    subset of the dataset (metadata "class" values, e.g. ``["zero", "one"]`` of digits), its
+    splits the full dataset's splits filtered to those classes, at ``root/NAME.CLS+CLS``."""
     if name not in BUILTINS:
         raise ValueError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
-    target = os.path.join(root, name)
+    options = _options(num_shards, test_fraction, val_fraction, seed)
+    if classes is not None:
+        classes = check_classes(name, classes)
+        full = ensure_builtin_splits(name, root, num_shards=num_shards, test_fraction=test_fraction,
+                                     val_fraction=val_fraction, seed=seed, force=force)
+        info = {"name": name, "classes": classes, "options": options}
+        return _locked_build(root, subset_name(name, classes), info, force,
+                             lambda tmp: _write_subset(full, classes, tmp, num_shards, info))
+
+    def build(tmp: str) -> None:
+        build_builtin(name, tmp, num_shards=num_shards, test_fraction=test_fraction,
+                      val_fraction=val_fraction, seed=seed)
+
+    return _locked_build(root, name, {"name": name, "options": options}, force, build)
+
+
+def check_classes(name: str, classes: Sequence[str]) -> list[str]:
+    """``classes`` of built-in dataset ``name`` in label order; ValueError names the bad one."""
+    values = ZEROSHOT[name][0]
+    bad = [c for c in classes if c not in values]
+    if bad or not classes:
+        what = f"no class {bad[0]!r}" if bad else "an empty class list"
+        raise ValueError(f"built-in dataset {name!r} has {what}; its classes are {values}")
+    return [v for v in values if v in set(classes)]
+
+
+def subset_name(name: str, classes: Sequence[str]) -> str:
+    """The directory (and default eval-set) name of a class subset: ``digits.zero+one``."""
+    return f"{name}.{'+'.join(check_classes(name, classes))}"
+
+
+def _locked_build(root: str, dirname: str, info: dict, force: bool, build: Callable[[str], None]) -> Splits:
+    """``root/dirname`` built by ``build(tmp)`` unless its builtin.json holds ``info`` already;
+    a file lock serialises builders, the finished folder replaces the old one in one rename."""
+    target = os.path.join(root, dirname)
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f".{name}.lock"), "w") as lock:
+    with open(os.path.join(root, f".{dirname}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         marker = os.path.join(target, "builtin.json")
         if not force and os.path.isfile(marker):
             with open(marker) as f:
-                info = json.load(f)
-            if info.get("name") == name and info.get("options") == _options(
-                num_shards, test_fraction, seed
-            ):
-                return _urls(target, info["n_train"], info["n_test"])
-        tmp = os.path.join(root, f".{name}.tmp{os.getpid()}")
+                built = json.load(f)
+            if {k: built.get(k) for k in info} == info and "shards" in built:
+                return _urls(target, built["shards"])
+        tmp = os.path.join(root, f".{dirname}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_builtin(name, tmp, num_shards=num_shards, test_fraction=test_fraction, seed=seed)
+        build(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         with open(marker) as f:
-            info = json.load(f)
-        return _urls(target, info["n_train"], info["n_test"])
+            return _urls(target, json.load(f)["shards"])
+
+
+def _write_subset(full: Splits, classes: list[str], out_dir: str, num_shards: int, info: dict) -> None:
+    """Write the samples of ``classes`` from every split of ``full`` to ``out_dir``."""
+    from modx.data.samples import tar_samples
+    from modx.data.stats import SkipStats
+    from modx.data.urls import parse_sources
+
+    counts, sizes = {}, {}
+    for split, urls in zip(SPLITS, full):
+        shards = [u for src in parse_sources(urls) for u in src.urls] if urls else []
+        kept = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+                for s in tar_samples(({"url": u} for u in shards), SkipStats())
+                if json.loads(s["json"])["class"] in classes]  # fmt: skip
+        per_shard = math.ceil(len(kept) / num_shards) if split == "train" else len(kept)
+        counts[split] = len(write_shards(kept, out_dir, split, max(1, per_shard)))
+        sizes[split] = len(kept)
+    with open(os.path.join(out_dir, "builtin.json"), "w") as f:
+        json.dump({**info, "shards": counts, "samples": sizes}, f, indent=1)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from modx.data.builtin import BUILTINS, build_builtin, ensure_builtin
+from modx.data.builtin import BUILTINS, build_builtin, ensure_builtin_splits
 from modx.data.sources import folder_records, records_to_samples, split_of, table_records
 from modx.data.stats import SkipStats
 from modx.data.urls import DataError
@@ -52,6 +52,13 @@ def _shards_parser() -> argparse.ArgumentParser:
         help="fraction of keys (hashed with --seed) written to test-*.tar "
         "(default 0.1 for --builtin, else 0)",
     )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="fraction of keys written to val-*.tar, disjoint from train and test "
+        "(default 0.1 for --builtin, else 0)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-root", help="base of relative image paths (default: table folder)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -73,21 +80,24 @@ def _shards(args: argparse.Namespace) -> int:
         raise DataError("give exactly one of INPUT (table or folder) or --builtin NAME")
     if args.shard_size < 1 or args.num_shards < 1:
         raise DataError("--shard-size and --num-shards must be >= 1")
-    fraction = (
-        args.test_fraction if args.test_fraction is not None else (0.1 if args.builtin else 0.0)
-    )
+    default = 0.1 if args.builtin else 0.0
+    fraction = args.test_fraction if args.test_fraction is not None else default
+    val = args.val_fraction if args.val_fraction is not None else default
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"--test-fraction must be in [0, 1), got {fraction}")
+    if not 0.0 <= val < 1.0 - fraction:
+        raise DataError(f"--val-fraction must be in [0, 1 - test fraction), got {val}")
     if args.builtin:
-        train, test = build_builtin(
+        splits = build_builtin(
             args.builtin,
             args.out,
             num_shards=args.num_shards,
             test_fraction=fraction,
+            val_fraction=val,
             seed=args.seed,
             progress=not args.quiet,
         )
-        print(json.dumps({"train": train, "test": test}))
+        print(json.dumps({k: v for k, v in splits._asdict().items() if v is not None}))
         return 0
     if os.path.isdir(args.input):
         records = list(folder_records(args.input))
@@ -98,9 +108,9 @@ def _shards(args: argparse.Namespace) -> int:
     if not records:
         raise DataError(f"{args.input}: no rows")
     stats = SkipStats()
-    splits = {"train": [], "test": []}
+    splits = {"train": [], "val": [], "test": []}
     for rec in records:
-        splits[split_of(rec[0], fraction, args.seed)].append(rec)
+        splits[split_of(rec[0], fraction, args.seed, val)].append(rec)
     bar = tqdm(total=len(records), desc="modx-shards", unit="img", disable=args.quiet)
     out = {}
     for name, recs in splits.items():
@@ -177,8 +187,8 @@ def _builtin(args: argparse.Namespace) -> int:
     for name in args.names or sorted(BUILTINS):
         if name not in BUILTINS:
             raise DataError(f"unknown built-in dataset {name!r}; choose from {sorted(BUILTINS)}")
-        train, test = ensure_builtin(name, args.root)
-        print(json.dumps({"name": name, "train": train, "eval": test}))
+        splits = ensure_builtin_splits(name, args.root)
+        print(json.dumps({"name": name, "train": splits.train, "val": splits.val, "eval": splits.test}))
     return 0
 
 

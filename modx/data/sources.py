@@ -14,11 +14,13 @@ from modx.data.urls import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
-def split_of(key: str, test_fraction: float, seed: int = 0) -> str:
-    """ "train" or "test" from a hash of (seed, key): deterministic and stable when rows are
-    added or reordered."""
+def split_of(key: str, test_fraction: float, seed: int = 0, val_fraction: float = 0.0) -> str:
+    """ "train", "val" or "test" from a hash u in [0, 1) of (seed, key): test when u <
+    test_fraction, val when u < test_fraction + val_fraction, else train. Deterministic and
+    stable when rows are added or reordered; a val split leaves the test split as it was."""
     digest = hashlib.sha1(f"{seed}:{key}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 def _parse_captions(value) -> list[str]:

@@ -90,19 +90,20 @@ def is_phase_retrieval(rec: Mapping[str, Any]) -> bool:
 
 
 def recall_matrix(
-    records: Iterable[Mapping[str, Any]], metric: str = "mean_recall"
+    records: Iterable[Mapping[str, Any]], metric: str = "mean_recall", kind: str = "retrieval"
 ) -> RecallMatrix:
     """Arrange results.jsonl records ({"phase", "phase_name", "eval_set", "eval_index",
     "metrics"}) as a phase x eval-set matrix of ``metrics[metric]``. Phase -1 is the
     initial model. A later record for the same cell replaces an earlier one (resume).
-    Only phase-end retrieval records count; held-out sets (``"held_out": true``) are
-    columns flagged in ``held_out``."""
+    Only phase-end records of ``kind`` count: ``"retrieval"`` (the eval sets; held-out
+    sets, ``"held_out": true``, are columns flagged in ``held_out``) or ``"val"`` (the
+    phases' validation sets, ``eval_index`` = the phase index)."""
     cells: dict[tuple[int, int], float] = {}
     phases: dict[int, str] = {}
     sets: dict[int, str] = {}
     held: dict[int, bool] = {}
     for rec in records:
-        if not is_phase_retrieval(rec):
+        if rec.get("kind", "retrieval") != kind or rec.get("in_phase", False):
             continue
         p, j = int(rec["phase"]), int(rec["eval_index"])
         phases[p] = str(rec.get("phase_name", p))
@@ -124,17 +125,32 @@ def recall_matrix(
     )
 
 
-def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1") -> dict[str, Any] | None:
-    """Zero-shot accuracy after every phase relative to the initial model, from the
+RANDOM_START = ("the initial model has random weights: its zero-shot accuracy is chance, and accuracy "
+                "kept relative to chance means nothing. Set eval.retention_from to a phase that trains "
+                "the zero-shot sets' domains (e.g. the first), or start from pretrained weights")
+
+
+def zeroshot_retention(
+    records: Iterable[Mapping[str, Any]], metric: str = "acc1", reference: str = "initial"
+) -> dict[str, Any] | None:
+    """Zero-shot accuracy after every phase relative to a reference model, from the
     phase-end ``"kind": "zeroshot"`` records (None when there are none):
     - matrix[i][j] = accuracy on zero-shot set j after phase i, initial[j] = before phase 0
-    - retention[i][j] = 100 * matrix[i][j] / initial[j] (percent of the initial accuracy
-      kept; None when there is no initial record or it is 0)
+    - reference: ``"initial"`` (the model before phase 0) or a phase name (the model after
+      that phase, e.g. a broad first phase standing for pretraining); reference_accuracy[j]
+      its accuracy
+    - retention[i][j] = 100 * matrix[i][j] / reference_accuracy[j] (percent of the
+      reference's accuracy kept; None for phases before the reference, or when the
+      reference's accuracy is missing or 0)
     - mean_retention = mean of the last row of retention over the sets (None if undefined)
+    - omitted: why retention is not given (None when it is): an initial reference whose
+      records say ``"random_init": true`` or that was not evaluated, or no evaluation
+      after the reference phase.
     """
     cells: dict[tuple[int, str], float] = {}
     phases: dict[int, str] = {}
     sets: dict[str, int] = {}
+    random_init = False
     for rec in records:
         if rec.get("kind") != "zeroshot" or rec.get("in_phase", False):
             continue
@@ -142,17 +158,31 @@ def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1
         phases[p] = str(rec.get("phase_name", p))
         sets[name] = int(rec.get("eval_index", len(sets)))
         cells[(p, name)] = _cell(rec["metrics"].get(metric))
+        random_init = random_init or (p == -1 and bool(rec.get("random_init")))
     if not cells:
         return None
     names = sorted(sets, key=sets.__getitem__)
     trained = sorted(p for p in phases if p >= 0)
     initial = [_num(cells.get((-1, s), math.nan)) for s in names] if -1 in phases else None
     matrix = [[_num(cells.get((p, s), math.nan)) for s in names] for p in trained]
+    by_name = {phases[p]: p for p in trained}
+    omitted = None
+    if reference == "initial":
+        ref_phase, base = -1, initial
+        if random_init:
+            omitted = RANDOM_START
+        elif initial is None:
+            omitted = "the initial model was not evaluated (eval.initial: false)"
+    else:
+        ref_phase = by_name.get(reference)
+        base = matrix[trained.index(ref_phase)] if ref_phase is not None else None
+        if ref_phase is None:
+            omitted = f"no zero-shot evaluation after the reference phase {reference!r} (eval.retention_from)"
 
-    def kept(value: float | None, base: float | None) -> float | None:
-        return None if value is None or not base else 100.0 * value / base
+    def kept(p: int, value: float | None, b: float | None) -> float | None:
+        return None if omitted or p < ref_phase or value is None or not b else 100.0 * value / b
 
-    retention = [[kept(v, b) for v, b in zip(row, initial or [None] * len(names))] for row in matrix]
+    retention = [[kept(p, v, b) for v, b in zip(row, base or [None] * len(names))] for p, row in zip(trained, matrix)]
     last = [r for r in retention[-1] if r is not None] if retention else []
     return {
         "metric": metric,
@@ -160,14 +190,23 @@ def zeroshot_retention(records: Iterable[Mapping[str, Any]], metric: str = "acc1
         "phases": [phases[p] for p in trained],
         "initial": initial,
         "matrix": matrix,
+        "reference": reference,
+        "reference_accuracy": base,
         "retention": retention,
         "mean_retention": _num(float(np.mean(last))) if last and len(last) == len(names) else None,
+        "omitted": omitted,
     }
 
 
 def _cell(x: float | None) -> float:
     """A metric read from results.jsonl as a float; an undefined one (null) is NaN."""
     return math.nan if x is None else float(x)
+
+
+def retention_reference(zs: Mapping[str, Any]) -> str:
+    """The model a ``zeroshot_retention`` result is relative to, in words."""
+    ref = zs.get("reference", "initial")
+    return "the initial model" if ref == "initial" else f"the model after phase '{ref}'"
 
 
 def _num(x: float | np.floating | None) -> float | None:

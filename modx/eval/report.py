@@ -29,6 +29,7 @@ from modx.eval.continual import (
     continual_metrics,
     is_phase_retrieval,
     recall_matrix,
+    retention_reference,
     zeroshot_retention,
 )
 
@@ -82,7 +83,7 @@ def load_run(run_dir: str | Path, metric: str = "mean_recall") -> Run:
     phase_ends = [r for r in results if is_phase_retrieval(r)]
     run = Run(path, path.resolve().name, _strategy(path), phase_ends, disorder, results)
     run.matrix = recall_matrix(results, metric)
-    run.zeroshot = zeroshot_retention(results)
+    run.zeroshot = zeroshot_retention(results, reference=_config_value(path, "eval", "retention_from", "initial"))
     if not run.matrix.values:
         raise ReportError(f"{path / 'results.jsonl'} has no trained phase (only phase -1)")
     stream = run.matrix.columns(held_out=False)
@@ -164,16 +165,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]] | None:
 
 
 def _strategy(path: Path) -> str:
+    return _config_value(path, "strategy", "name", "?")
+
+
+def _config_value(path: Path, section: str, key: str, default: str) -> str:
+    """`section.key` of the run's config.yaml (`default` without one)."""
     cfg = path / "config.yaml"
     if not cfg.is_file():
-        return "?"
+        return default
     import yaml
 
     try:
         data = yaml.safe_load(cfg.read_text()) or {}
-        return str(data.get("strategy", {}).get("name", "?"))
+        return str(data.get(section, {}).get(key, default))
     except (yaml.YAMLError, AttributeError):
-        return "?"
+        return default
 
 
 def _unique_labels(runs: list[Run]) -> None:
@@ -235,7 +241,9 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
                        "but not part of the continual averages."))  # fmt: skip
     if any(r.zeroshot for r in runs):
         b.append(("p", "Zero-shot retention: top-1 zero-shot accuracy after the last phase as a "
-                       "percentage of the initial model's, averaged over the zero-shot sets."))  # fmt: skip
+                       "percentage of the reference model's (the initial model, or the model after "
+                       "the phase eval.retention_from names), averaged over the zero-shot sets; "
+                       "omitted (-) where the reference has random weights."))  # fmt: skip
     captions = {
         "report_recall_matrix.png": "Recall matrix: rows = model after each phase, columns = eval set.",
         "report_recall_curves.png": "Recall of each domain across phases (shaded: the phase training on it).",
@@ -259,8 +267,10 @@ def _blocks(runs: list[Run], metric: str, figures: list[str]) -> list[tuple]:
             rows = [["initial"] + [_fmt(x) for x in z["initial"]]] if z["initial"] else []
             rows += [[p] + [f"{_fmt(v)} ({_fmt(k, 0)}%)" if k is not None else _fmt(v) for v, k in zip(row, kept)]
                      for p, row, kept in zip(z["phases"], z["matrix"], z["retention"])]  # fmt: skip
-            b += [("h3", "Zero-shot top-1 accuracy (retention: % of the initial model's)"),
-                  ("table", ["after phase"] + z["eval_sets"], rows)]  # fmt: skip
+            title = "Zero-shot top-1 accuracy" + ("" if z["omitted"] else f" (retention: % of the accuracy of {retention_reference(z)})")
+            b += [("h3", title), ("table", ["after phase"] + z["eval_sets"], rows)]
+            if z["omitted"]:
+                b.append(("p", f"Zero-shot retention omitted: {z['omitted']}."))
         head, rows = _last_retrieval(r)
         b += [("h3", "Retrieval after the last evaluated phase"), ("table", head, rows)]
         for reference in ("previous", "initial"):
@@ -543,7 +553,8 @@ def _plot_learning_curves(runs: list[Run], metric: str) -> bytes:
             ends = sorted({int(rec["step"]) for rec in r.results if int(rec["phase"]) >= 0})
             for x in ends:
                 ax.axvline(x, color=f"C{i}", linestyle=":", alpha=0.5)
-        ax.set_title(f"{name} ({'zero-shot top-1' if kind == 'zeroshot' else metric})", fontsize=9)
+        what = {"zeroshot": "zero-shot top-1", "val": f"val set, {metric}"}.get(kind, metric)
+        ax.set_title(f"{name} ({what})", fontsize=9)
         ax.set_xlabel("optimiser step", fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes[len(sets) :]:

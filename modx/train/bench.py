@@ -2,6 +2,8 @@
 
     modx-bench --config configs/bench_stream.yaml --strategies finetune modx modx:alpha=5 \\
         --seeds 0 1 --out runs/bench [key=value ...]
+    modx-bench --config configs/bench_stream.yaml --select "modx:alpha=1,5;replay.ratio=0.25,0.5" \\
+        --seeds 0 --out runs/select      # tune on the val sets: modx.train.select
 
 Each strategy spec is `NAME[:key=value,...]`; a bare key is a `strategy.` key
 (`modx:alpha=5,replay.ratio=0.2`), a dotted key from another section is taken as it is
@@ -70,6 +72,12 @@ SUMMARY_COLUMNS = (
     ("forgetting", "forgetting"),
     ("backward_transfer", "BWT"),
     ("forward_transfer", "FWT"),
+)
+# Shown when a run has them: mean recall on the val sets after the last phase (what
+# --select ranks by), zero-shot retention (% of the eval.retention_from model's accuracy kept).
+OPTIONAL_COLUMNS = (
+    ("val_average", "val average"),
+    ("zeroshot_retention", "zero-shot retention"),
 )
 COST_COLUMNS = (
     ("wall_s", "wall (s)"),
@@ -595,11 +603,24 @@ def collect(runs: list[BenchRun]) -> dict[str, Any]:
     for label in dict.fromkeys(r.label for r in runs):
         mine = [row for row in rows if row["strategy"] == label]
         table[label] = {"seeds": [row["seed"] for row in mine]}
-        for key, _ in SUMMARY_COLUMNS:
+        for key, _ in SUMMARY_COLUMNS + OPTIONAL_COLUMNS:
             table[label][key] = _mean_std([row["metrics"].get(key) for row in mine])
         for key, _ in COST_COLUMNS:
             table[label][key] = _mean_std([row["cost"].get(key) for row in mine])
-    return {"runs": rows, "table": table}
+    omitted = sorted({row["summary"]["zeroshot"]["omitted"] for row in rows
+                      if (row["summary"].get("zeroshot") or {}).get("omitted")})
+    return {"runs": rows, "table": table, **({"zeroshot_omitted": omitted} if omitted else {})}
+
+
+def summary_columns(result: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """The continual columns of the table: SUMMARY_COLUMNS, and each of OPTIONAL_COLUMNS
+    that some run has (retention also where it is omitted, to say so)."""
+    def shown(key: str) -> bool:
+        if key == "zeroshot_retention" and result.get("zeroshot_omitted"):
+            return True
+        return any(s[key]["n"] for s in result["table"].values())
+
+    return SUMMARY_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if shown(c[0]))
 
 
 def _mean_std(values: list[Any]) -> dict[str, Any]:
@@ -625,12 +646,14 @@ def _cost_cell(stats: dict[str, Any], key: str) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The per-strategy table as plain text (mean ± std over seeds)."""
-    head = ["strategy"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
-    rows = [[label] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS] + [_cost_cell(s, k) for k, _ in COST_COLUMNS]
+    columns = summary_columns(result)
+    head = ["strategy"] + [t for _, t in columns] + [t for _, t in COST_COLUMNS]
+    rows = [[label] + [_cell(s[k]) for k, _ in columns] + [_cost_cell(s, k) for k, _ in COST_COLUMNS]
             for label, s in result["table"].items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths)))
              for row in [head, *rows]]
+    lines += [f"zero-shot retention omitted: {reason}" for reason in result.get("zeroshot_omitted", [])]
     return "\n".join(lines)
 
 
@@ -652,10 +675,17 @@ def write_bench_report(result: dict[str, Any], runs: list[BenchRun], out: Path) 
                         "second, peak resident memory of the training processes, training FLOPs "
                         "of the forwards run (estimated from the config for runs without "
                         "old-model counts: train_tflops_estimated in bench.json)."))
-    head = ["strategy", "seeds"] + [t for _, t in SUMMARY_COLUMNS] + [t for _, t in COST_COLUMNS]
-    rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in SUMMARY_COLUMNS]
+    columns = summary_columns(result)
+    head = ["strategy", "seeds"] + [t for _, t in columns] + [t for _, t in COST_COLUMNS]
+    rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in columns]
             + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
     blocks += [("h2", "Strategies"), ("table", head, rows)]
+    if len(columns) > len(SUMMARY_COLUMNS):
+        blocks.append(("p", "val average = mean recall on the phases' validation sets after the last phase "
+                            "(what modx-bench --select ranks by); zero-shot retention = top-1 zero-shot "
+                            "accuracy after the last phase as % of the reference model's (eval.retention_from), "
+                            "mean over the zero-shot sets."))
+    blocks += [("p", f"Zero-shot retention omitted: {reason}.") for reason in result.get("zeroshot_omitted", [])]
     figures = _bench_figures(result)
     captions = {
         "bench_first_domain.png": "Recall on the first domain after each phase (mean over seeds).",
@@ -731,7 +761,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "(shared phases trained once); writes OUT/bench.json and OUT/report.html.",
     )
     parser.add_argument("--config", help="the stream's YAML config (default: configs/demo.yaml's defaults)")
-    parser.add_argument("--strategies", nargs="+", required=True, metavar="NAME[:key=value,...]")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--strategies", nargs="+", metavar="NAME[:key=value,...]")
+    which.add_argument("--select", nargs="+", metavar="NAME:key=v1,v2,...;key=v1,...",
+                       help="train every point of the grid(s), choose the best on the val sets only, "
+                            "report its test numbers (OUT/select.json; docs/strategies.md)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
     parser.add_argument("--out", required=True, metavar="DIR")
     parser.add_argument("--reuse", action="store_true",
@@ -740,9 +774,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for every run")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
-    specs, overrides = split_arguments(args.strategies, args.overrides)
+    specs, overrides = split_arguments(args.strategies or args.select, args.overrides)
     try:
-        run_bench(args.config, specs, args.seeds, args.out, overrides, args.reuse)
+        if args.select:
+            from modx.train.select import run_select
+
+            run_select(args.config, specs, args.seeds, args.out, overrides, args.reuse)
+        else:
+            run_bench(args.config, specs, args.seeds, args.out, overrides, args.reuse)
     except (BenchError, ConfigError) as err:
         print(f"modx-bench: error: {err}", file=sys.stderr)
         return 2

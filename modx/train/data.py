@@ -34,6 +34,7 @@ class Phase:
     eval: str
     steps: int
     lr: float
+    val: str = ""  # validation URLs ("": none)
 
 
 def resolve_phases(cfg: Config) -> list[Phase]:
@@ -48,16 +49,23 @@ def resolve_phases(cfg: Config) -> list[Phase]:
     global_batch = t.batch_size * t.grad_accum  # samples per optimiser step
     phases = []
     for i, p in enumerate(cfg.stream.phases):
-        train, evaluation = p.train, p.eval
+        urls = {"train": p.train, "val": p.val, "eval": p.eval}
         if p.builtin is not None:
-            train, evaluation = _builtin_urls(p.builtin, cfg.stream.data_root, i, train, evaluation)
-        for key, urls in (("train", train), ("eval", evaluation)):
+            built = _builtin_urls(p.builtin, p.classes, cfg.stream.data_root, i)
+            urls = {key: value or built[key] for key, value in urls.items()}
+        shards = {}
+        for key, value in urls.items():
             try:
-                parse_sources(urls)
+                shards[key] = {u for src in parse_sources(value) for u in src.urls} if value or key != "val" else set()
             except DataError as err:
                 raise ConfigError(f"stream.phases.{i}.{key}", str(err)) from None
+        for other in ("train", "eval"):
+            shared = sorted(shards["val"] & shards[other])
+            if shared:
+                raise ConfigError(f"stream.phases.{i}.val", f"shard {shared[0]} is in {other} too: a validation "
+                                  f"set must be disjoint from the {other} set")
         steps = p.steps if p.steps is not None else math.ceil(p.samples / global_batch)
-        phases.append(Phase(i, p.name, train, evaluation, steps, p.lr or t.lr))
+        phases.append(Phase(i, p.name, urls["train"], urls["eval"], steps, p.lr or t.lr, urls["val"]))
     return phases
 
 
@@ -75,7 +83,10 @@ def resolve_eval_sets(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[st
         key = f"eval.zeroshot.{i}"
         if z.builtin is not None and z.builtin not in ZEROSHOT:
             raise ConfigError(f"{key}.builtin", f"no zero-shot set for {z.builtin!r}; choose one of {sorted(ZEROSHOT)}")
-        directory = ensure_builtin_zeroshot(z.builtin, root) if z.builtin is not None else z.data
+        try:
+            directory = ensure_builtin_zeroshot(z.builtin, root, z.classes) if z.builtin is not None else z.data
+        except ValueError as err:  # a class the dataset does not have
+            raise ConfigError(f"{key}.classes", str(err)) from None
         try:
             bench = read_benchmark(directory)
         except DataError as err:
@@ -98,14 +109,24 @@ def resolve_eval_sets(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[st
     return zeroshot, held_out
 
 
-def _builtin_urls(name: str, root: str, i: int, train: str, evaluation: str) -> tuple[str, str]:
-    """The phase's URLs, defaulting to those of built-in dataset `name` (built when missing)."""
-    from modx.data.builtin import BUILTINS, ensure_builtin
+def _builtin_urls(builtin: str | list[str], classes: list[str] | None, root: str, i: int) -> dict[str, str]:
+    """The train / val / eval URLs of built-in dataset(s) `builtin` (built when missing): of a
+    list, the training sources mixed in equal shares (`A@1::B@1`) and the eval and val
+    sets joined; with `classes`, the dataset's subset of those classes."""
+    from modx.data.builtin import BUILTINS, ensure_builtin_splits
 
-    if name not in BUILTINS:
-        raise ConfigError(f"stream.phases.{i}.builtin", f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTINS)}")
-    built_train, built_eval = ensure_builtin(name, root=root)
-    return train or built_train, evaluation or built_eval
+    names = builtin if isinstance(builtin, list) else [builtin]
+    for name in names:
+        if name not in BUILTINS:
+            raise ConfigError(f"stream.phases.{i}.builtin", f"unknown built-in dataset {name!r}; choose one of {sorted(BUILTINS)}")
+    try:
+        splits = [ensure_builtin_splits(name, root=root, classes=classes) for name in names]
+    except ValueError as err:  # a class the dataset does not have
+        raise ConfigError(f"stream.phases.{i}.classes", str(err)) from None
+    if len(splits) == 1:
+        return {"train": splits[0].train, "val": splits[0].val or "", "eval": splits[0].test}
+    return {"train": "::".join(f"{s.train}@1" for s in splits),
+            "val": "::".join(s.val for s in splits if s.val), "eval": "::".join(s.test for s in splits)}
 
 
 def joint_phase(phases: list[Phase]) -> list[Phase]:

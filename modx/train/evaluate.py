@@ -1,5 +1,6 @@
-"""Phase-end evaluation (main process only): retrieval on every eval set, spatial disorder
-of a fixed probe against the previous and the initial model, the final summary and report.
+"""Phase-end evaluation (main process only): retrieval on every eval set (and every
+phase's validation set), spatial disorder of a fixed probe against the previous and the
+initial model, the final summary and report.
 
 Appends to results.jsonl and disorder.jsonl (formats in docs/training.md). The probe's
 embeddings of every evaluated model are kept under checkpoints/probe/ so that a resumed run
@@ -20,6 +21,7 @@ from torch import nn
 
 from modx.config import Config
 from modx.data.urls import DataError
+from modx.eval.continual import retention_reference
 from modx.train.faults import fault_point
 
 
@@ -39,10 +41,14 @@ class Evaluator:
         *,
         held_out: list[tuple[str, str]] | None = None,
         zeroshot: list[tuple[str, str]] | None = None,
+        val_sets: list[tuple[str, str]] | None = None,
+        random_init: bool = False,
         accelerator: Any = None,
     ):
         self.cfg = cfg
         self.eval_sets = eval_sets  # (name, urls) of every phase, in stream order
+        self.val_sets = val_sets or []  # (name, urls) of every phase ("": no val set), in stream order
+        self.random_init = random_init  # the initial model's weights are random (no retention against it)
         self.held_out = held_out or []  # (name, urls): extra columns, not in the continual averages
         self.zeroshot = zeroshot or []  # (name, CLIP_benchmark directory)
         self.preprocess = preprocess
@@ -61,8 +67,9 @@ class Evaluator:
         self, model: nn.Module, phase: int, phase_name: str, step: int, *, in_phase: bool = False
     ) -> dict[str, dict[str, Any]]:
         """Retrieval on every eval set (the stream's, then the held-out ones), zero-shot
-        accuracy on every zero-shot set, and at a phase end SD vs the previous and the
-        initial model. `in_phase`: an `eval.every` evaluation inside a phase (no SD).
+        accuracy on every zero-shot set, and at a phase end (and for the initial model)
+        retrieval on every phase's val set and SD vs the previous and the initial model.
+        `in_phase`: an `eval.every` evaluation inside a phase (no val sets, no SD).
         Returns the metrics by set name on the main process ({} elsewhere). Evaluation
         leaves torch's global RNG as it found it (the eval loaders draw from it), so
         adding eval sets or `eval.every` does not change the training run."""
@@ -87,11 +94,20 @@ class Evaluator:
                 extra = {"held_out": True} if held_out else {}
                 _append(self.results, {"kind": "retrieval", **base, "eval_set": name, "eval_index": j, **extra, "metrics": row[name]})
             fault_point("evaluate")
+        for j, (name, urls) in enumerate(self.val_sets if not in_phase else []):
+            if not urls:
+                continue
+            if urls not in scored:
+                scored[urls] = self._score(model, urls)
+            if self.main:  # not in `row`: the val sets share the phases' names
+                _append(self.results, {"kind": "val", **base, "eval_set": name, "eval_index": j, "metrics": scored[urls][0]})
+        random = {"random_init": True} if phase == -1 and self.random_init else {}
         for j, (name, root) in enumerate(self.zeroshot):
             metrics = self._zeroshot(model, root)
             if self.main:
                 row[name] = metrics
-                _append(self.results, {"kind": "zeroshot", **base, "eval_set": name, "eval_index": j, "metrics": metrics})
+                _append(self.results, {"kind": "zeroshot", **base, **random, "eval_set": name, "eval_index": j,
+                                       "metrics": metrics})
         model.train(was_training)
         if self.main and not in_phase:
             self.probe_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +218,10 @@ class Evaluator:
         held = full.columns(held_out=True)
         if held.eval_sets:
             summary["held_out"] = {"eval_sets": held.eval_sets, "matrix": held.values, "initial": held.initial}
-        zeroshot = zeroshot_retention(records)
+        val = val_summary(records, metric)
+        if val is not None:
+            summary["val"] = val
+        zeroshot = zeroshot_retention(records, reference=self.cfg.eval.retention_from)
         if zeroshot is not None:
             summary["zeroshot"] = zeroshot
             summary["zeroshot_retention"] = zeroshot["mean_retention"]
@@ -220,6 +239,25 @@ class Evaluator:
             md, _ = write_report([self.run_dir])
             print(f"report: {md}")
         return summary
+
+
+def val_summary(records: list[dict[str, Any]], metric: str = "mean_recall") -> dict[str, Any] | None:
+    """summary.json's "val" (None without val records): the val recall matrix (rows = after
+    phase, columns = the phases' val sets), its initial row, `average_recall` = the mean of
+    the last row over every val set (what `modx-bench --select` ranks by; None when a cell
+    is missing) and, when every phase has a val set, `forgetting` on them."""
+    from modx.eval.continual import continual_metrics, recall_matrix
+
+    val = recall_matrix(records, metric=metric, kind="val")
+    if not val.eval_sets:
+        return None
+    last = val.values[-1] if val.values else []
+    average = sum(last) / len(last) if last and all(math.isfinite(x) for x in last) else None
+    forgetting = None
+    if val.eval_sets == val.phases:  # set j is the one phase j trains on
+        forgetting = continual_metrics(val.values, val.initial)["forgetting"]
+    return {"phases": val.phases, "eval_sets": val.eval_sets, "matrix": val.values, "initial": val.initial,
+            "average_recall": average, "forgetting": forgetting}
 
 
 def _kept(record: dict[str, Any], phase: int, global_step: int | None) -> bool:
@@ -267,13 +305,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"average {_fmt(summary['average_recall'])}  forgetting {_fmt(summary['forgetting'])}  "
         f"backward transfer {_fmt(summary['backward_transfer'])}  forward transfer {_fmt(summary['forward_transfer'])}"
     )
+    val = summary.get("val")
+    if val:
+        lines.append(f"validation sets ({', '.join(val['eval_sets'])}): average {_fmt(val['average_recall'])}  "
+                     f"forgetting {_fmt(val['forgetting'])}  (for model selection; summary.json 'val')")
     zs = summary.get("zeroshot")
     if zs:
-        title = f"zero-shot accuracy ({zs['metric']}, %) and retention (% of the initial model's)"
-        cells = [[f"{_fmt(v)} ({_fmt(r, 0)}%)" if r is not None else _fmt(v) for v, r in zip(row, kept)]
-                 for row, kept in zip(zs["matrix"], zs["retention"])]  # fmt: skip
-        lines += _table(title, zs["eval_sets"], zs["phases"], cells, zs["initial"])
-        lines.append(f"mean zero-shot retention after the last phase {_fmt(zs['mean_retention'])}%")
+        lines += format_zeroshot(zs)
     first = sets[0]
     for reference in ("initial", "previous"):
         per_phase = summary["disorder"].get(reference, {})
@@ -289,10 +327,26 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_zeroshot(zs: dict[str, Any]) -> list[str]:
+    """The zero-shot accuracy table with the retention of every cell, and the mean retention
+    after the last phase, or the reason why retention is omitted."""
+    if zs.get("omitted"):
+        lines = _table(f"zero-shot accuracy ({zs['metric']}, %)", zs["eval_sets"], zs["phases"], zs["matrix"],
+                       zs["initial"])  # fmt: skip
+        return lines + [f"zero-shot retention omitted: {zs['omitted']}"]
+    title = f"zero-shot accuracy ({zs['metric']}, %) and retention (% of the accuracy of {retention_reference(zs)})"
+    cells = [[f"{_fmt(v)} ({_fmt(r, 0)}%)" if r is not None else _fmt(v) for v, r in zip(row, kept)]
+             for row, kept in zip(zs["matrix"], zs["retention"])]  # fmt: skip
+    lines = _table(title, zs["eval_sets"], zs["phases"], cells, zs["initial"])
+    return lines + [f"mean zero-shot retention after the last phase {_fmt(zs['mean_retention'])}% "
+                    f"(of the accuracy of {retention_reference(zs)})"]
+
+
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """What a comparison of runs reads from a summary.json: the strategy, the continual
-    metrics, plasticity (mean recall on each domain right after its phase) and the first
-    domain's recall right after its phase and at the end."""
+    metrics, plasticity (mean recall on each domain right after its phase), the first
+    domain's recall right after its phase and at the end, the val sets' average recall
+    (val_average) and the zero-shot retention (None where absent or omitted)."""
     learned = [x for x in summary.get("learned_recall") or [] if x is not None]
     last = summary.get("last_recall") or [None]
     out = {k: summary.get(k) for k in ("strategy", "average_recall", "forgetting", "backward_transfer",
@@ -300,6 +354,8 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     out["plasticity"] = sum(learned) / len(learned) if learned else None
     out["first_learned"] = learned[0] if learned else None
     out["first_last"] = last[0]
+    out["val_average"] = (summary.get("val") or {}).get("average_recall")
+    out["zeroshot_retention"] = summary.get("zeroshot_retention")
     if summary.get("strategy") == "joint" and None not in last:  # one phase over every domain
         out["average_recall"] = out["plasticity"] = sum(last) / len(last)
     return out

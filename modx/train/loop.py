@@ -251,6 +251,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         phases = resolve_phases(cfg)
         zeroshot_sets, held_out_sets = resolve_eval_sets(cfg)
     eval_sets = [(p.name, p.eval) for p in phases]
+    val_sets = [(p.name, p.val) for p in phases]  # ("" where a phase has none)
     strategy = build_strategy(cfg.strategy, accelerator, local_loss=t.local_loss)
     if strategy.joint:
         phases = joint_phase(phases)
@@ -264,6 +265,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     align_initial = _align_initial(cfg, model)
+    random_init = getattr(model, "modx_weights", None) is None  # no retention relative to random weights
     model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
     if sharding is not None:  # sharded before the optimiser is built over its (sharded) parameters
         model = sharding.shard(model.to(accelerator.device))
@@ -284,7 +286,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
     evaluator = Evaluator(cfg, eval_sets, preprocess_eval, tokenizer, run_dir, accelerator.device,
-                          held_out=held_out_sets, zeroshot=zeroshot_sets, accelerator=accelerator)
+                          held_out=held_out_sets, zeroshot=zeroshot_sets, val_sets=val_sets,
+                          random_init=random_init, accelerator=accelerator)
 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
