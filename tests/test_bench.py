@@ -339,3 +339,55 @@ def test_a_changed_shared_phase_retrains_the_shared_run_and_its_members(bench_di
     assert record["config"]["strategy"]["name"] == "finetune"
     runs = json.loads((out / "bench.json").read_text())["runs"]
     assert all(r["cost"]["samples"] == 5 * 8 for r in runs)
+
+
+def _rows(values: dict[str, dict[int, float]]) -> list[dict]:
+    return [{"strategy": name, "seed": seed, "metrics": {"average_recall": v}}
+            for name, by_seed in values.items() for seed, v in by_seed.items()]
+
+
+def test_the_difference_to_finetune_is_paired_by_seed_with_a_student_t_interval():
+    import math
+
+    from modx.train.bench import paired_difference
+
+    # seeds 0 1 2 of both and seed 3 of one only: three paired differences 5, 7, 12
+    rows = _rows({"finetune": {0: 10.0, 1: 20.0, 2: 30.0}, "modx": {0: 15.0, 1: 27.0, 2: 42.0, 3: 99.0}})
+    d = paired_difference(rows, "modx", "finetune", "average_recall")
+    diffs = [5.0, 7.0, 12.0]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 2)
+    p = 0.975  # Student's t with 2 degrees of freedom in closed form: t_p = (2p - 1) sqrt(2 / (4 p (1 - p)))
+    t2 = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    assert d["seeds"] == [0, 1, 2] and d["n"] == 3 and d["mean"] == pytest.approx(mean)
+    assert d["low"] == pytest.approx(mean - t2 * sd / math.sqrt(3), rel=1e-9)
+    assert d["high"] == pytest.approx(mean + t2 * sd / math.sqrt(3), rel=1e-9)
+    # two seeds: Student's t with 1 degree of freedom is Cauchy, t_p = tan(pi (p - 1/2))
+    d = paired_difference(_rows({"finetune": {0: 1.0, 1: 2.0}, "x": {0: 4.0, 1: 3.0}}), "x", "finetune", "average_recall")
+    half = math.tan(math.pi * (p - 0.5)) * math.sqrt(2.0) / math.sqrt(2)  # diffs 3, 1: sd sqrt(2)
+    assert (d["mean"], d["low"], d["high"]) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-9)
+    # one seed: the difference without an interval
+    d = paired_difference(_rows({"finetune": {0: 1.0}, "x": {0: 4.0}}), "x", "finetune", "average_recall")
+    assert (d["mean"], d["low"], d["high"], d["n"]) == (3.0, None, None, 1)
+
+
+def test_the_table_shows_the_difference_to_finetune_where_it_ran():
+    from modx.train.bench import format_table
+
+    rows = _rows({"finetune": {0: 10.0, 1: 20.0}, "modx": {0: 15.0, 1: 27.0}})
+    for row in rows:
+        row.update(summary={}, cost={})
+    result = {"runs": rows, "table": {}}
+    from modx.train.bench import COST_COLUMNS, OPTIONAL_COLUMNS, SUMMARY_COLUMNS, _mean_std, paired_difference
+
+    for label in ("finetune", "modx"):
+        mine = [r for r in rows if r["strategy"] == label]
+        result["table"][label] = {"seeds": [0, 1], **{k: _mean_std([r["metrics"].get(k) for r in mine])
+                                                       for k, _ in SUMMARY_COLUMNS + OPTIONAL_COLUMNS + COST_COLUMNS}}
+    result["table"]["modx"]["difference"] = paired_difference(rows, "modx", "finetune", "average_recall")
+    text = format_table(result)
+    assert "average - finetune (95% CI)" in text.splitlines()[0]
+    modx_line = next(line for line in text.splitlines() if line.startswith("modx"))
+    assert "+6.00 [" in modx_line  # diffs 5 and 7
+    del result["table"]["modx"]["difference"]
+    assert "finetune (95% CI)" not in format_table(result)

@@ -79,6 +79,9 @@ OPTIONAL_COLUMNS = (
     ("val_average", "val average"),
     ("zeroshot_retention", "zero-shot retention"),
 )
+# Every strategy's average recall against this one's, paired by seed (bench.json "difference").
+BASELINE = "finetune"
+CONFIDENCE = 0.95
 COST_COLUMNS = (
     ("wall_s", "wall (s)"),
     ("samples_per_s", "samples/s"),
@@ -607,9 +610,54 @@ def collect(runs: list[BenchRun]) -> dict[str, Any]:
             table[label][key] = _mean_std([row["metrics"].get(key) for row in mine])
         for key, _ in COST_COLUMNS:
             table[label][key] = _mean_std([row["cost"].get(key) for row in mine])
+        if label != BASELINE and BASELINE in table:
+            table[label]["difference"] = paired_difference(rows, label, BASELINE, "average_recall")
     omitted = sorted({row["summary"]["zeroshot"]["omitted"] for row in rows
                       if (row["summary"].get("zeroshot") or {}).get("omitted")})
     return {"runs": rows, "table": table, **({"zeroshot_omitted": omitted} if omitted else {})}
+
+
+def paired_difference(rows: list[dict[str, Any]], label: str, baseline: str, key: str,
+                      confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """`label`'s `key` minus `baseline`'s on the seeds both ran (paired by seed): the mean
+    difference d and its Student-t interval d -+ t(1 - (1 - confidence) / 2, n - 1) s / sqrt(n),
+    s the differences' sample std (no interval from one seed)."""
+    from scipy.stats import t as student_t
+
+    def by_seed(name: str) -> dict[int, float]:
+        out = {}
+        for row in rows:
+            value = row["metrics"].get(key) if row["strategy"] == name else None
+            if value is not None and math.isfinite(float(value)):
+                out[row["seed"]] = float(value)
+        return out
+
+    mine, base = by_seed(label), by_seed(baseline)
+    seeds = sorted(set(mine) & set(base))
+    diffs = [mine[s] - base[s] for s in seeds]
+    stat = _mean_std(diffs)
+    low = high = None
+    if stat["n"] > 1:
+        half = float(student_t.ppf(1 - (1 - confidence) / 2, stat["n"] - 1)) * stat["std"] / math.sqrt(stat["n"])
+        low, high = stat["mean"] - half, stat["mean"] + half
+    return {"key": key, "baseline": baseline, "confidence": confidence, "seeds": seeds,
+            "mean": stat["mean"], "low": low, "high": high, "n": stat["n"]}
+
+
+def _difference_cell(stats: dict[str, Any]) -> str:
+    """'+12.34 [8.10, 16.58]' (the paired mean difference and its interval), '-' without one."""
+    d = stats.get("difference")
+    if not d or d["mean"] is None:
+        return "-"
+    text = f"{d['mean']:+.2f}"
+    return text + (f" [{d['low']:+.2f}, {d['high']:+.2f}]" if d["low"] is not None else "")
+
+
+def _difference_title(result: dict[str, Any]) -> str | None:
+    """The difference column's title, None when no strategy has one."""
+    if not any(s.get("difference") for s in result["table"].values()):
+        return None
+    return f"average - {BASELINE} ({CONFIDENCE:.0%} CI)"
 
 
 def summary_columns(result: dict[str, Any]) -> tuple[tuple[str, str], ...]:
@@ -647,9 +695,10 @@ def _cost_cell(stats: dict[str, Any], key: str) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """The per-strategy table as plain text (mean ± std over seeds)."""
     columns = summary_columns(result)
-    head = ["strategy"] + [t for _, t in columns] + [t for _, t in COST_COLUMNS]
-    rows = [[label] + [_cell(s[k]) for k, _ in columns] + [_cost_cell(s, k) for k, _ in COST_COLUMNS]
-            for label, s in result["table"].items()]
+    diff = _difference_title(result)
+    head = ["strategy"] + [t for _, t in columns] + ([diff] if diff else []) + [t for _, t in COST_COLUMNS]
+    rows = [[label] + [_cell(s[k]) for k, _ in columns] + ([_difference_cell(s)] if diff else [])
+            + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(x).rjust(w) if j else str(x).ljust(w) for j, (x, w) in enumerate(zip(row, widths)))
              for row in [head, *rows]]
@@ -676,10 +725,14 @@ def write_bench_report(result: dict[str, Any], runs: list[BenchRun], out: Path) 
                         "of the forwards run (estimated from the config for runs without "
                         "old-model counts: train_tflops_estimated in bench.json)."))
     columns = summary_columns(result)
-    head = ["strategy", "seeds"] + [t for _, t in columns] + [t for _, t in COST_COLUMNS]
-    rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in columns]
+    diff = _difference_title(result)
+    head = ["strategy", "seeds"] + [t for _, t in columns] + ([diff] if diff else []) + [t for _, t in COST_COLUMNS]
+    rows = [[label, str(len(s["seeds"]))] + [_cell(s[k]) for k, _ in columns] + ([_difference_cell(s)] if diff else [])
             + [_cost_cell(s, k) for k, _ in COST_COLUMNS] for label, s in result["table"].items()]
     blocks += [("h2", "Strategies"), ("table", head, rows)]
+    if diff:
+        blocks.append(("p", f"{diff}: the strategy's average minus {BASELINE}'s on the same seed, mean over "
+                            f"the seeds both ran, with its Student-t interval (none from one seed)."))
     if len(columns) > len(SUMMARY_COLUMNS):
         blocks.append(("p", "val average = mean recall on the phases' validation sets after the last phase "
                             "(what modx-bench --select ranks by); zero-shot retention = top-1 zero-shot "
