@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -112,6 +113,107 @@ def test_a_signal_stops_at_the_step_with_a_state_and_auto_resumes_exactly(tmp_pa
     assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
 
 
+# ---- off the checkpoint schedule: the resumed run fast-forwards inside the segment ---------
+
+# Phases of 5 steps, a state every 3 steps: a signal after global step 2, 4, 7 or 8 stops the
+# run inside a stream segment (modx.train.data). A replay buffer of 16 samples is full in
+# phase a, so phase b's samples evict phase a's from it while a segment goes on: the
+# segment's snapshot is no longer what the buffer holds when the state is saved.
+SPARSE = ("stream.phases=[{name: a, train: X, eval: X, steps: 5}, {name: b, train: X, eval: X, steps: 5}]",
+          "train.ckpt_every=3", "train.keep_checkpoints=10", "strategy.replay.size=16")
+SPARSE_STRATEGIES = {
+    "modx": (),  # Mod-X with its replay buffer (source buffer, the default)
+    "modx+stream": ("strategy.replay.source=stream",),
+    "zscl": ("strategy.name=zscl", "strategy.zscl_we_every=2"),  # its reference stream too
+    "ewc": ("strategy.name=ewc", "strategy.ewc_batches=2"),  # the Fisher reads the stream at the phase end
+}
+
+
+def run_sparse(out: Path, setattr, strategy: str, *extra: str) -> list[float]:
+    from modx.train import run
+
+    losses: list[float] = []
+    install_fake_stream(losses, setattr)
+    run(load_config(None, fake_args(out, *SPARSE, *SPARSE_STRATEGIES[strategy], *extra)))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def whole_sparse(tmp_path_factory):
+    """The uninterrupted run of each strategy on the SPARSE stream (trained once per module)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    runs: dict[str, tuple[Path, list[float]]] = {}
+
+    def get(strategy: str) -> tuple[Path, list[float]]:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"whole-{strategy}") / "run"
+            with pytest.MonkeyPatch.context() as mp:
+                runs[strategy] = out, run_sparse(out, mp.setattr, strategy)
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        return runs[strategy]
+
+    return get
+
+
+@pytest.mark.parametrize(("strategy", "nth", "start"), [
+    ("modx", 2, 0), ("modx", 8, 6), ("modx+stream", 8, 6), ("zscl", 4, 3), ("zscl", 8, 6), ("ewc", 4, 3),
+])
+def test_a_signal_off_the_checkpoint_schedule_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                              whole_sparse, strategy, nth, start):
+    """SIGTERM after global step `nth`, not a multiple of train.ckpt_every (3): the state
+    records the stream segment that started at global step `start` and the batches read in
+    it; train.resume=auto rebuilds that segment, reads past them, and goes on with the
+    uninterrupted run's losses (every micro-step) to its weights, bit for bit."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.train.preempt import Preempted
+
+    whole_dir, whole_losses = whole_sparse(strategy)  # first: the runs below patch the loop too
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", f"step:{nth}")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, strategy)
+    state = trainer_state(out)
+    assert state["global_step"] == nth
+    assert state["segment"]["global_step"] == start and state["segment"]["batches"] == nth - start
+    if strategy == "modx" and nth > 5:  # phase b: samples of the snapshot left the buffer meanwhile
+        snapshot = out / "checkpoints" / f"state-{nth:08d}" / "replay-segment.tar"
+        assert tarfile.open(snapshot).getnames(), "no sample left the buffer: the snapshot is not tested"
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.delenv("MODX_KILL_AT")
+    losses = run_sparse(out, monkeypatch.setattr, strategy, "train.resume=auto")
+    assert losses == whole_losses[nth:]
+    assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+
+
+def test_a_signal_on_the_checkpoint_schedule_saves_a_plain_periodic_state(tmp_path, monkeypatch, whole_sparse):
+    """At a ckpt_every multiple the uninterrupted run starts a new segment anyway: the
+    preemption state is the periodic one (no position in a segment) and resumes exactly."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.train.preempt import Preempted
+
+    whole_dir, whole_losses = whole_sparse("modx")
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", "step:6")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, "modx")
+    assert "segment" not in trainer_state(out)
+    assert not (out / "checkpoints" / "state-00000006" / "replay-segment.json").exists()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.delenv("MODX_KILL_AT")
+    losses = run_sparse(out, monkeypatch.setattr, "modx", "train.resume=auto")
+    assert losses == whole_losses[6:]
+    assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+
+
 def test_resume_auto_starts_a_fresh_run_when_there_is_no_checkpoint(tmp_path, monkeypatch, capsys):
     run_in_process(tmp_path / "run", monkeypatch, "train.resume=auto")
     assert "nothing to resume" in capsys.readouterr().out
@@ -192,6 +294,35 @@ def test_a_killed_process_restarts_the_group_which_resumes_by_itself(tmp_path, w
     assert "resuming" in done.stdout and "at phase 0 step 1 (global step 1)" in done.stdout
     assert_same_weights(weights(whole_two / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
     assert digests(out) == digests(whole_two)
+
+
+def sparse_two_args(out: Path, *extra: str) -> list[str]:
+    """SPARSE on 2 processes: Mod-X with its replay buffer, a state every 3 steps."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fake.tar").touch()
+    return [a.replace("X", str(out / "fake.tar")) for a in (*SPARSE, "train.workers=0", *extra)]
+
+
+def test_a_signal_to_one_of_two_processes_off_the_schedule_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGUSR1 to process 1 only, after global step 8 (phase b; the segment started at the
+    state of step 6): both processes save the position in the segment and the buffer's
+    snapshot; the resumed run fast-forwards on both and ends with the uninterrupted run's
+    losses and weights on both processes."""
+    whole = tmp_path / "whole"
+    done = torchrun(whole, sparse_two_args(whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    done = torchrun(out, sparse_two_args(out),
+                    env={"MODX_KILL_AT": "step:8", "MODX_KILL_RANK": "1", "MODX_KILL_SIGNAL": "SIGUSR1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "preempted at step 3 of phase 1 (b), global step 8" in done.stdout
+    assert trainer_state(out)["segment"]["global_step"] == 6
+    resumed = torchrun(out, sparse_two_args(out, "train.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses, whole_losses = (json.loads((d / "losses.json").read_text()) for d in (out, whole))
+    assert losses == whole_losses[8:]
+    assert_same_weights(weights(whole / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+    assert digests(out) == digests(whole)
 
 
 @pytest.mark.parametrize("kind", ["loss", pytest.param("grad", marks=pytest.mark.slow)])
