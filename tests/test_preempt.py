@@ -214,6 +214,47 @@ def test_a_signal_on_the_checkpoint_schedule_saves_a_plain_periodic_state(tmp_pa
     assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
 
 
+def test_skipped_steps_before_an_off_schedule_signal_count_as_in_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A state every 4 steps, log lines every 4 and at phase ends, train.max_bad_steps=1.
+    Step 6 has a NaN loss (skipped), step 7 is good and the signal comes after it. The
+    uninterrupted run finds the skipped step at its log line of step 8, drops that step's
+    samples from the buffer and stops with a state. The state saved at step 7 keeps the
+    longest run of skipped steps since the last log line and the unread skip flags, so the
+    resumed run stops at step 8 too, with the same weights and buffer."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.data.replay import read_entries
+    from modx.train.loop import TrainingStopped
+    from modx.train.preempt import Preempted
+
+    def reset() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    monkeypatch.setenv("MODX_TEST_NAN_STEPS", "5")  # micro-steps from 0: global step 6
+    config = ("train.ckpt_every=4", "train.log_every=4", "train.max_bad_steps=1")
+    whole = tmp_path / "whole"
+    with pytest.raises(TrainingStopped, match="state-00000008"):
+        run_sparse(whole, monkeypatch.setattr, "modx", *config)
+    reset()
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", "step:7")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, "modx", *config)
+    reset()
+    state = trainer_state(out)
+    assert state["bad_in_row"] == 0 and state["segment"]["bad_longest"] == 1
+    assert state["segment"]["replay_pending"] == [[5, 1.0], [6, 0.0]]
+    monkeypatch.delenv("MODX_KILL_AT")  # (the NaN step counts micro-steps of this run: it does not come again)
+    with pytest.raises(TrainingStopped, match="state-00000008"):
+        run_sparse(out, monkeypatch.setattr, "modx", *config, "train.resume=auto")
+    state, whole_state = (d / "checkpoints" / "state-00000008" for d in (out, whole))
+    assert_same_weights(weights(whole_state), weights(state))
+    entries = [sorted((slot, e.id, e.step) for slot, e in read_entries(d / "replay.tar")) for d in (state, whole_state)]
+    assert entries[0] == entries[1] and 5 not in {step for _, _, step in entries[0]}
+
+
 def test_resume_auto_starts_a_fresh_run_when_there_is_no_checkpoint(tmp_path, monkeypatch, capsys):
     run_in_process(tmp_path / "run", monkeypatch, "train.resume=auto")
     assert "nothing to resume" in capsys.readouterr().out
