@@ -255,6 +255,42 @@ def test_skipped_steps_before_an_off_schedule_signal_count_as_in_the_uninterrupt
     assert entries[0] == entries[1] and 5 not in {step for _, _, step in entries[0]}
 
 
+def test_the_fast_forward_reads_past_batches_and_leaves_the_training_rngs_as_they_were():
+    """TimedBatches.skip(n) reads n batches (over an epoch end too) without handing them
+    out, and whatever the loader draws from the process's global RNGs while it does (a
+    DataLoader draws its base seed from torch's) is undone: the training process's random
+    streams stay where the state left them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from modx.train.data import TimedBatches
+
+    class Loader:  # 3 batches an epoch; each draws from the global torch, random and numpy RNGs
+        stats = None
+
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            for i in range(3):
+                torch.rand(1), random.random(), np.random.rand()
+                yield {"index": torch.tensor(self.epoch * 3 + i)}
+
+    batches = TimedBatches(Loader(), torch.device("cpu"))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    before = torch.rand(2), random.random(), np.random.rand()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    batches.skip(4)
+    after = torch.rand(2), random.random(), np.random.rand()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+    assert next(batches)["index"].item() == 4
+
+
 def test_resume_auto_starts_a_fresh_run_when_there_is_no_checkpoint(tmp_path, monkeypatch, capsys):
     run_in_process(tmp_path / "run", monkeypatch, "train.resume=auto")
     assert "nothing to resume" in capsys.readouterr().out

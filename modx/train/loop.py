@@ -347,11 +347,10 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
-        segment = (first_step, global_step)  # where the current stream segment started (phase step, global step)
+        segment, read = (first_step, global_step), 0  # where the stream segment started (phase step, global step)
         if within is not None and phase.index == start_phase:  # resumed inside a segment: rebuild it, read on
-            segment = (within["phase_step"], within["global_step"])
-        batches, plan = _segment(cfg, phase, *segment, preprocess_train, tokenizer, accelerator, trim, replay,
-                                 skip=(global_step - segment[1]) * t.grad_accum)
+            segment, read = (within["phase_step"], within["global_step"]), within["batches"]
+        batches, plan = _segment(cfg, phase, *segment, preprocess_train, tokenizer, accelerator, trim, replay, skip=read)
         meter = Meter()
 
         for step in range(first_step, phase.steps):
