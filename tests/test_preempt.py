@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -112,6 +113,184 @@ def test_a_signal_stops_at_the_step_with_a_state_and_auto_resumes_exactly(tmp_pa
     assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
 
 
+# ---- off the checkpoint schedule: the resumed run fast-forwards inside the segment ---------
+
+# Phases of 5 steps, a state every 3 steps: a signal after global step 2, 4, 7 or 8 stops the
+# run inside a stream segment (modx.train.data). A replay buffer of 16 samples is full in
+# phase a, so phase b's samples evict phase a's from it while a segment goes on: the
+# segment's snapshot is no longer what the buffer holds when the state is saved.
+SPARSE = ("stream.phases=[{name: a, train: X, eval: X, steps: 5}, {name: b, train: X, eval: X, steps: 5}]",
+          "train.ckpt_every=3", "train.keep_checkpoints=10", "strategy.replay.size=16")
+SPARSE_STRATEGIES = {
+    "modx": (),  # Mod-X with its replay buffer (source buffer, the default)
+    "modx+stream": ("strategy.replay.source=stream",),
+    "zscl": ("strategy.name=zscl", "strategy.zscl_we_every=2"),  # its reference stream too
+    "ewc": ("strategy.name=ewc", "strategy.ewc_batches=2"),  # the Fisher reads the stream at the phase end
+}
+
+
+def run_sparse(out: Path, setattr, strategy: str, *extra: str) -> list[float]:
+    from modx.train import run
+
+    losses: list[float] = []
+    install_fake_stream(losses, setattr)
+    run(load_config(None, fake_args(out, *SPARSE, *SPARSE_STRATEGIES[strategy], *extra)))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def whole_sparse(tmp_path_factory):
+    """The uninterrupted run of each strategy on the SPARSE stream (trained once per module)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    runs: dict[str, tuple[Path, list[float]]] = {}
+
+    def get(strategy: str) -> tuple[Path, list[float]]:
+        if strategy not in runs:
+            out = tmp_path_factory.mktemp(f"whole-{strategy}") / "run"
+            with pytest.MonkeyPatch.context() as mp:
+                runs[strategy] = out, run_sparse(out, mp.setattr, strategy)
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+        return runs[strategy]
+
+    return get
+
+
+@pytest.mark.parametrize(("strategy", "nth", "start"), [
+    ("modx", 2, 0), ("modx", 8, 6), ("modx+stream", 8, 6), ("zscl", 4, 3), ("zscl", 8, 6), ("ewc", 4, 3),
+])
+def test_a_signal_off_the_checkpoint_schedule_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch,
+                                                                              whole_sparse, strategy, nth, start):
+    """SIGTERM after global step `nth`, not a multiple of train.ckpt_every (3): the state
+    records the stream segment that started at global step `start` and the batches read in
+    it; train.resume=auto rebuilds that segment, reads past them, and goes on with the
+    uninterrupted run's losses (every micro-step) to its weights, bit for bit."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.train.preempt import Preempted
+
+    whole_dir, whole_losses = whole_sparse(strategy)  # first: the runs below patch the loop too
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", f"step:{nth}")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, strategy)
+    state = trainer_state(out)
+    assert state["global_step"] == nth
+    assert state["segment"]["global_step"] == start and state["segment"]["batches"] == nth - start
+    if strategy == "modx" and nth > 5:  # phase b: samples of the snapshot left the buffer meanwhile
+        snapshot = out / "checkpoints" / f"state-{nth:08d}" / "replay-segment.tar"
+        assert tarfile.open(snapshot).getnames(), "no sample left the buffer: the snapshot is not tested"
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.delenv("MODX_KILL_AT")
+    losses = run_sparse(out, monkeypatch.setattr, strategy, "train.resume=auto")
+    assert losses == whole_losses[nth:]
+    assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+
+
+def test_a_signal_on_the_checkpoint_schedule_saves_a_plain_periodic_state(tmp_path, monkeypatch, whole_sparse):
+    """At a ckpt_every multiple the uninterrupted run starts a new segment anyway: the
+    preemption state is the periodic one (no position in a segment) and resumes exactly."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.train.preempt import Preempted
+
+    whole_dir, whole_losses = whole_sparse("modx")
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", "step:6")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, "modx")
+    assert "segment" not in trainer_state(out)
+    assert not (out / "checkpoints" / "state-00000006" / "replay-segment.json").exists()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    monkeypatch.delenv("MODX_KILL_AT")
+    losses = run_sparse(out, monkeypatch.setattr, "modx", "train.resume=auto")
+    assert losses == whole_losses[6:]
+    assert_same_weights(weights(whole_dir / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+
+
+def test_skipped_steps_before_an_off_schedule_signal_count_as_in_the_uninterrupted_run(tmp_path, monkeypatch):
+    """A state every 4 steps, log lines every 4 and at phase ends, train.max_bad_steps=1.
+    Step 6 has a NaN loss (skipped), step 7 is good and the signal comes after it. The
+    uninterrupted run finds the skipped step at its log line of step 8, drops that step's
+    samples from the buffer and stops with a state. The state saved at step 7 keeps the
+    longest run of skipped steps since the last log line and the unread skip flags, so the
+    resumed run stops at step 8 too, with the same weights and buffer."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from modx.data.replay import read_entries
+    from modx.train.loop import TrainingStopped
+    from modx.train.preempt import Preempted
+
+    def reset() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    monkeypatch.setenv("MODX_TEST_NAN_STEPS", "5")  # micro-steps from 0: global step 6
+    config = ("train.ckpt_every=4", "train.log_every=4", "train.max_bad_steps=1")
+    whole = tmp_path / "whole"
+    with pytest.raises(TrainingStopped, match="state-00000008"):
+        run_sparse(whole, monkeypatch.setattr, "modx", *config)
+    reset()
+    out = tmp_path / "preempted"
+    monkeypatch.setenv("MODX_KILL_AT", "step:7")
+    monkeypatch.setenv("MODX_KILL_SIGNAL", "SIGTERM")
+    with pytest.raises(Preempted):
+        run_sparse(out, monkeypatch.setattr, "modx", *config)
+    reset()
+    state = trainer_state(out)
+    assert state["bad_in_row"] == 0 and state["segment"]["bad_longest"] == 1
+    assert state["segment"]["replay_pending"] == [[5, 1.0], [6, 0.0]]
+    monkeypatch.delenv("MODX_KILL_AT")  # (the NaN step counts micro-steps of this run: it does not come again)
+    with pytest.raises(TrainingStopped, match="state-00000008"):
+        run_sparse(out, monkeypatch.setattr, "modx", *config, "train.resume=auto")
+    state, whole_state = (d / "checkpoints" / "state-00000008" for d in (out, whole))
+    assert_same_weights(weights(whole_state), weights(state))
+    entries = [sorted((slot, e.id, e.step) for slot, e in read_entries(d / "replay.tar")) for d in (state, whole_state)]
+    assert entries[0] == entries[1] and 5 not in {step for _, _, step in entries[0]}
+
+
+def test_the_fast_forward_reads_past_batches_and_leaves_the_training_rngs_as_they_were():
+    """TimedBatches.skip(n) reads n batches (over an epoch end too) without handing them
+    out, and whatever the loader draws from the process's global RNGs while it does (a
+    DataLoader draws its base seed from torch's) is undone: the training process's random
+    streams stay where the state left them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from modx.train.data import TimedBatches
+
+    class Loader:  # 3 batches an epoch; each draws from the global torch, random and numpy RNGs
+        stats = None
+
+        def __init__(self):
+            self.epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            for i in range(3):
+                torch.rand(1), random.random(), np.random.rand()
+                yield {"index": torch.tensor(self.epoch * 3 + i)}
+
+    batches = TimedBatches(Loader(), torch.device("cpu"))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    before = torch.rand(2), random.random(), np.random.rand()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    batches.skip(4)
+    after = torch.rand(2), random.random(), np.random.rand()
+    assert torch.equal(before[0], after[0]) and before[1:] == after[1:]
+    assert next(batches)["index"].item() == 4
+
+
 def test_resume_auto_starts_a_fresh_run_when_there_is_no_checkpoint(tmp_path, monkeypatch, capsys):
     run_in_process(tmp_path / "run", monkeypatch, "train.resume=auto")
     assert "nothing to resume" in capsys.readouterr().out
@@ -192,6 +371,35 @@ def test_a_killed_process_restarts_the_group_which_resumes_by_itself(tmp_path, w
     assert "resuming" in done.stdout and "at phase 0 step 1 (global step 1)" in done.stdout
     assert_same_weights(weights(whole_two / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
     assert digests(out) == digests(whole_two)
+
+
+def sparse_two_args(out: Path, *extra: str) -> list[str]:
+    """SPARSE on 2 processes: Mod-X with its replay buffer, a state every 3 steps."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fake.tar").touch()
+    return [a.replace("X", str(out / "fake.tar")) for a in (*SPARSE, "train.workers=0", *extra)]
+
+
+def test_a_signal_to_one_of_two_processes_off_the_schedule_resumes_to_the_uninterrupted_run(tmp_path):
+    """SIGUSR1 to process 1 only, after global step 8 (phase b; the segment started at the
+    state of step 6): both processes save the position in the segment and the buffer's
+    snapshot; the resumed run fast-forwards on both and ends with the uninterrupted run's
+    losses and weights on both processes."""
+    whole = tmp_path / "whole"
+    done = torchrun(whole, sparse_two_args(whole))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    done = torchrun(out, sparse_two_args(out),
+                    env={"MODX_KILL_AT": "step:8", "MODX_KILL_RANK": "1", "MODX_KILL_SIGNAL": "SIGUSR1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "preempted at step 3 of phase 1 (b), global step 8" in done.stdout
+    assert trainer_state(out)["segment"]["global_step"] == 6
+    resumed = torchrun(out, sparse_two_args(out, "train.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses, whole_losses = (json.loads((d / "losses.json").read_text()) for d in (out, whole))
+    assert losses == whole_losses[8:]
+    assert_same_weights(weights(whole / "checkpoints" / "phase-1"), weights(out / "checkpoints" / "phase-1"))
+    assert digests(out) == digests(whole)
 
 
 @pytest.mark.parametrize("kind", ["loss", pytest.param("grad", marks=pytest.mark.slow)])

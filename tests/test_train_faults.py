@@ -83,16 +83,21 @@ STRATEGIES = {
 KILL_POINTS = {"step": 6, "checkpoint": 4, "evaluate": 6}
 
 
-def train_cli(run_dir: Path, data_root: Path, extra: dict, kill: str | None = None, resume: bool = False) -> int:
-    """`python train_modx.py` on the tiny stream with 2 loader workers; MODX_KILL_AT=kill."""
+def train_cli(run_dir: Path, data_root: Path, extra: dict, kill: str | None = None, resume: bool = False,
+              signal: str | None = None) -> int:
+    """`python train_modx.py` on the tiny stream with 2 loader workers; MODX_KILL_AT=kill
+    (MODX_KILL_SIGNAL=signal: that signal instead of SIGKILL)."""
     from modx.data.builtin import ensure_builtin
 
     reference = ensure_builtin("digits", root=str(data_root))[0]  # read by zscl only
     overrides = tiny_overrides(run_dir, data_root, **{"train.workers": 2, "strategy.reference": reference, **extra})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("MODX_KILL_AT", None)
+    env.pop("MODX_KILL_SIGNAL", None)
     if kill is not None:
         env["MODX_KILL_AT"] = kill
+    if signal is not None:
+        env["MODX_KILL_SIGNAL"] = signal
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir.parent / f"{run_dir.name}-{'resume' if resume else 'run'}.log"
     with log.open("w") as out:  # a file, not a pipe: killed runs leave orphaned workers for a moment
@@ -117,10 +122,16 @@ def uninterrupted(tmp_path_factory, data_root):
     return get
 
 
-def check_kill_and_resume(tmp_path: Path, data_root: Path, whole: Path, strategy: str, kill: str) -> None:
+def check_kill_and_resume(tmp_path: Path, data_root: Path, whole: Path, strategy: str, kill: str,
+                          signal: str | None = None) -> dict:
+    """Kill (or signal) a run, resume it, compare with `whole`; returns the trainer state
+    the stopped run left."""
     killed = tmp_path / "killed"
-    assert train_cli(killed, data_root, STRATEGIES[strategy], kill=kill) == -9, "the kill hook did not fire"
+    assert train_cli(killed, data_root, STRATEGIES[strategy], kill=kill, signal=signal) == (0 if signal else -9), \
+        "the kill hook did not fire"
     assert not (killed / "summary.json").exists()
+    ckpt = killed / "checkpoints"
+    stopped = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "trainer_state.json").read_text())
     assert train_cli(killed, data_root, STRATEGIES[strategy], resume=True) == 0
     for name in ("phase-0", "phase-1"):
         assert_same_weights(weights(whole / "checkpoints" / name), weights(killed / "checkpoints" / name))
@@ -130,6 +141,7 @@ def check_kill_and_resume(tmp_path: Path, data_root: Path, whole: Path, strategy
     cost, reference_cost = summary.pop("cost"), reference.pop("cost")  # wall-clock times differ
     assert summary == reference
     assert cost["train_samples"] == reference_cost["train_samples"]
+    return stopped
 
 
 @pytest.mark.parametrize("strategy", ["ewc+replay", "modx+stream", "zscl"])
@@ -138,6 +150,18 @@ def test_run_killed_in_phase_b_resumes_to_the_uninterrupted_results(tmp_path, da
     ZSCL's ensemble and reference stream, old model, RNG and the loader workers' stream all
     restored): same weights, results.jsonl, summary."""
     check_kill_and_resume(tmp_path, data_root, uninterrupted(strategy), strategy, "step:5")
+
+
+@pytest.mark.parametrize("strategy", ["ewc+replay", "modx+stream", "zscl"])
+def test_run_preempted_off_the_checkpoint_schedule_resumes_to_the_uninterrupted_results(tmp_path, data_root,
+                                                                                     uninterrupted, strategy):
+    """SIGTERM after global step 5 (ckpt_every=2: one step into the segment that started at
+    step 4's state): the resumed run rebuilds the real loader's segment (2 workers; the
+    replay stream or buffer snapshot, ZSCL's reference stream), reads past that step's
+    batches and ends with the uninterrupted run's weights, results and summary."""
+    stopped = check_kill_and_resume(tmp_path, data_root, uninterrupted(strategy), strategy, "step:5", signal="SIGTERM")
+    assert stopped["global_step"] == 5
+    assert stopped["segment"] == {**stopped["segment"], "phase_step": 1, "global_step": 4, "batches": 1}
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modx.data.seeds import stable_seed
+from modx.data.seeds import preserved_rng, stable_seed
 
 STATE_TAR, STATE_JSON = "replay.tar", "replay.json"  # the buffer's files in a checkpoint
 
@@ -162,16 +162,11 @@ def decode_entry(entry: Entry, preprocess: Callable | None, seed: int) -> dict[s
 def seeded(fn: Callable, seed: int, *args: Any) -> Any:
     """fn(*args) with the global torch, random and numpy RNGs seeded by `seed`, each
     restored afterwards (so the caller's random streams do not move)."""
-    torch_state, py_state, np_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
+    with preserved_rng():
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         return fn(*args)
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
 
 
 def view_digest(image: torch.Tensor, text: torch.Tensor) -> int:
@@ -281,16 +276,7 @@ class ReplayBuffer:
     def save(self, directory: Path) -> None:
         """Write `directory`/replay.tar (one sample per filled slot: KEY.ext image bytes,
         KEY.json with captions, key, id, phase, step) and replay.json (the rest)."""
-        import webdataset as wds
-
-        with open(directory / STATE_TAR, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for slot, e in enumerate(self.slots):
-                if e is None:
-                    continue
-                meta = {"captions": list(e.captions), "key": e.key, "id": e.id, "phase": e.phase, "step": e.step}
-                writer.write({"__key__": f"{slot:09d}", e.ext: e.image, "json": json.dumps(meta).encode()})
-            writer.close()
+        write_entries(directory / STATE_TAR, [(slot, e) for slot, e in enumerate(self.slots) if e is not None])
         state = {"version": 1, "capacity": self.capacity, "max_bytes": self.max_bytes, "seed": self.seed,
                  "seen": self.seen, "peak_bytes": self.peak_bytes, "seconds": self.seconds}
         (directory / STATE_JSON).write_text(json.dumps(state))
@@ -308,8 +294,21 @@ class ReplayBuffer:
         self._fit()
 
 
+def write_entries(path: Path, entries: Sequence[tuple[int, Entry]]) -> None:
+    """Write (slot, Entry) pairs as a WebDataset shard: SLOT.ext the image bytes, SLOT.json
+    the captions, key, id, phase and step."""
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for slot, e in entries:
+            meta = {"captions": list(e.captions), "key": e.key, "id": e.id, "phase": e.phase, "step": e.step}
+            writer.write({"__key__": f"{slot:09d}", e.ext: e.image, "json": json.dumps(meta).encode()})
+        writer.close()
+
+
 def read_entries(path: Path) -> list[tuple[int, Entry]]:
-    """(slot, Entry) of every sample in a buffer shard written by ReplayBuffer.save."""
+    """(slot, Entry) of every sample in a shard written by write_entries."""
     members: dict[str, dict[str, bytes]] = {}
     with tarfile.open(path, "r") as tar:
         for info in tar:

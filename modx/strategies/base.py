@@ -139,3 +139,8 @@ class Strategy:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def resume_within_segment(self) -> None:
+        """Called after load_state_dict when the state was saved inside a segment of the
+        data stream (a preemption: modx.train.data): streams of the strategy's own go on
+        from where the state was saved instead of starting a new segment there."""

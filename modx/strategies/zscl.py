@@ -35,7 +35,7 @@ from torch import nn
 
 from modx.config import ConfigError
 from modx.data import DataError, make_loader, parse_sources
-from modx.data.seeds import stable_seed
+from modx.data.seeds import preserved_rng, stable_seed
 from modx.losses import (
     all_gather,
     full_precision,
@@ -95,7 +95,10 @@ def l2_to(model: nn.Module, anchor: nn.Module) -> torch.Tensor:
 def reference_loader(urls: str, batch_size: int, context: Context, segment: int) -> Any:
     """This process's loader of reference pairs from `segment` (the reference batches read
     before it) on: resampled shards, the run's eval preprocessing and tokenizer, seeded by
-    (train.seed, segment, rank) so that a resumed run reads what the uninterrupted run read."""
+    (train.seed, segment, rank) so that a resumed run reads what the uninterrupted run read.
+    A segment starts where the training stream's does (at a phase start or a periodic
+    checkpoint, when state_dict closes the loader); a run resumed inside one rebuilds it and
+    reads past the batches read since its start (resume_within_segment)."""
     cfg = context.config
     return make_loader(
         urls,
@@ -131,6 +134,8 @@ class ZSCL(Strategy):
         self.steps = 0  # optimiser steps of that phase so far
         self.merge_due = False  # a step ended whose weights W takes in (at the next loss or phase end)
         self.read = 0  # reference batches read by this process
+        self.segment = 0  # of those, read before the current loader's segment started
+        self.seek = 0  # reference batches the next loader reads past (a resume inside a segment)
         self.resumed = False
         self.batches: Iterator[Batch] | None = None
         self.loader: Any = None
@@ -152,8 +157,19 @@ class ZSCL(Strategy):
     def reference_batch(self) -> Batch:
         """This process's next reference batch (image, text) on the device."""
         if self.batches is None:
-            self.loader = reference_loader(self.cfg.reference, self.local_batch, self.context, self.read)
+            self.segment = self.read - self.seek
+            self.loader = reference_loader(self.cfg.reference, self.local_batch, self.context, self.segment)
             self.batches = iter(self.loader)
+            with preserved_rng():  # as the training stream's fast-forward (modx.train.data)
+                for _ in range(self.seek):
+                    self._next_reference()
+            self.seek = 0
+        batch = self._next_reference()
+        self.read += 1
+        device = self.context.device
+        return {"image": batch["image"].to(device, non_blocking=True), "text": batch["text"].to(device, non_blocking=True)}
+
+    def _next_reference(self) -> Batch:
         batch = next(self.batches, None)
         if batch is None:  # an epoch is over (or there was nothing to read)
             self.batches = iter(self.loader)
@@ -161,9 +177,7 @@ class ZSCL(Strategy):
             if batch is None:
                 raise ConfigError("strategy.reference", f"no reference batch could be read from {self.cfg.reference} "
                                   f"(loader counts: {self.loader.stats.as_dict()}); are the shards empty?")
-        self.read += 1
-        device = self.context.device
-        return {"image": batch["image"].to(device, non_blocking=True), "text": batch["text"].to(device, non_blocking=True)}
+        return batch
 
     # ---- phases and steps
 
@@ -249,18 +263,25 @@ class ZSCL(Strategy):
     # ---- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """W and its counts, the phase's step count, and the reference batches read. A
-        checkpoint starts a new segment of the reference stream (as of the training stream):
-        the uninterrupted run and a run resumed from here read the same reference batches."""
+        """W and its counts, the phase's step count, the reference batches read, and of
+        those the ones read before the current reference segment. A checkpoint starts a new
+        segment of the reference stream (as of the training stream): the uninterrupted run
+        and a run resumed from here read the same reference batches (from inside a segment:
+        resume_within_segment)."""
+        segment = self.segment if self.loader is not None else self.read
         if self.loader is not None:
             self.loader.close()
         self.loader, self.batches = None, None
         return {"average": self.average, "merges": self.merges, "phase": self.phase, "steps": self.steps,
-                "merge_due": self.merge_due, "reference_batches": self.read}
+                "merge_due": self.merge_due, "reference_batches": self.read, "reference_segment": segment}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.accelerator.device  # checkpoints hold CPU tensors
         self.average = {n: w.to(device) for n, w in state.get("average", {}).items()}
         self.merges, self.phase, self.steps = state.get("merges", 0), state.get("phase", -1), state.get("steps", 0)
         self.merge_due, self.read = state.get("merge_due", False), state.get("reference_batches", 0)
+        self.segment = state.get("reference_segment", self.read)
         self.resumed = True
+
+    def resume_within_segment(self) -> None:
+        self.seek = self.read - self.segment

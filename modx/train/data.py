@@ -4,10 +4,15 @@ The WebDataset loader is never given to Accelerate (DESIGN.md pitfalls): each pr
 builds its own with modx.data.make_loader(rank=..., world_size=...), seeded per process.
 
 Resume. The data stream is cut into *segments*: a segment starts at a phase start or at
-a checkpoint, and its loader is seeded by (train.seed, global step, rank). An uninterrupted
-run rebuilds its loader after every checkpoint too, so a run resumed from a checkpoint
-streams exactly the batches the uninterrupted run streamed after it (same weights at the
-end). The stream position is therefore never stored: reseeding with the step replaces it.
+a periodic checkpoint (every train.ckpt_every steps), and its loader is seeded by
+(train.seed, global step, rank). An uninterrupted run rebuilds its loader after every
+periodic checkpoint too, so a run resumed from one streams exactly the batches the
+uninterrupted run streamed after it (same weights at the end): reseeding with the step
+replaces the stream position. A state saved off that schedule (a preemption, the
+train.max_bad_steps stop) starts no segment: it records where in the current segment it
+was (its start and the batches read since), and the resumed run rebuilds that segment and
+reads past those batches without training on them (`TimedBatches.skip`: at most
+ckpt_every - 1 steps' batches decoded, per process).
 """
 
 from __future__ import annotations
@@ -189,8 +194,15 @@ class TimedBatches:
 
     def __next__(self) -> dict[str, Any]:
         start = time.perf_counter()
+        batch = self._read()
+        self.wait += time.perf_counter() - start
+        if self.trim:
+            batch = {**batch, "text": trim_padding(batch["text"])}
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _read(self) -> dict[str, Any]:
         try:
-            batch = next(self.iterator)
+            return next(self.iterator)
         except StopIteration:  # the epoch is over: go on with the next one
             self.epoch += 1
             self.loader.set_epoch(self.epoch)
@@ -201,10 +213,17 @@ class TimedBatches:
 
                 raise DataError(f"no training batch could be read: are the shards missing or unreadable? "
                                 f"(loader counts: {self.stats()})") from None
-        self.wait += time.perf_counter() - start
-        if self.trim:
-            batch = {**batch, "text": trim_padding(batch["text"])}
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            return batch
+
+    def skip(self, n: int) -> None:
+        """Read `n` batches and drop them (fast-forward inside a segment): each is decoded
+        as when trained on, never moved to the device. The training process's RNGs are
+        left as they were (a DataLoader draws its base seed from torch's when it starts)."""
+        from modx.data.seeds import preserved_rng
+
+        with preserved_rng():
+            for _ in range(n):
+                self._read()
 
     def take_wait(self) -> float:
         wait, self.wait = self.wait, 0.0

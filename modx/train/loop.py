@@ -14,6 +14,7 @@ import copy
 import math
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -138,10 +139,11 @@ class BadSteps:
     and the longest run since the last `read`. Counted on the device, read at log lines
     and checkpoints: no host sync per step."""
 
-    def __init__(self, limit: int, device: torch.device, total: int = 0, in_row: int = 0):
+    def __init__(self, limit: int, device: torch.device, total: int = 0, in_row: int = 0, longest: int = 0):
         self.limit = limit
-        self.counts = torch.tensor([total, in_row, in_row], dtype=torch.int64, device=device)
-        self.total, self.in_row, self.longest = total, in_row, in_row  # as of the last read
+        longest = max(longest, in_row)  # (a state saved inside a log interval keeps its longest run)
+        self.counts = torch.tensor([total, in_row, longest], dtype=torch.int64, device=device)
+        self.total, self.in_row, self.longest = total, in_row, longest  # as of the last read
 
     def update(self, bad: torch.Tensor) -> None:
         """Count one optimiser step; `bad` is 1 (skipped) or 0, a 0-d tensor."""
@@ -291,6 +293,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
 
     # ---- a fresh start, or the state of a killed run
     start_phase, start_step, global_step, old_model = 0, 0, 0, None
+    within = None  # a state saved inside a stream segment: where (modx.train.data)
     train_seconds = 0.0  # time in training steps (data waits included, evaluation not)
     bad_steps = BadSteps(t.max_bad_steps, accelerator.device)
     state_path = _resume_path(resume or t.resume, ckpt_dir)
@@ -298,8 +301,9 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         trainer_state = read_trainer_state(state_path)
         start_phase, start_step, global_step = (trainer_state[k] for k in ("phase", "phase_step", "global_step"))
         train_seconds = trainer_state.get("train_seconds", 0.0)
+        within = trainer_state.get("segment")
         bad_steps = BadSteps(t.max_bad_steps, accelerator.device, trainer_state.get("skipped_steps", 0),
-                             trainer_state.get("bad_in_row", 0))
+                             trainer_state.get("bad_in_row", 0), (within or {}).get("bad_longest", 0))
         if start_phase > 0 or align_initial:  # the export that ended the previous phase
             previous = f"phase-{start_phase - 1}" if start_phase > 0 else "initial"
             old = create_model(str(ckpt_dir / previous))[0]
@@ -313,6 +317,10 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         if replay is not None and not replay.load(state_path) and strategy_state.get("replay"):
             accelerator.print("note: this checkpoint's replay buffer holds decoded tensors (an older modx); "
                               "it is not resumed: the buffer starts empty")
+        if within is not None:
+            strategy.resume_within_segment()
+            if replay is not None:
+                replay.restore(within, accelerator.device)
         accelerator.print(f"resuming {state_path} at phase {start_phase} step {start_step} (global step {global_step})")
         if main:
             evaluator.forget_from(start_phase, global_step)
@@ -339,8 +347,10 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         if first_step == 0:
             optimizer.state.clear()  # each phase starts with fresh AdamW moments, as a new run
         strategy.begin_phase(phase.index, model, old_model)
-        batches, plan = _segment(cfg, phase, first_step, global_step, preprocess_train, tokenizer, accelerator,
-                                 trim, replay)
+        segment, read = (first_step, global_step), 0  # where the stream segment started (phase step, global step)
+        if within is not None and phase.index == start_phase:  # resumed inside a segment: rebuild it, read on
+            segment, read = (within["phase_step"], within["global_step"]), within["batches"]
+        batches, plan = _segment(cfg, phase, *segment, preprocess_train, tokenizer, accelerator, trim, replay, skip=read)
         meter = Meter()
 
         for step in range(first_step, phase.steps):
@@ -397,7 +407,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                                       f"non-finite loss or gradients and were skipped ({bad_steps.in_row} in a row now)")
                 if bad_steps.longest >= bad_steps.limit:
                     _stop_bad_steps(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds,
-                                    strategy, replay, t, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
+                                    strategy, replay, t, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler),
+                                    _within(segment, global_step, t.ckpt_every, t.grad_accum))
                 logs = meter.flush(batches, accelerator) | {
                     "lr": lr,
                     "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
@@ -417,7 +428,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
             # ---- preempted (a signal to any process): every process saves this step's state, stops
             if preemption.requested(world) and step + 1 < phase.steps:
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
-                            replay, t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
+                            replay, t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler),
+                            _within(segment, global_step, t.ckpt_every, t.grad_accum))
                 batches.close()
                 _stop_preempted(accelerator, ckpt_dir, phase, step + 1, global_step)
 
@@ -426,8 +438,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                 _checkpoint(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds, strategy,
                             replay, t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
                 batches.close()
-                batches, plan = _segment(cfg, phase, step + 1, global_step, preprocess_train, tokenizer,
-                                         accelerator, trim, replay)
+                segment = (step + 1, global_step)
+                batches, plan = _segment(cfg, phase, *segment, preprocess_train, tokenizer, accelerator, trim, replay)
 
         # ---- phase end: strategy hook, export, evaluate, snapshot the old model
         strategy.end_phase(phase.index, model, old_model, batches)
@@ -463,16 +475,27 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
 
 def _segment(
     cfg: Config, phase: Phase, phase_step: int, global_step: int, preprocess: object, tokenizer: object,
-    accelerator: Accelerator, trim: bool = False, replay: ReplayFeed | None = None,
+    accelerator: Accelerator, trim: bool = False, replay: ReplayFeed | None = None, skip: int = 0,
 ) -> tuple[TimedBatches, object]:
     """This process's batches from `phase_step` of `phase` on (a stream segment), and the
-    replay plan they follow (None without replay)."""
-    plan = replay.plan(phase, global_step) if replay is not None else None
+    replay plan they follow (None without replay). `skip`: the segment's batches a resumed
+    run read past first (it was saved inside the segment: modx.train.data)."""
+    plan = replay.plan(phase, global_step, within=skip > 0) if replay is not None else None
     loader = train_loader(
         cfg, phase, preprocess, tokenizer, phase_step=phase_step, global_step=global_step,
         rank=accelerator.process_index, world_size=accelerator.num_processes, replay=plan,
     )
-    return TimedBatches(loader, accelerator.device, trim=trim), plan
+    batches = TimedBatches(loader, accelerator.device, trim=trim)
+    batches.skip(skip)
+    return batches, plan
+
+
+def _within(segment: tuple[int, int], global_step: int, ckpt_every: int, grad_accum: int) -> dict[str, int] | None:
+    """Where a state saved now is in the stream segment that started at `segment` (phase
+    step, global step); None on the periodic schedule, where a new segment starts anyway."""
+    if global_step % ckpt_every == 0:
+        return None
+    return {"phase_step": segment[0], "global_step": segment[1], "batches": (global_step - segment[1]) * grad_accum}
 
 
 def _checkpoint(
@@ -487,18 +510,27 @@ def _checkpoint(
     keep: int,
     bad_steps: BadSteps,
     sharded: tuple | None = None,
+    within: dict[str, int] | None = None,
 ) -> None:
+    """Save a resumable state. `within`: it is saved inside a stream segment (_within): the
+    position in it goes with the state, with what the segment's stream needs (the replay
+    buffer's snapshot, the skip flags not read yet, the longest run of bad steps since
+    the last log line), so that a resumed run goes on as the uninterrupted run."""
     bad_steps.read()
-    if replay is not None:
+    if within is not None:
+        within = {**within, "bad_longest": bad_steps.longest, **(replay.position() if replay is not None else {})}
+    elif replay is not None:
         replay.settle()
     trainer_state = {
         "phase": phase, "phase_step": phase_step, "global_step": global_step,
         "train_seconds": train_seconds, "skipped_steps": bad_steps.total, "bad_in_row": bad_steps.in_row,
         **_counters(accelerator, strategy), **(replay.cost() if replay is not None else {}),
+        **({"segment": within} if within is not None else {}),
     }
     strategy_state = {"strategy": strategy.state_dict()}
     save_state(accelerator, ckpt_dir, trainer_state, strategy_state, keep,
-               write_main=replay.save if replay is not None else None, sharded=sharded)
+               write_main=partial(replay.save, within=within is not None) if replay is not None else None,
+               sharded=sharded)
 
 
 def _counters(accelerator: Accelerator, strategy: object) -> dict[str, int]:
@@ -514,13 +546,13 @@ def _counters(accelerator: Accelerator, strategy: object) -> dict[str, int]:
 def _stop_bad_steps(
     accelerator: Accelerator, ckpt_dir: Path, phase: int, phase_step: int, global_step: int, train_seconds: float,
     strategy: object, replay: ReplayFeed | None, t: object, bad_steps: BadSteps,
-    sharded: tuple | None = None,
+    sharded: tuple | None = None, within: dict[str, int] | None = None,
 ) -> None:
     """train.max_bad_steps optimiser steps in a row were skipped: save the state and stop.
     A skipped step leaves the model as it was, so the state is the last good step's
     model and optimiser (the run is found at the log line after the limit was reached)."""
     _checkpoint(accelerator, ckpt_dir, phase, phase_step, global_step, train_seconds, strategy, replay,
-                t.keep_checkpoints, bad_steps, sharded)
+                t.keep_checkpoints, bad_steps, sharded, within)
     raise TrainingStopped(
         f"training stopped at global step {global_step}: {bad_steps.longest} optimiser steps in a row had "
         f"a non-finite loss or gradients (train.max_bad_steps={t.max_bad_steps}); the model and optimiser "

@@ -9,20 +9,38 @@ replays, the buffer the trained samples go to, and its place in checkpoints.
 
 Nothing here waits for the device per step: skipped steps are read when the loop reads its
 other counters, and their samples leave the buffer before any later segment can replay them.
+
+A state saved inside a segment (a preemption: modx.train.data) also keeps the segment's
+buffer snapshot (`save(..., within=True)`: the ids in order, and the samples the buffer
+has dropped since in replay-segment.tar) and the skip flags not read yet (`position`), so
+the resumed run replays from the same snapshot and drops the same samples when it reads them.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from modx.config import Config, ConfigError
-from modx.data.replay import STATE_JSON, ReplayBuffer, ReplayPlan, replay_counts, schedule_weights
+from modx.data.replay import (
+    STATE_JSON,
+    STATE_TAR,
+    Entry,
+    ReplayBuffer,
+    ReplayPlan,
+    read_entries,
+    replay_counts,
+    schedule_weights,
+    write_entries,
+)
 from modx.data.seeds import stable_seed
 from modx.strategies import replay_ratio
 from modx.train.data import Phase
+
+SEGMENT_TAR, SEGMENT_JSON = "replay-segment.tar", "replay-segment.json"  # the snapshot of a state inside a segment
 
 
 class ReplayFeed:
@@ -47,6 +65,7 @@ class ReplayFeed:
                 raise ConfigError("strategy.replay.data", str(err)) from None
         self.buffer = ReplayBuffer(r.size, int(r.max_mb * 2**20), self.seed) if r.source == "buffer" else None
         self.pending: list[tuple[int, torch.Tensor]] = []  # (global step, skip flag) not read yet
+        self.snapshot: tuple[Entry, ...] = ()  # what the current segment replays (source buffer)
         self.exchange = _all_gather_objects if world > 1 else None
         if self.exchange is not None:
             _object_group()  # collective: every process creates the group now
@@ -69,12 +88,15 @@ class ReplayFeed:
 
     # ---- per segment
 
-    def plan(self, phase: Phase, global_step: int) -> ReplayPlan:
-        """What the loader segment starting at `global_step` of `phase` replays."""
+    def plan(self, phase: Phase, global_step: int, within: bool = False) -> ReplayPlan:
+        """What the loader segment starting at `global_step` of `phase` replays; `within`:
+        the segment a resumed state was saved inside (its snapshot as that state kept it)."""
         common = dict(first_batch=global_step * self.grad_accum, seed=self.seed, phase=phase.index,
                       keep_raw=self.buffer is not None, views=self.views)
         if self.buffer is not None:
-            entries = self.buffer.earlier(phase.index)
+            if not within:
+                self.snapshot = self.buffer.earlier(phase.index)
+            entries = self.snapshot
             counts = replay_counts(self.global_batch, self.ratio, self.world, available=len(entries))
             return ReplayPlan(counts=tuple(counts), entries=entries, **common)
         sources = self.sources(phase.index)
@@ -118,19 +140,45 @@ class ReplayFeed:
 
     # ---- checkpoints and cost
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, within: bool = False) -> None:
         """Write the buffer into a checkpoint directory (the main process only: every
-        process holds the same buffer)."""
-        if self.buffer is not None:
-            self.buffer.save(directory)
+        process holds the same buffer); `within` a segment, its snapshot too."""
+        if self.buffer is None:
+            return
+        self.buffer.save(directory)
+        if within:
+            kept = {e.id for e in self.buffer.slots if e is not None}
+            gone = [(i, e) for i, e in enumerate(self.snapshot) if e.id not in kept]
+            write_entries(directory / SEGMENT_TAR, gone)
+            (directory / SEGMENT_JSON).write_text(json.dumps({"ids": [e.id for e in self.snapshot]}))
 
     def load(self, directory: Path) -> bool:
         """Restore the buffer of a checkpoint (every process reads the same files, whatever
-        the number of processes that wrote it); False when the checkpoint has none."""
+        the number of processes that wrote it), and the segment snapshot of a state saved
+        inside a segment; False when the checkpoint has no buffer."""
         if self.buffer is None or not (directory / STATE_JSON).is_file():
             return False
         self.buffer.load(directory)
+        if (directory / SEGMENT_JSON).is_file():
+            ids = json.loads((directory / SEGMENT_JSON).read_text())["ids"]
+            by_id = {e.id: e for _, e in read_entries(directory / STATE_TAR)}  # whatever the capacity now
+            by_id.update((e.id, e) for _, e in read_entries(directory / SEGMENT_TAR))
+            self.snapshot = tuple(by_id[i] for i in ids)
         return True
+
+    def position(self) -> dict[str, list]:
+        """The skip flags not read yet, as [global step, flag] pairs (one host sync): a
+        state saved inside a segment keeps them instead of settling (the uninterrupted
+        run settles at its next log line, which the resumed run reaches too)."""
+        if not self.pending:
+            return {}
+        flags = torch.stack([s for _, s in self.pending]).tolist()
+        return {"replay_pending": [[step, flag] for (step, _), flag in zip(self.pending, flags)]}
+
+    def restore(self, position: dict[str, list], device: torch.device) -> None:
+        """Undo `position`: the flags go back to the pending ones."""
+        self.pending = [(int(step), torch.tensor(float(flag), device=device))
+                        for step, flag in position.get("replay_pending", [])]
 
     def cost(self) -> dict[str, float]:
         if self.buffer is None:
