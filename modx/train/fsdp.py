@@ -11,9 +11,12 @@ itself, the same way on every device:
     each tower (`visual`, `text`)                       its own unit (with its last block:
                                                         modx.models.pooled calls that block's
                                                         parts directly, outside its forward)
-    the root                                            the rest; 0-d parameters are left
-                                                        out (replicated) and their gradients
-                                                        averaged over processes by hand
+    the root                                            the rest; 0-d parameters and those
+                                                        of modules marked `modx_replicated`
+                                                        (run outside the forward: C-CLIP's
+                                                        predictor) are left out (replicated)
+                                                        and their gradients averaged over
+                                                        processes by hand
 
 `reshard_after_forward` is True for FULL_SHARD and False for SHARD_GRAD_OP (Accelerate's
 FSDP_RESHARD_AFTER_FORWARD). `encode_image` / `encode_text` of the root are registered as
@@ -45,8 +48,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 
 from modx.strategies.base import local
-
-STRATEGIES = ("finetune", "modx", "distill", "replay", "joint", "wiseft", "ewc", "ctp")  # trained under FSDP
 
 
 class ShardingError(RuntimeError):
@@ -103,8 +104,9 @@ class Sharding:
         for tower in ("visual", "text"):
             if isinstance(getattr(model, tower, None), nn.Module):
                 fully_shard(getattr(model, tower), **options)
-        scalars = {p for p in model.parameters() if p.ndim == 0}
-        fully_shard(model, ignored_params=scalars, **options)
+        replicated = {p for p in model.parameters() if p.ndim == 0}
+        replicated |= {p for m in model.modules() if getattr(m, "modx_replicated", False) for p in m.parameters()}
+        fully_shard(model, ignored_params=replicated, **options)
         for method in ("encode_image", "encode_text"):
             if hasattr(model, method):
                 register_fsdp_forward_method(model, method)
@@ -159,6 +161,21 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+def split_groups(groups: list[dict]) -> list[dict]:
+    """The optimiser's parameter groups with each group's replicated (plain) parameters in a
+    group of their own beside its sharded ones: the fused AdamW kernel refuses a list that
+    mixes DTensors with plain tensors of more than 0 dimensions (C-CLIP's predictor). Its
+    update is elementwise, so splitting changes no number."""
+    split = []
+    for group in groups:
+        sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+        replicated = [p for p in group["params"] if not isinstance(p, DTensor)]
+        for params, suffix in ((sharded, ""), (replicated, "/replicated")):
+            if params:
+                split.append({**group, "params": params, "name": f"{group.get('name', 'group')}{suffix}"})
+    return split
 
 
 def sync_replicated_grads(model: nn.Module) -> None:

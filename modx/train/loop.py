@@ -269,8 +269,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
     if sharding is not None:  # sharded before the optimiser is built over its (sharded) parameters
         model = sharding.shard(model.to(accelerator.device))
-    optimizer = adamw(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all),
-                      accelerator.device)
+    groups = model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all)
+    optimizer = adamw(fsdp.split_groups(groups) if sharding is not None else groups, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
     if sharding is not None and accelerator.distributed_type != DistributedType.FSDP:
@@ -281,7 +281,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     distributed = {"type": "FSDP" if sharding is not None else accelerator.distributed_type.value,
                    "num_processes": world}
     strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
-                          frozen_copy=sharding.frozen_copy if sharding is not None else None))
+                          frozen_copy=sharding.frozen_copy if sharding is not None else None,
+                          plain_copy=sharding.plain_copy if sharding is not None else None))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
@@ -547,9 +548,6 @@ def _sharding(cfg: Config, accelerator: Accelerator) -> fsdp.Sharding | None:
     if accelerator.num_processes == 1:
         accelerator.print("note: FSDP with one process has nothing to shard; training the whole model")
         return None
-    if cfg.strategy.name not in fsdp.STRATEGIES:
-        raise fsdp.ShardingError(f"strategy {cfg.strategy.name!r} is not supported under FSDP yet (supported: "
-                                 f"{', '.join(fsdp.STRATEGIES)}); launch it without --use_fsdp (DDP)")
     if cfg.train.precision == "fp16":
         raise fsdp.ShardingError("train.precision=fp16 is not supported under FSDP (its gradient scaler does "
                                  "not handle sharded gradients); use bf16 or fp32")
