@@ -161,6 +161,42 @@ def test_fsdp_zscl_cclip_cmcl_killed_run_resumes_exactly(tmp_path, name):
     assert json.loads((run / "losses-resumed.json").read_text()) == pytest.approx(losses[3:], rel=1e-6)
 
 
+def test_fsdp_fp16_with_a_grad_scaler_trains_like_ddp(tmp_path):
+    """train.precision=fp16 with a GradScaler (a CPU run gets one here as a GPU run does:
+    MODX_TEST_CPU_FP16) over sharded gradients: the first steps overflow at the initial
+    scale 2^24 and are skipped on every process, the scale backs off and grows again as
+    with DDP; the same losses and weights. ZSCL's L2 pull adds its (unscaled) gradient to
+    the unscaled shards. The sharded state keeps the scale."""
+    args = [*MORE["zscl"], "train.precision=fp16"]
+    env = {"MODX_TEST_CPU_FP16": str(2.0**24)}
+    sharded, ddp = launch(tmp_path / "fsdp", FSDP, *args, env=env), launch(tmp_path / "ddp", DDP, *args, env=env)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    loss_fsdp = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
+    loss_ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    assert loss_fsdp == pytest.approx(loss_ddp, rel=1e-5, abs=1e-6)
+    assert_weights_close(weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "ddp", "phase-1"))
+    state = "checkpoints/state-00000004"
+    scale_ddp = torch.load(tmp_path / "ddp" / state / "scaler.pt", weights_only=True)["scale"]
+    scale_fsdp = json.loads((tmp_path / "fsdp" / state / "scaler.json").read_text())["scale"]
+    assert scale_fsdp == scale_ddp != 2.0**24
+
+
+def test_fsdp_grad_scaler_skips_on_every_process_when_one_shard_overflows(tmp_path):
+    """modx.train.fsdp.GradScaler on 2 processes: an inf in one process's shard of a gradient
+    makes every process skip the step and back off (found_inf reduced over processes), with
+    a replicated 0-d parameter beside the sharded ones; finite gradients are unscaled."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), str(ROOT / "tests" / "_fsdp_scaler.py"), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"scaler_{rank}.json").read_text())
+        assert result["found_inf"] == 1.0 and result["scale_after"] == 512.0  # backed off from 1024
+        assert result["weight_unchanged"]  # the step was skipped
+        assert result["unscaled"] == pytest.approx(result["want"], rel=1e-6)  # the next, finite step
+
+
 def test_fsdp_run_killed_resumes_exactly_also_on_another_number_of_processes(tmp_path):
     """Killed (SIGKILL) mid-phase b, the sharded run resumes from its sharded state to the
     uninterrupted run's weights: on 2 processes exactly, on 3 (uneven shards) to float

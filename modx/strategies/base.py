@@ -186,7 +186,7 @@ class Strategy:
     def before_step(self, model: nn.Module) -> None:
         """Called when an optimiser step's gradients are complete (accumulated and synced
         over processes), before clipping and the optimiser step: e.g. to project them.
-        Sharded (FSDP) they are DTensors."""
+        Sharded (FSDP) they are DTensors, and under fp16 already unscaled."""
 
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]

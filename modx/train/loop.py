@@ -236,6 +236,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     check_distributed(accelerator.num_processes)  # before anything is written
     deepspeed = is_deepspeed(accelerator)
     sharding = _sharding(cfg, accelerator)
+    if sharding is not None and accelerator.scaler is not None:  # fp16 (on a GPU): sharded gradients
+        accelerator.scaler = fsdp.GradScaler.like(accelerator.scaler, accelerator.device)
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -365,6 +367,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                     elif accelerator.sync_gradients:
                         if sharding is not None:
                             fsdp.sync_replicated_grads(model)
+                            accelerator.unscale_gradients()  # fp16: strategies add gradients of their own
                         strategy.before_step(model)
                         skip = skip_step(accelerator, model, skip, t.grad_clip)
                         optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
@@ -548,9 +551,6 @@ def _sharding(cfg: Config, accelerator: Accelerator) -> fsdp.Sharding | None:
     if accelerator.num_processes == 1:
         accelerator.print("note: FSDP with one process has nothing to shard; training the whole model")
         return None
-    if cfg.train.precision == "fp16":
-        raise fsdp.ShardingError("train.precision=fp16 is not supported under FSDP (its gradient scaler does "
-                                 "not handle sharded gradients); use bf16 or fp32")
     return fsdp.Sharding.create(strategy, accelerator.device)
 
 
