@@ -161,25 +161,35 @@ def test_fsdp_zscl_cclip_cmcl_killed_run_resumes_exactly(tmp_path, name):
     assert json.loads((run / "losses-resumed.json").read_text()) == pytest.approx(losses[3:], rel=1e-6)
 
 
-def test_fsdp_fp16_with_a_grad_scaler_trains_like_ddp(tmp_path):
+@pytest.mark.parametrize("scale", [2.0**14, 2.0**17], ids=["steps_taken", "overflows_skipped"])
+def test_fsdp_fp16_with_a_grad_scaler_trains_like_ddp(tmp_path, scale):
     """train.precision=fp16 with a GradScaler (a CPU run gets one here as a GPU run does:
-    MODX_TEST_CPU_FP16) over sharded gradients: the first steps overflow at the initial
-    scale 2^24 and are skipped on every process, the scale backs off and grows again as
-    with DDP; the same losses and weights. ZSCL's L2 pull adds its (unscaled) gradient to
-    the unscaled shards. The sharded state keeps the scale."""
+    MODX_TEST_CPU_FP16) over sharded gradients gives DDP's losses, weights and scale.
+    Initial scale 2^14: every step is taken, and ZSCL's L2 pull adds its gradient to the
+    unscaled shards from the second step of a phase on. 2^17: steps overflow and are skipped
+    on every process, the scale backs off. Under fp16 Adam moves the weights whose gradient
+    is rounding noise by about lr either way, so a few elements (about 100 here) may differ
+    beyond float32 tolerance; adding the pull to the scaled gradients moves 25 000."""
     args = [*MORE["zscl"], "train.precision=fp16"]
-    env = {"MODX_TEST_CPU_FP16": str(2.0**24)}
+    env = {"MODX_TEST_CPU_FP16": str(scale)}
     sharded, ddp = launch(tmp_path / "fsdp", FSDP, *args, env=env), launch(tmp_path / "ddp", DDP, *args, env=env)
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     loss_fsdp = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
     loss_ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
-    assert loss_fsdp == pytest.approx(loss_ddp, rel=1e-5, abs=1e-6)
-    assert_weights_close(weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "ddp", "phase-1"))
+    assert loss_fsdp == pytest.approx(loss_ddp, rel=2e-4)
+    w_fsdp, w_ddp = weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "ddp", "phase-1")
+    assert any(not torch.equal(w_ddp[k], v) for k, v in weights(tmp_path / "ddp", "initial").items())  # steps taken
+    assert set(w_fsdp) == set(w_ddp)
+    assert sum(int(((w_fsdp[k] - w_ddp[k]).abs() > 1e-5).sum()) for k in w_ddp) < 500
     state = "checkpoints/state-00000004"
     scale_ddp = torch.load(tmp_path / "ddp" / state / "scaler.pt", weights_only=True)["scale"]
     scale_fsdp = json.loads((tmp_path / "fsdp" / state / "scaler.json").read_text())["scale"]
-    assert scale_fsdp == scale_ddp != 2.0**24
+    assert scale_fsdp == scale_ddp
+    if scale == 2.0**14:
+        assert scale_fsdp == 2.0**16  # 4 good steps: grown twice
+    else:
+        assert scale_fsdp < scale  # backed off
 
 
 def test_fsdp_grad_scaler_skips_on_every_process_when_one_shard_overflows(tmp_path):
