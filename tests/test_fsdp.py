@@ -107,9 +107,8 @@ MORE = {  # the strategies that keep sharded state of their own or edit sharded 
 
 @pytest.mark.parametrize(
     "name, how",
-    [("zscl", FSDP), ("cclip", FSDP), ("cmcl", FSDP),
+    [*(pytest.param(n, FSDP, id=n) for n in MORE),
      *(pytest.param(n, SHARD_GRAD_OP, marks=pytest.mark.slow, id=f"{n}-shard_grad_op") for n in MORE)],
-    ids=lambda v: v if isinstance(v, str) else "",
 )
 def test_fsdp_zscl_cclip_cmcl_train_like_ddp(tmp_path, name, how):
     """2 FSDP processes give DDP's losses and weights (float32 rounding), with gradient
