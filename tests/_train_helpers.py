@@ -14,6 +14,9 @@ preemption signal (modx.train.preempt) exits 0 and writes none of these.
 MODX_TEST_NAN_STEPS=1,2 MODX_TEST_NAN_RANK=1 make those optimiser steps' loss NaN on that
 process only (MODX_TEST_NAN_KIND=loss: a NaN added to the loss, finite gradients; grad:
 NaN gradients too).
+MODX_TEST_CPU_FP16=SCALE runs train.precision=fp16 on the CPU as Accelerate runs it on a
+GPU (it gives a CPU run neither autocast nor a GradScaler): fp16 autocast and a GradScaler
+with initial scale SCALE that grows after 2 good steps.
 """
 
 from __future__ import annotations
@@ -221,6 +224,20 @@ def _poisoned(value: torch.Tensor, model: Any, accelerator: Any, micro_step: int
     return value + torch.sqrt(torch.zeros(()) * sum(p.sum() for p in model.parameters()))  # 0 * inf: NaN grads
 
 
+def cpu_fp16(accelerator_class: type) -> type:
+    """`accelerator_class` with fp16 autocast and a GradScaler on the CPU (MODX_TEST_CPU_FP16)."""
+
+    class CpuFp16(accelerator_class):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            if self.state.mixed_precision == "fp16":
+                self.native_amp = True  # accelerator.autocast(): torch.autocast("cpu", torch.float16)
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=float(os.environ["MODX_TEST_CPU_FP16"]),
+                                                   growth_interval=2)
+
+    return CpuFp16
+
+
 def weights_digest(model: Any) -> str:
     """A hash of a model's weights (equal on two processes iff their weights are)."""
     h = hashlib.sha256()
@@ -265,6 +282,8 @@ def main(argv: list[str]) -> None:
         return real_frozen_copy(model)
 
     loop.frozen_copy = frozen_copy
+    if os.environ.get("MODX_TEST_CPU_FP16"):
+        loop.Accelerator = cpu_fp16(loop.Accelerator)
     try:
         run(load_config(None, fake_stream_overrides(out, *[a for a in argv[1:] if a != "--resume"])),
             resume="latest" if resume else None)

@@ -143,12 +143,15 @@ def load_weights(model: nn.Module, path: str | Path, trust_torchscript: bool = F
     model.load_state_dict(sd, strict=True)
 
 
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def plain_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weights of the bare architecture, as `create_model` builds it: `model.state_dict()`
     with every peft LoRA layer folded into its base layer (W + scale x B A, named as without
     the adapter) and the submodules marked `modx_export = False` (training aids a strategy
-    attaches, e.g. C-CLIP's predictor) left out. A model without either: its state dict."""
-    state = model.state_dict()
+    attaches, e.g. C-CLIP's predictor) left out. A model without either: its state dict.
+    `state`: the model's state gathered whole, in place of `model.state_dict()` (a sharded
+    model's: modx.train.fsdp.full_state); the adapters are folded from its tensors."""
+    whole = state
+    state = model.state_dict() if state is None else dict(state)
     aids = [f"{name}." for name, m in model.named_modules() if name and getattr(m, "modx_export", True) is False]
     for name, layer in _lora_layers(model):
         for key in [k for k in state if k.startswith(f"{name}.")]:
@@ -156,7 +159,7 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if key.startswith(f"{name}.base_layer."):  # the base layer's tensors, renamed
                 plain = f"{name}.{key[len(name) + len('.base_layer.'):]}"
                 if plain == f"{name}.weight":
-                    value = value + _unmerged_delta(layer).to(value)
+                    value = value + (_unmerged_delta(layer) if whole is None else _delta_of(layer, name, whole)).to(value)
                 state[plain] = value
     return {k: v for k, v in state.items() if not any(k.startswith(a) for a in aids)}
 
@@ -178,10 +181,22 @@ def _unmerged_delta(layer: nn.Module) -> torch.Tensor:
     return delta
 
 
+def _delta_of(layer: nn.Module, name: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`_unmerged_delta` of the LoRA layer `name` from the tensors of a whole state dict."""
+    from peft.utils.other import transpose
+
+    delta = torch.zeros_like(state[f"{name}.base_layer.weight"])
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A and adapter not in layer.merged_adapters:
+            b, a = state[f"{name}.lora_B.{adapter}.weight"], state[f"{name}.lora_A.{adapter}.weight"]
+            delta = delta + transpose(b @ a, layer.fan_in_fan_out) * layer.scaling[adapter]
+    return delta
+
+
 def export_model(model: nn.Module, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model.safetensors` + `model_config.json` (from `model.modx_config`) to `directory`.
-    `state`: the weights to write instead of `plain_state_dict(model)` (a sharded model's,
-    gathered whole: modx.train.fsdp.full_state).
+    `state`: the model's state gathered whole, read instead of `model.state_dict()` (a
+    sharded model's: modx.train.fsdp.full_state).
 
     `create_model(directory)` or `create_model(name, pretrained=directory)` rebuilds the
     model exactly (LoRA adapters merged, training aids left out: `plain_state_dict`).
@@ -198,7 +213,7 @@ def export_model(model: nn.Module, directory: str | Path, state: dict[str, torch
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
     seen: set[int] = set()
-    for k, v in (plain_state_dict(model) if state is None else state).items():
+    for k, v in plain_state_dict(model, state).items():
         v = v.detach().cpu().contiguous()
         if v.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
             v = v.clone()

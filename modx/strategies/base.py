@@ -24,12 +24,14 @@ processes so the math covers the global batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -53,12 +55,70 @@ class Context:
     world_size: int
     device: Any
     frozen_copy: Callable | None = None  # model -> a frozen copy sharded like it (FSDP); None: not sharded
+    plain_copy: Callable | None = None  # sharded model -> a whole, unsharded copy on every process (collective)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a tensor of a sharded (FSDP) model, a DTensor; any other
     tensor as it is. Elementwise updates of sharded models work on these shards."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def shard_rows(t: torch.Tensor) -> slice:
+    """The rows (dim 0) of the whole tensor that this process's shard of `t` holds: FSDP2
+    shards dim 0 as torch.chunk does (process r: rows r c .. (r + 1) c - 1, c = ceil(n / N),
+    fewer or none at the end). All rows when `t` is not a DTensor."""
+    n = t.shape[0] if t.ndim else 1
+    if not isinstance(t, DTensor):
+        return slice(0, n)
+    mesh = t.device_mesh
+    c = -(-n // mesh.size())
+    start = min(mesh.get_local_rank() * c, n)
+    rows = slice(start, min(start + c, n))
+    if rows.stop - rows.start != t.to_local().shape[0]:
+        raise RuntimeError(f"a shard of {tuple(t.shape)} holds {t.to_local().shape[0]} rows, not the "
+                           f"{rows.stop - rows.start} of torch.chunk: not an FSDP2 dim-0 shard")
+    return rows
+
+
+def sharded_sum(values: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The sum over processes of the (term, tensor) pairs' terms computed from local shards
+    (each process its part), the terms of replicated tensors counted once: a 0-d float32
+    tensor, the same on every process (collective when any tensor is a DTensor)."""
+    parts = [term.float() for term, t in values if isinstance(t, DTensor)]
+    whole = [term.float() for term, t in values if not isinstance(t, DTensor)]
+    total = torch.stack(parts).sum() if parts else torch.zeros((), device=values[0][0].device)
+    if parts:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total + torch.stack(whole).sum() if whole else total
+
+
+@contextlib.contextmanager
+def whole_parameters(*modules: nn.Module) -> Iterator[None]:
+    """Within the block the sharded (DTensor) parameters of `modules` are whole tensors of
+    their full shape (uninitialised), for code that writes them whole, e.g. an init drawn
+    from a seeded generator; afterwards each shard takes its rows of what was written
+    (the same values as an unsharded model's if every process draws alike). No-op for
+    modules without DTensor parameters."""
+    swapped = []
+    for module in modules:
+        for owner in module.modules():
+            for name, p in list(owner._parameters.items()):
+                if isinstance(p, DTensor):
+                    whole = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device),
+                                         requires_grad=p.requires_grad)
+                    owner._parameters[name] = whole
+                    swapped.append((owner, name, p, whole))
+    written = False
+    try:
+        yield
+        written = True
+    finally:
+        with torch.no_grad():
+            for owner, name, p, whole in swapped:
+                owner._parameters[name] = p
+                if written:
+                    p.to_local().copy_(whole[shard_rows(p)])
 
 
 class Strategy:
@@ -125,7 +185,8 @@ class Strategy:
 
     def before_step(self, model: nn.Module) -> None:
         """Called when an optimiser step's gradients are complete (accumulated and synced
-        over processes), before clipping and the optimiser step: e.g. to project them."""
+        over processes), before clipping and the optimiser step: e.g. to project them.
+        Sharded (FSDP) they are DTensors, and under fp16 already unscaled."""
 
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]

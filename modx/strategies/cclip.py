@@ -18,6 +18,12 @@ embedding is frozen. At every phase end the adapters are merged into their base 
 start anew (the same parameter objects: DDP and the optimiser keep them), and the predictor
 is initialised anew. Exports hold the merged plain weights (modx.models.plain_state_dict);
 the predictor is a training aid left out of them.
+
+Sharded (FSDP): the predictor runs outside the model's forward, so it stays whole on every
+process (`modx_replicated`; its gradients averaged as DDP would); the merge adds this
+process's rows of s B A to its shard of W (B's rows are sharded like W's, A is gathered),
+and the new adapters are drawn whole, from the same seed as without FSDP, each shard
+keeping its rows: the same values as an unsharded run's.
 """
 
 from __future__ import annotations
@@ -28,10 +34,11 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modx.config import ConfigError
 from modx.losses import clip_loss, full_precision, gather_features, global_clip_loss
-from modx.strategies.base import Batch, Strategy
+from modx.strategies.base import Batch, Strategy, local, whole_parameters
 
 # Where the towers' sequence backbones live: open_clip's vision and CLIP text towers, the
 # text towers of CustomTextCLIP / modx (transformer or SSM blocks), a timm vision trunk.
@@ -66,6 +73,7 @@ class Predictor(nn.Module):
     authors' DistillPredictor, hidden width 2048). A training aid: left out of exports."""
 
     modx_export = False  # modx.models.plain_state_dict leaves it out
+    modx_replicated = True  # FSDP leaves it whole on every process (it runs outside the model's forward)
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -123,11 +131,19 @@ def lora_layers(model: nn.Module) -> list[nn.Module]:
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight, W <- W + (alpha / r) B A, and start it anew
     (A random, B = 0): the model computes the same function and the next phase trains a new
-    low-rank update on top (C-CLIP merges after each task). Parameters stay the same objects."""
+    low-rank update on top (C-CLIP merges after each task). Parameters stay the same objects.
+    Sharded (FSDP2 shards dim 0): W's rows += s B's rows A, A gathered (collective); A is drawn
+    whole and each shard keeps its rows."""
     for layer in lora_layers(model):
         for adapter in layer.active_adapters:
-            layer.get_base_layer().weight += layer.get_delta_weight(adapter)
-            layer.reset_lora_parameters(adapter, True)
+            weight = layer.get_base_layer().weight  # (out, in)
+            if isinstance(weight, DTensor):
+                a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
+                local(weight).add_((local(b) @ a.full_tensor()) * layer.scaling[adapter])
+            else:
+                weight += layer.get_delta_weight(adapter)
+            with whole_parameters(layer.lora_A, layer.lora_B):
+                layer.reset_lora_parameters(adapter, True)
 
 
 class CCLIP(Strategy):

@@ -21,6 +21,11 @@ and during every later phase each head's synced gradient is projected (`dns_proj
 threshold). The authors train only these heads on frozen encoders' features; so does
 `strategy.cmcl_train: heads` (default); `all` trains every parameter and projects the heads'.
 Statistics are sums over the global batch (reduced over processes): the same on every process.
+
+Sharded (FSDP): a head's gradient is gathered whole (P_in mixes its rows), projected, and each
+process keeps its rows; the statistics are collected with a whole copy of the model on every
+process (as evaluation does: the heads are swapped for identities, which a sharded model's
+managed parameters do not allow), each embedding its share of the batches.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from modx.config import ConfigError
-from modx.strategies.base import Batch, Strategy
+from modx.strategies.base import Batch, Strategy, local, shard_rows
 
 SIDES = ("image", "text")
 
@@ -139,13 +145,16 @@ class CMCL(Strategy):
         for side, w in head_weights(self.accelerator.unwrap_model(model)).items():
             if w.grad is not None:
                 p_in, p_out = self.projectors[side]
-                w.grad.copy_(dns_project(w.grad.float(), p_in, p_out))
+                grad = w.grad.full_tensor() if isinstance(w.grad, DTensor) else w.grad  # (width, d), whole
+                local(w.grad).copy_(dns_project(grad.float(), p_in, p_out)[shard_rows(w.grad)])
 
     @torch.no_grad()
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]
     ) -> None:
         net = self.accelerator.unwrap_model(model)
+        if self.sharded:
+            net = self.context.plain_copy(net)  # collective; freed on return
         weights = {side: w.detach().float() for side, w in head_weights(net).items()}  # (width, d), the phase's end
         xtx = {side: torch.zeros(w.shape[0], w.shape[0], device=w.device) for side, w in weights.items()}
         m = torch.zeros(1, device=self.accelerator.device)

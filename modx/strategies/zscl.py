@@ -19,17 +19,23 @@ Weight ensemble: after optimiser step s of a phase (s = 1, 2, ...), when (s - 1)
 (N = zscl_we_every: the authors' `iteration % avg_freq == 0`), W <- (n W + theta) / (n + 1)
 with n the merges so far and W = the phase's start weights at first; at the phase end the
 model becomes W (it is what is exported, evaluated, and the next phase starts from).
+
+Sharded (FSDP): the initial model is a frozen copy sharded like the student (on a resume
+each process reads its rows of the run's initial export), W is kept as local shards. The L2
+pull's value is summed from the local shards over processes and added to the loss (no
+autograd through the sharded parameters outside the forward); its gradient,
+2 l2 (p - p_start), is added to the sharded gradients before the optimiser step.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -43,7 +49,7 @@ from modx.losses import (
     global_clip_loss,
     world_info,
 )
-from modx.strategies.base import Batch, Context, Strategy
+from modx.strategies.base import Batch, Context, Strategy, local, shard_rows, sharded_sum
 
 REFERENCE_EPOCH = 1 << 20  # batches per rank before the reference loader starts a new epoch
 
@@ -90,6 +96,27 @@ def l2_to(model: nn.Module, anchor: nn.Module) -> torch.Tensor:
         terms = [((p.float() - anchor_params[n].detach().float()) ** 2).sum()
                  for n, p in model.named_parameters() if p.requires_grad]
         return torch.stack(terms).sum()
+
+
+def sharded_l2_to(model: nn.Module, anchor: nn.Module) -> torch.Tensor:
+    """`l2_to` of a model sharded like its anchor, from the local shards (collective, no
+    autograd): 0-d float32, the same on every process."""
+    anchor_params = dict(anchor.named_parameters())
+    with torch.no_grad():
+        return sharded_sum([(((local(p).float() - local(anchor_params[n]).float()) ** 2).sum(), p)
+                            for n, p in model.named_parameters() if p.requires_grad])
+
+
+def load_rows(model: nn.Module, path: Path) -> None:
+    """Load a whole-weights safetensors file into a sharded model: each process reads only
+    the rows its shards hold (replicated tensors whole)."""
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        state = model.state_dict()
+        if set(state) != set(f.keys()):
+            raise RuntimeError(f"{path} holds other tensors than the model: {sorted(set(state) ^ set(f.keys()))[:5]}")
+        for key, t in state.items():
+            rows = shard_rows(t)
+            local(t).copy_(f.get_slice(key)[rows.start : rows.stop] if t.ndim else f.get_tensor(key))
 
 
 def reference_loader(urls: str, batch_size: int, context: Context, segment: int) -> Any:
@@ -189,20 +216,24 @@ class ZSCL(Strategy):
         if self.phase != phase:  # a new phase, not a resume inside one
             self.phase, self.steps, self.merges, self.merge_due = phase, 0, 0, False
             self.average = {}
-            if self.cfg.zscl_we_every:
-                self.average = {n: p.detach().float().clone() for n, p in net.named_parameters()}
+            if self.cfg.zscl_we_every:  # local shards under FSDP
+                self.average = {n: local(p).detach().float().clone() for n, p in net.named_parameters()}
 
     def initial_model(self, net: nn.Module) -> nn.Module:
         """A frozen copy of the model before phase 0: the current weights on a fresh run
         (begin_phase(0) comes before any step), the run's checkpoints/initial export on a
-        resume (the loop writes it when a run starts). Draws no random numbers."""
-        initial = copy.deepcopy(net).eval().requires_grad_(False)
+        resume (the loop writes it when a run starts). Draws no random numbers. Sharded like
+        the model under FSDP."""
+        initial = self.frozen_copy(net)
         if self.resumed:
             path = Path(self.context.config.train.output_dir) / "checkpoints" / "initial" / "model.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"zscl resumes its initial model from {path}, which is missing: "
                                         "it is written when the run starts; start the run anew")
-            initial.load_state_dict(load_file(str(path)))  # into the copy's tensors, on its device
+            if self.sharded:
+                load_rows(initial, path)
+            else:
+                initial.load_state_dict(load_file(str(path)))  # into the copy's tensors, on its device
         return initial
 
     def loss(
@@ -210,6 +241,9 @@ class ZSCL(Strategy):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if self.merge_due:  # the weights the last optimiser step left
             self.merge(model)
+        l2 = None
+        if self.cfg.zscl_l2 and self.sharded:  # its value; the gradient comes in before_step
+            l2 = sharded_l2_to(self.accelerator.unwrap_model(model), self.anchor)  # before the forward: all sharded
         reference = self.reference_batch()
         b = batch["image"].shape[0]
         # one forward of the prepared model: the batch's pairs and the reference images
@@ -230,22 +264,37 @@ class ZSCL(Strategy):
         total = clip + self.cfg.zscl_image_weight * l_img + self.cfg.zscl_text_weight * l_txt
         logs = {"loss_clip": clip.detach(), "loss_zscl_image": l_img.detach(), "loss_zscl_text": l_txt.detach()}
         if self.cfg.zscl_l2:
-            l2 = l2_to(self.accelerator.unwrap_model(model), self.anchor)
+            if l2 is None:
+                l2 = l2_to(self.accelerator.unwrap_model(model), self.anchor)
             total = total + self.cfg.zscl_l2 * l2
             logs["loss_l2"] = l2.detach()
         return total, logs
 
     def before_step(self, model: nn.Module) -> None:
+        if self.cfg.zscl_l2 and self.sharded:
+            self.add_l2_gradient(self.accelerator.unwrap_model(model))
         self.steps += 1
         every = self.cfg.zscl_we_every
         self.merge_due = bool(every) and (self.steps - 1) % every == 0
+
+    def add_l2_gradient(self, net: nn.Module) -> None:
+        """Sharded: add the L2 pull's gradient 2 l2 (p - p_start) to every shard's gradient."""
+        anchor = dict(self.anchor.named_parameters())
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if not p.requires_grad:
+                    continue
+                if p.grad is None:  # unused in the forward: the pull is all of its gradient
+                    p.grad = torch.zeros_like(p)
+                grad = 2 * self.cfg.zscl_l2 * (local(p).float() - local(anchor[n]).float())
+                local(p.grad).add_(grad.to(local(p.grad).dtype))
 
     def merge(self, model: nn.Module) -> None:
         """W <- (n W + theta) / (n + 1) (the authors' `merge_we`)."""
         self.merges += 1
         with torch.no_grad():
             for n, p in self.accelerator.unwrap_model(model).named_parameters():
-                self.average[n].lerp_(p.detach().float(), 1.0 / (self.merges + 1))
+                self.average[n].lerp_(local(p).detach().float(), 1.0 / (self.merges + 1))
         self.merge_due = False
 
     def end_phase(
@@ -257,7 +306,7 @@ class ZSCL(Strategy):
             self.merge(model)
         with torch.no_grad():
             for n, p in self.accelerator.unwrap_model(model).named_parameters():
-                p.copy_(self.average[n].to(p.dtype))
+                local(p).copy_(self.average[n].to(p.dtype))
         self.average = {}  # the next phase averages anew (and the phase-end checkpoint stays small)
 
     # ---- checkpoints
@@ -272,11 +321,19 @@ class ZSCL(Strategy):
         if self.loader is not None:
             self.loader.close()
         self.loader, self.batches = None, None
-        return {"average": self.average, "merges": self.merges, "phase": self.phase, "steps": self.steps,
-                "merge_due": self.merge_due, "reference_batches": self.read, "reference_segment": segment}
+        state = {"average": self.average, "merges": self.merges, "phase": self.phase, "steps": self.steps,
+                 "merge_due": self.merge_due, "reference_batches": self.read,
+                 "reference_segment": segment}
+        if self.sharded:  # W as local shards, of this many processes
+            state["world_size"] = self.context.world_size
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.accelerator.device  # checkpoints hold CPU tensors
+        saved = state.get("world_size")
+        if saved is not None and saved != self.context.world_size and state.get("average"):
+            raise ConfigError("strategy.name", f"this ZSCL state holds its weight ensemble sharded over {saved} "
+                              f"processes; resume it with {saved} processes")
         self.average = {n: w.to(device) for n, w in state.get("average", {}).items()}
         self.merges, self.phase, self.steps = state.get("merges", 0), state.get("phase", -1), state.get("steps", 0)
         self.merge_due, self.read = state.get("merge_due", False), state.get("reference_batches", 0)

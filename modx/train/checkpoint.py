@@ -88,6 +88,8 @@ def save_state(
             save_tree(local_state(model, optimizer), tmp / f"{SHARD_PREFIX}{rank}")
             if accelerator.is_main_process:
                 save_tree(scheduler.state_dict(), tmp / "scheduler")
+                if accelerator.scaler is not None:  # fp16: the loss scale and its growth count
+                    save_tree(accelerator.scaler.state_dict(), tmp / "scaler")
         else:
             accelerator.save_state(str(tmp))
             (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # saved below without pickle
@@ -179,18 +181,21 @@ def load_state(
                else "unsharded: resume it without --use_fsdp")
         raise CheckpointError(f"cannot resume from {path}: it was saved {how}")
     if sharded is not None:
-        _load_sharded(path, *sharded)
+        _load_sharded(path, *sharded, scaler=accelerator.scaler)
     else:
         accelerator.load_state(str(path))
     set_rng_state(rng)
     return strategy_state
 
 
-def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                  scaler: torch.amp.GradScaler | None = None) -> None:
     try:
         first = load_tree(path / f"{SHARD_PREFIX}0")
         states = [first] + [load_tree(path / f"{SHARD_PREFIX}{r}") for r in range(1, first["world_size"])]
         scheduler.load_state_dict(load_tree(path / "scheduler"))
+        if scaler is not None and (path / "scaler.json").is_file():
+            scaler.load_state_dict(load_tree(path / "scaler"))
     except TreeError as err:
         raise CheckpointError(f"cannot resume from {path}: {err}") from None
     load_local_states(model, optimizer, states)

@@ -11,9 +11,12 @@ itself, the same way on every device:
     each tower (`visual`, `text`)                       its own unit (with its last block:
                                                         modx.models.pooled calls that block's
                                                         parts directly, outside its forward)
-    the root                                            the rest; 0-d parameters are left
-                                                        out (replicated) and their gradients
-                                                        averaged over processes by hand
+    the root                                            the rest; 0-d parameters and those
+                                                        of modules marked `modx_replicated`
+                                                        (run outside the forward: C-CLIP's
+                                                        predictor) are left out (replicated)
+                                                        and their gradients averaged over
+                                                        processes by hand
 
 `reshard_after_forward` is True for FULL_SHARD and False for SHARD_GRAD_OP (Accelerate's
 FSDP_RESHARD_AFTER_FORWARD). `encode_image` / `encode_text` of the root are registered as
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.amp.grad_scaler import OptState
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,8 +49,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor
 
 from modx.strategies.base import local
-
-STRATEGIES = ("finetune", "modx", "distill", "replay", "joint", "wiseft", "ewc", "ctp")  # trained under FSDP
 
 
 class ShardingError(RuntimeError):
@@ -103,8 +105,9 @@ class Sharding:
         for tower in ("visual", "text"):
             if isinstance(getattr(model, tower, None), nn.Module):
                 fully_shard(getattr(model, tower), **options)
-        scalars = {p for p in model.parameters() if p.ndim == 0}
-        fully_shard(model, ignored_params=scalars, **options)
+        replicated = {p for p in model.parameters() if p.ndim == 0}
+        replicated |= {p for m in model.modules() if getattr(m, "modx_replicated", False) for p in m.parameters()}
+        fully_shard(model, ignored_params=replicated, **options)
         for method in ("encode_image", "encode_text"):
             if hasattr(model, method):
                 register_fsdp_forward_method(model, method)
@@ -161,6 +164,21 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def split_groups(groups: list[dict]) -> list[dict]:
+    """The optimiser's parameter groups with each group's replicated (plain) parameters in a
+    group of their own beside its sharded ones: the fused AdamW kernel refuses a list that
+    mixes DTensors with plain tensors of more than 0 dimensions (C-CLIP's predictor). Its
+    update is elementwise, so splitting changes no number."""
+    split = []
+    for group in groups:
+        sharded = [p for p in group["params"] if isinstance(p, DTensor)]
+        replicated = [p for p in group["params"] if not isinstance(p, DTensor)]
+        for params, suffix in ((sharded, ""), (replicated, "/replicated")):
+            if params:
+                split.append({**group, "params": params, "name": f"{group.get('name', 'group')}{suffix}"})
+    return split
+
+
 def sync_replicated_grads(model: nn.Module) -> None:
     """Average over processes the gradients of the parameters FSDP leaves replicated (0-d:
     the logit scale), as DDP averages every gradient."""
@@ -188,6 +206,47 @@ def grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
             replicated = replicated + p.grad.float().pow(2).sum()
     dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
     return (sharded + replicated).sqrt()
+
+
+class GradScaler(torch.amp.GradScaler):
+    """torch's GradScaler (fp16) for a sharded model, whose gradients are DTensors beside plain
+    replicated ones (0-d logit scale, C-CLIP's predictor). torch's unscales each device's and
+    dtype's gradients in one call of `_amp_foreach_non_finite_check_and_unscale_`, which
+    DTensor refuses for a list mixing both; here the two kinds go in separate calls. For
+    the DTensors, DTensor's handler of that op checks and unscales the local shards, then
+    max-reduces `found_inf` over the processes (collective), so every process skips the same
+    steps; the replicated gradients are the same on every process (synced before). A second
+    `unscale_` before `update` is a no-op (Accelerate's clip_grad_norm_ under an FSDP
+    launch that it runs as MULTI_CPU unscales twice)."""
+
+    @classmethod
+    def like(cls, scaler: torch.amp.GradScaler, device: torch.device) -> GradScaler:
+        """This class with `scaler`'s settings (Accelerate made `scaler`)."""
+        sharded = cls(device.type, enabled=scaler.is_enabled())
+        if scaler.is_enabled():
+            sharded.load_state_dict(scaler.state_dict())
+        return sharded
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.is_enabled() and self._per_optimizer_states[id(optimizer)]["stage"] is OptState.UNSCALED:
+            return
+        super().unscale_(optimizer)
+
+    def _unscale_grads_(
+        self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool
+    ) -> dict[torch.device, torch.Tensor]:
+        groups: dict[tuple[bool, torch.dtype], list[torch.Tensor]] = {}  # (DTensor?, dtype) -> gradients
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not allow_fp16 and p.grad.dtype == torch.float16:
+                    raise ValueError("Attempting to unscale FP16 gradients.")
+                groups.setdefault((isinstance(p.grad, DTensor), p.grad.dtype), []).append(p.grad)
+        with torch.no_grad():
+            for grads in groups.values():  # the same keys, in the same order, on every process
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        return {found_inf.device: found_inf}
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -238,6 +238,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     check_distributed(accelerator.num_processes)  # before anything is written
     deepspeed = is_deepspeed(accelerator)
     sharding = _sharding(cfg, accelerator)
+    if sharding is not None and accelerator.scaler is not None:  # fp16 (on a GPU): sharded gradients
+        accelerator.scaler = fsdp.GradScaler.like(accelerator.scaler, accelerator.device)
     if t.tracker == "wandb" and not is_wandb_available():
         raise ConfigError("train.tracker", "wandb is not installed (pip install 'modx[wandb]'), or use tensorboard")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -271,8 +273,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
     if sharding is not None:  # sharded before the optimiser is built over its (sharded) parameters
         model = sharding.shard(model.to(accelerator.device))
-    optimizer = adamw(model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all),
-                      accelerator.device)
+    groups = model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all)
+    optimizer = adamw(fsdp.split_groups(groups) if sharding is not None else groups, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
     trim = t.trim_padding and trims_padding(model)  # text batches cut to their longest caption (exact)
     if sharding is not None and accelerator.distributed_type != DistributedType.FSDP:
@@ -283,7 +285,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     distributed = {"type": "FSDP" if sharding is not None else accelerator.distributed_type.value,
                    "num_processes": world}
     strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
-                          frozen_copy=sharding.frozen_copy if sharding is not None else None))
+                          frozen_copy=sharding.frozen_copy if sharding is not None else None,
+                          plain_copy=sharding.plain_copy if sharding is not None else None))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
@@ -374,6 +377,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                     elif accelerator.sync_gradients:
                         if sharding is not None:
                             fsdp.sync_replicated_grads(model)
+                            accelerator.unscale_gradients()  # fp16: strategies add gradients of their own
                         strategy.before_step(model)
                         skip = skip_step(accelerator, model, skip, t.grad_clip)
                         optimizer_step(optimizer, skip, scaled=accelerator.scaler is not None)
@@ -579,12 +583,6 @@ def _sharding(cfg: Config, accelerator: Accelerator) -> fsdp.Sharding | None:
     if accelerator.num_processes == 1:
         accelerator.print("note: FSDP with one process has nothing to shard; training the whole model")
         return None
-    if cfg.strategy.name not in fsdp.STRATEGIES:
-        raise fsdp.ShardingError(f"strategy {cfg.strategy.name!r} is not supported under FSDP yet (supported: "
-                                 f"{', '.join(fsdp.STRATEGIES)}); launch it without --use_fsdp (DDP)")
-    if cfg.train.precision == "fp16":
-        raise fsdp.ShardingError("train.precision=fp16 is not supported under FSDP (its gradient scaler does "
-                                 "not handle sharded gradients); use bf16 or fp32")
     return fsdp.Sharding.create(strategy, accelerator.device)
 
 
