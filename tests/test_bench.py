@@ -372,14 +372,19 @@ def test_the_difference_to_finetune_is_paired_by_seed_with_a_student_t_interval(
 
 
 def test_the_table_shows_the_difference_to_finetune_where_it_ran():
-    from modx.train.bench import format_table
+    from modx.train.bench import (
+        COST_COLUMNS,
+        OPTIONAL_COLUMNS,
+        SUMMARY_COLUMNS,
+        _mean_std,
+        format_table,
+        paired_difference,
+    )
 
     rows = _rows({"finetune": {0: 10.0, 1: 20.0}, "modx": {0: 15.0, 1: 27.0}})
     for row in rows:
         row.update(summary={}, cost={})
     result = {"runs": rows, "table": {}}
-    from modx.train.bench import COST_COLUMNS, OPTIONAL_COLUMNS, SUMMARY_COLUMNS, _mean_std, paired_difference
-
     for label in ("finetune", "modx"):
         mine = [r for r in rows if r["strategy"] == label]
         result["table"][label] = {"seeds": [0, 1], **{k: _mean_std([r["metrics"].get(k) for r in mine])

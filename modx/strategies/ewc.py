@@ -69,13 +69,14 @@ class EWC(Strategy):
 
     def sharded_penalty(self, model: nn.Module) -> torch.Tensor:
         """`penalty` of a sharded model from the local shards (collective): 0-d tensor."""
-        parts, whole = torch.zeros(()), torch.zeros(())
+        device = self.accelerator.device  # collectives on the device (NCCL has no CPU tensors)
+        parts, whole = torch.zeros((), device=device), torch.zeros((), device=device)
         for name, p in model.named_parameters():
             if name in self.fisher:
-                term = (self.fisher[name] * (local(p).detach() - self.anchor[name]) ** 2).sum().cpu()
+                term = (self.fisher[name] * (local(p).detach() - self.anchor[name]) ** 2).sum().to(device)
                 parts, whole = (parts + term, whole) if isinstance(p, DTensor) else (parts, whole + term)
         dist.all_reduce(parts, op=dist.ReduceOp.SUM)
-        return ((parts + whole) / self.count).to(self.accelerator.device)
+        return (parts + whole) / self.count
 
     def before_step(self, model: nn.Module) -> None:
         """Sharded: add the penalty's gradient lambda F (p - theta*) / n to every shard's."""
@@ -141,18 +142,19 @@ class EWC(Strategy):
             n_batches += 1
             self.extra_samples += batch["image"].shape[0]
         model.zero_grad(set_to_none=True)
-        total = torch.zeros(2)  # sum and count of the sharded elements over processes
-        whole = torch.zeros(2)  # the replicated ones (the same on every process)
+        device = self.accelerator.device  # collectives on the device (NCCL has no CPU tensors)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum and count of the sharded elements
+        whole = torch.zeros(2, dtype=torch.float64, device=device)  # the replicated ones (float64: exact counts)
         for n, p in params.items():
             f = fisher[n] / max(n_batches, 1)
             fisher[n] = f
             target = total if isinstance(p, DTensor) else whole
-            target += torch.stack([f.sum().cpu(), torch.tensor(float(f.numel()))])
+            target += torch.stack([f.sum().to(device, torch.float64), torch.tensor(float(f.numel()), device=device, dtype=torch.float64)])
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         mean = ((total[0] + whole[0]) / (total[1] + whole[1])).clamp_min(1e-30)
         self.count = int(total[1] + whole[1])
         for n, p in params.items():
-            f = fisher[n] / mean.to(fisher[n].device)
+            f = fisher[n] / mean.to(fisher[n].device, fisher[n].dtype)
             self.fisher[n] = self.fisher[n] + f if n in self.fisher else f
             self.anchor[n] = local(p).detach().clone()
 
