@@ -45,12 +45,16 @@ from modx.train.data import (
     train_loader,
 )
 from modx.train.engines import (
+    Zero3,
     accelerator_options,
     broadcast_scalars,
     deepspeed_problem,
     deepspeed_skipped,
+    gathered,
     is_deepspeed,
+    partition,
     refresh_master,
+    zero_stage,
 )
 from modx.train.evaluate import Evaluator
 from modx.train.faults import fault_point
@@ -273,6 +277,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
     model = strategy.prepare_model(model)  # e.g. adapters, frozen weights: before the optimiser sees them
     if sharding is not None:  # sharded before the optimiser is built over its (sharded) parameters
         model = sharding.shard(model.to(accelerator.device))
+    whole = Zero3(model, accelerator.device) if zero_stage(accelerator) >= 3 else None  # ZeRO-3: whole copies
     groups = model_param_groups(model, t.lr, t.weight_decay, ssm_lr=t.ssm_lr, decay_all=t.decay_all)
     optimizer = adamw(fsdp.split_groups(groups) if sharding is not None else groups, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, PhaseSchedule(phases, t.lr, t.warmup))
@@ -335,11 +340,11 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         evaluator.reset()
         save_config(cfg, run_dir / "config.yaml")
     if state_path is None:
-        _export(accelerator, model, sharding, ckpt_dir / "initial")
+        _export(accelerator, model, sharding, whole, ckpt_dir / "initial")
     if state_path is None and cfg.eval.initial:  # every process embeds its share
-        evaluator.evaluate(_eval_view(accelerator, model, sharding), -1, "initial", 0)
+        evaluator.evaluate(_eval_view(accelerator, model, sharding, whole), -1, "initial", 0)
     if state_path is None and align_initial:  # phase 0 aligns with the (pretrained) start
-        old_model = sharding.frozen_copy(model) if sharding else frozen_copy(accelerator.unwrap_model(model))
+        old_model = _old_model(accelerator, model, sharding, whole)
     accelerator.wait_for_everyone()
     accelerator.init_trackers(t.project, config=_flat_hparams(to_dict(cfg)))
 
@@ -385,13 +390,16 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                 meter.add({"loss": loss, **terms}, weight=1 / t.grad_accum)
             lr = scheduler.get_last_lr()[0]  # the lr this step used (logged below)
             scheduler.step()
+            logit_scale = accelerator.unwrap_model(model).logit_scale
             with torch.no_grad():
-                logit_scale = accelerator.unwrap_model(model).logit_scale
                 if not deepspeed:
                     logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                elif not 0 <= logit_scale.item() <= MAX_LOGIT_SCALE:  # ZeRO's fp32 copy must follow
-                    logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-                    refresh_master(accelerator, optimizer)
+                else:  # ZeRO's fp32 copy must follow; under ZeRO-3 each process clamps its partition
+                    with gathered([logit_scale], whole is not None):
+                        out_of_range = not 0 <= logit_scale.item() <= MAX_LOGIT_SCALE
+                    if out_of_range:
+                        partition(logit_scale).clamp_(0, MAX_LOGIT_SCALE)
+                        refresh_master(accelerator, optimizer)
             global_step += 1
             train_seconds += time.perf_counter() - step_start
             meter.step(samples=t.batch_size * t.grad_accum, skipped=skip)
@@ -413,9 +421,11 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                     _stop_bad_steps(accelerator, ckpt_dir, phase.index, step + 1, global_step, train_seconds,
                                     strategy, replay, t, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler),
                                     _within(segment, global_step, t.ckpt_every, t.grad_accum))
+                with gathered([logit_scale], whole is not None):
+                    scale = logit_scale.exp().item()
                 logs = meter.flush(batches, accelerator) | {
                     "lr": lr,
-                    "logit_scale": accelerator.unwrap_model(model).logit_scale.exp().item(),
+                    "logit_scale": scale,
                     "phase": phase.index,
                     "skipped_steps": bad_steps.total,
                 }
@@ -426,7 +436,7 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
 
             # ---- evaluate inside the phase (eval.every: learning curves)
             if evaluator.due(global_step, step, phase.steps):
-                evaluator.evaluate(_eval_view(accelerator, model, sharding), phase.index, phase.name, global_step,
+                evaluator.evaluate(_eval_view(accelerator, model, sharding, whole), phase.index, phase.name, global_step,
                                    in_phase=True)
 
             # ---- preempted (a signal to any process): every process saves this step's state, stops
@@ -449,16 +459,15 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
         strategy.end_phase(phase.index, model, old_model, batches)
         refresh_master(accelerator, optimizer)  # weights the strategy edited (DeepSpeed's fp32 copy)
         batches.close()
-        net = accelerator.unwrap_model(model)
-        _export(accelerator, model, sharding, ckpt_dir / f"phase-{phase.index}")
+        _export(accelerator, model, sharding, whole, ckpt_dir / f"phase-{phase.index}")
         start = time.perf_counter()
-        row = evaluator.evaluate(_eval_view(accelerator, model, sharding), phase.index, phase.name,
+        row = evaluator.evaluate(_eval_view(accelerator, model, sharding, whole), phase.index, phase.name,
                                  global_step)  # every process embeds its share
         if main:
             progress.write(f"after phase {phase.index} ({phase.name}): {evaluator.headline(row)}"
                            f"  (evaluated in {time.perf_counter() - start:.0f} s)")
         accelerator.wait_for_everyone()
-        old_model = sharding.frozen_copy(model) if sharding else frozen_copy(net)
+        old_model = _old_model(accelerator, model, sharding, whole)
         _checkpoint(accelerator, ckpt_dir, phase.index + 1, 0, global_step, train_seconds, strategy, replay,
                     t.keep_checkpoints, bad_steps, _sharded_parts(sharding, model, optimizer, scheduler))
         if phase.index + 1 < len(phases) and preemption.requested(world):  # signalled in the phase's last step
@@ -593,17 +602,33 @@ def _sharded_parts(sharding: fsdp.Sharding | None, model: nn.Module, optimizer: 
     return model, getattr(optimizer, "optimizer", optimizer), scheduler
 
 
-def _export(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None, directory: Path) -> None:
+def _export(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None, whole: Zero3 | None,
+            directory: Path) -> None:
     """Export the whole model (main process); sharded, its weights are gathered first (collective)."""
     state = fsdp.full_state(model) if sharding is not None else None
+    if whole is not None:
+        state = whole.state(accelerator.unwrap_model(model))
     if accelerator.is_main_process:
         export_phase(accelerator.unwrap_model(model), directory, state=state)
 
 
-def _eval_view(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None) -> nn.Module:
-    """The model evaluation embeds with: sharded, a whole copy on every process (collective),
-    so that each process embeds its share of a set without a collective per forward."""
+def _eval_view(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None,
+               whole: Zero3 | None) -> nn.Module:
+    """The model evaluation embeds with: sharded (FSDP, ZeRO-3), a whole copy on every process
+    (collective), so that each process embeds its share of a set without a collective per forward."""
+    if whole is not None:
+        return whole.plain_copy(accelerator.unwrap_model(model))
     return sharding.plain_copy(model) if sharding is not None else accelerator.unwrap_model(model)
+
+
+def _old_model(accelerator: Accelerator, model: nn.Module, sharding: fsdp.Sharding | None,
+               whole: Zero3 | None) -> nn.Module:
+    """The frozen copy of the model the next phase aligns with (collective when sharded)."""
+    if sharding is not None:
+        return sharding.frozen_copy(model)
+    if whole is not None:
+        return whole.frozen_copy(accelerator.unwrap_model(model))
+    return frozen_copy(accelerator.unwrap_model(model))
 
 
 def _align_initial(cfg: Config, model: nn.Module) -> bool:
