@@ -110,12 +110,18 @@ def zero3_config(directory: Path) -> Path:
     return path
 
 
-def test_zero3_trains_mod_x_as_ddp_does_with_partitioned_parameters(ddp_modx, tmp_path):
+@pytest.fixture(scope="module")
+def zero3_modx(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zero3") / "run"
+    ok(launch(out, [*replay_args(out), *RUN], "deepspeed", ds_config=zero3_config(out.parent)))
+    return out
+
+
+def test_zero3_trains_mod_x_as_ddp_does_with_partitioned_parameters(ddp_modx, zero3_modx):
     """Mod-X with a replay buffer under ZeRO-3: each process holds half of every parameter
     (and of the AdamW state); the old model, the phase exports and the logit-scale reads are
     whole copies gathered from the partitions. Losses and weights are DDP's."""
-    out = tmp_path / "run"
-    ok(launch(out, [*replay_args(out), *RUN], "deepspeed", ds_config=zero3_config(tmp_path)))
+    out = zero3_modx
     want = json.loads((ddp_modx / "losses.json").read_text())
     assert json.loads((out / "losses.json").read_text()) == pytest.approx(want, rel=1e-5, abs=1e-6)
     assert_weights_close(final_weights(out), final_weights(ddp_modx))  # exports: whole tensors
@@ -135,12 +141,11 @@ def test_zero3_trains_mod_x_as_ddp_does_with_partitioned_parameters(ddp_modx, tm
     assert summary["distributed"] == {"type": "DEEPSPEED", "num_processes": 2}
 
 
-def test_zero3_run_killed_mid_phase_resumes_exactly(tmp_path):
+def test_zero3_run_killed_mid_phase_resumes_exactly(zero3_modx, tmp_path):
     """Killed after a checkpoint in phase b, resumed under ZeRO-3: bit for bit the weights of
     the same run uninterrupted (the partitions, the optimiser's and the buffer all restored)."""
     config = zero3_config(tmp_path)
-    whole, out = tmp_path / "whole", tmp_path / "run"
-    ok(launch(whole, [*replay_args(whole), *RUN], "deepspeed", ds_config=config))
+    whole, out = zero3_modx, tmp_path / "run"
     done = launch(out, [*replay_args(out), *RUN], "deepspeed", kill="step:5", ds_config=config)
     assert done.returncode != 0, "the kill hook did not fire"
     ok(launch(out, [*replay_args(out), *RUN], "deepspeed", resume=True, ds_config=config))
