@@ -25,6 +25,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,6 +52,21 @@ def micro_model(directory: Path) -> str:
     path = directory / "modx-micro.json"
     path.write_text(json.dumps(MICRO_MODEL))
     return str(path)
+
+
+def digits_run_metrics(tmp_path: Path, name: str, how: list[str], port: int) -> dict[int, dict]:
+    """`accelerate launch` (with the flags `how`) of train_modx.py on a 2-step digits phase in
+    tmp_path/name (data built in tmp_path/data, eval probe 20): the metrics of results.jsonl
+    by phase (-1: the initial model)."""
+    extra = {"stream.phases": "[{name: a, builtin: digits, steps: 2}]", "eval.probe": 20}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--main_process_port", str(port), str(ROOT / "train_modx.py"),
+           *tiny_overrides(tmp_path / name, tmp_path / "data", **extra)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+    return {r["phase"]: r["metrics"] for r in rows}
 
 
 def tiny_overrides(run_dir: Path, data_root: Path, **extra: Any) -> list[str]:

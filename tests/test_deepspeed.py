@@ -157,24 +157,13 @@ def test_zero3_run_evaluates_and_exports_whole_weights(tmp_path):
     """train_modx.py on the built-in data under ZeRO-3 (2 processes): the initial model's
     metrics equal one process's (each process embeds its share with a whole copy), and the
     export reads back with create_model at full shape."""
-    from _train_helpers import tiny_overrides
-    from test_replay import _free_port as port
+    from _train_helpers import digits_run_metrics
 
     from modx.models import create_model
 
-    data = tmp_path / "data"
-    extra = {"stream.phases": "[{name: a, builtin: digits, steps: 2}]", "eval.probe": 20}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
     zero3 = ["--use_deepspeed", "--deepspeed_config_file", str(zero3_config(tmp_path)), "--num_processes", "2"]
-    for name, how in (("one", ["--num_processes", "1"]), ("zero3", zero3)):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(port()), str(ROOT / "train_modx.py"),
-               *tiny_overrides(tmp_path / name, data, **extra)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
-        runs[name] = {r["phase"]: r["metrics"] for r in rows}
+    runs = {name: digits_run_metrics(tmp_path, name, how, _free_port())
+            for name, how in (("one", ["--num_processes", "1"]), ("zero3", zero3))}
     assert set(runs["zero3"]) == {-1, 0}
     assert runs["zero3"][-1] == pytest.approx(runs["one"][-1], rel=1e-4, abs=1e-4)
     assert runs["zero3"][0]["n_images"] == runs["one"][0]["n_images"] > 0

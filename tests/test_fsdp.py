@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _train_helpers import MICRO_MODEL, ROOT, tiny_overrides  # noqa: E402
+from _train_helpers import MICRO_MODEL, ROOT, digits_run_metrics  # noqa: E402
 
 from modx.models import create_model  # noqa: E402
 from modx.train.fsdp import ShardingError, requested  # noqa: E402
@@ -237,18 +237,8 @@ def test_fsdp_run_evaluates_on_every_process_like_one_process(tmp_path):
     share of the eval set (with a whole copy of the sharded model); the initial model's
     metrics match one process's, the trained model's are close; summary.json says how each
     run was distributed."""
-    data = tmp_path / "data"
-    extra = {"stream.phases": "[{name: a, builtin: digits, steps: 2}]", "eval.probe": 20}
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = {}
-    for name, how in (("one", ["--num_processes", "1"]), ("fsdp", [*FSDP, "--num_processes", "2"])):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(ROOT / "train_modx.py"),
-               *tiny_overrides(tmp_path / name, data, **extra)]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        rows = [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
-        runs[name] = {r["phase"]: r["metrics"] for r in rows}
+    runs = {name: digits_run_metrics(tmp_path, name, how, _free_port())
+            for name, how in (("one", ["--num_processes", "1"]), ("fsdp", [*FSDP, "--num_processes", "2"]))}
     assert distributed(tmp_path / "one") == {"type": "NO", "num_processes": 1}
     assert distributed(tmp_path / "fsdp") == {"type": "FSDP", "num_processes": 2}
     assert set(runs["fsdp"]) == {-1, 0}
