@@ -268,6 +268,55 @@ def test_zscl_resumes_its_initial_model_from_the_run_export_and_its_average_from
         assert torch.equal(resumed.average[name], value), name
 
 
+def test_zscl_from_scratch_trains_phase_0_plainly_and_keeps_the_model_it_ends_with(accelerator, tmp_path):
+    """Without initial weights (Context.align_initial False) phase 0 is fine-tuning (the CLIP
+    loss alone, no reference batch, no weight ensemble) and the initial model ZSCL distils
+    from is the model after phase 0; a resume reads it from the phase-0 export. modx-bench
+    shares that phase with the other strategies."""
+    strategy, ref = zscl(accelerator, zscl_we_every=1, zscl_l2=0.5)
+    read = []
+    strategy.reference_batch = lambda: read.append(1) or ref
+    strategy.context = SimpleNamespace(align_initial=False, config=SimpleNamespace(
+        train=SimpleNamespace(output_dir=str(tmp_path))))
+    model, b = TinyClip(0), batch(1)
+    strategy.begin_phase(0, model, None)
+    loss, logs = strategy.loss(model, b, None)
+    out = model(b["image"], b["text"])
+    assert loss.item() == clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).item()
+    assert set(logs) == {"loss_clip"} and not read and strategy.initial is None
+    strategy.before_step(model)
+    model.load_state_dict(TinyClip(3).state_dict())  # phase 0 trained the model
+    strategy.end_phase(0, model, None, [])
+    assert torch.equal(model.visual.weight, TinyClip(3).visual.weight)  # no weight ensemble in phase 0
+    old = copy.deepcopy(model).requires_grad_(False)
+    strategy.begin_phase(1, model, old)
+    with torch.no_grad():
+        model.visual.weight.add_(0.3)  # phase 1 moves the model
+    loss, logs = strategy.loss(model, b, old)
+    teacher = TinyClip(3)(ref["image"], ref["text"])
+    student = model(ref["image"], ref["text"])["image_features"]
+    l_img, _ = zscl_distillation(student, teacher["image_features"], teacher["text_features"],
+                                 TinyClip(3).logit_scale.exp())
+    assert read and l_img.item() > 0
+    assert logs["loss_zscl_image"].item() == pytest.approx(l_img.item(), rel=1e-6)
+    for name, value in strategy.initial.state_dict().items():
+        assert torch.equal(value, TinyClip(3).state_dict()[name]), name
+
+    export = tmp_path / "checkpoints" / "phase-0"
+    export.mkdir(parents=True)
+    save_file(TinyClip(3).state_dict(), str(export / "model.safetensors"))
+    resumed, _ = zscl(accelerator, zscl_we_every=1, zscl_l2=0.5)
+    resumed.context = strategy.context
+    resumed.load_state_dict({})  # a fork of the shared phase 0: fine-tuning's (empty) state
+    resumed.begin_phase(1, model, old)
+    for name, value in resumed.initial.state_dict().items():
+        assert torch.equal(value, TinyClip(3).state_dict()[name]), name
+    from modx.strategies.zscl import ZSCL
+
+    assert ZSCL.plain_phases(strategy.cfg, align_initial=False) == 1
+    assert ZSCL.plain_phases(strategy.cfg, align_initial=True) == 0
+
+
 def context(cfg, world: int = 1) -> Context:
     return Context(cfg, None, None, None, rank=0, world_size=world, device=torch.device("cpu"))
 

@@ -56,6 +56,7 @@ class Context:
     device: Any
     frozen_copy: Callable | None = None  # model -> a frozen copy sharded like it (FSDP); None: not sharded
     plain_copy: Callable | None = None  # sharded model -> a whole, unsharded copy on every process (collective)
+    align_initial: bool = True  # phase 0 has an old model (the loaded initial weights); False: from scratch
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,10 @@ Weight ensemble: after optimiser step s of a phase (s = 1, 2, ...), when (s - 1)
 with n the merges so far and W = the phase's start weights at first; at the phase end the
 model becomes W (it is what is exported, evaluated, and the next phase starts from).
 
+From scratch (no initial weights loaded: Context.align_initial False) phase 0 is plain CLIP
+training and the model it ends with is the initial model of the later phases (a random
+model has nothing to keep); modx-bench shares that phase with the other strategies.
+
 Sharded (FSDP): the initial model is a frozen copy sharded like the student (on a resume
 each process reads its rows of the run's initial export), W is kept as local shards. The L2
 pull's value is summed from the local shards over processes and added to the loss (no
@@ -149,7 +153,18 @@ class ZSCL(Strategy):
 
     @classmethod
     def plain_phases(cls, cfg, align_initial: bool) -> int | None:
-        return 0  # it distils from the initial model and averages weights from phase 0 on
+        return 0 if align_initial else 1  # from scratch, phase 0 trains the model it keeps
+
+    @property
+    def from_scratch(self) -> bool:
+        """No initial weights were loaded (Context.align_initial False): phase 0 is plain CLIP
+        training and its result is the initial model the later phases keep."""
+        return not getattr(getattr(self, "context", None), "align_initial", True)
+
+    @property
+    def plain(self) -> bool:
+        """This phase trains as fine-tuning does (phase 0 from scratch)."""
+        return self.from_scratch and self.phase == 0
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -210,6 +225,9 @@ class ZSCL(Strategy):
 
     def begin_phase(self, phase: int, model: nn.Module, old_model: nn.Module | None) -> None:
         net = self.accelerator.unwrap_model(model)
+        if self.from_scratch and phase == 0:
+            self.phase, self.steps, self.merges, self.merge_due, self.average = 0, 0, 0, False, {}
+            return
         if self.initial is None:
             self.initial = self.initial_model(net)
         self.anchor = old_model if old_model is not None else self.initial
@@ -220,16 +238,19 @@ class ZSCL(Strategy):
                 self.average = {n: local(p).detach().float().clone() for n, p in net.named_parameters()}
 
     def initial_model(self, net: nn.Module) -> nn.Module:
-        """A frozen copy of the model before phase 0: the current weights on a fresh run
-        (begin_phase(0) comes before any step), the run's checkpoints/initial export on a
-        resume (the loop writes it when a run starts). Draws no random numbers. Sharded like
-        the model under FSDP."""
+        """A frozen copy of the initial model: the model before phase 0, or from scratch the
+        model after it; the current weights on a fresh run (begin_phase(0), or (1) from
+        scratch, comes before any step of it), the run's export of them on a resume
+        (checkpoints/initial, or phase-0: the loop writes both). Draws no random numbers.
+        Sharded like the model under FSDP."""
         initial = self.frozen_copy(net)
         if self.resumed:
-            path = Path(self.context.config.train.output_dir) / "checkpoints" / "initial" / "model.safetensors"
+            export = "phase-0" if self.from_scratch else "initial"
+            path = Path(self.context.config.train.output_dir) / "checkpoints" / export / "model.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"zscl resumes its initial model from {path}, which is missing: "
-                                        "it is written when the run starts; start the run anew")
+                                        "it is written when the run starts (from scratch: when phase 0 ends); "
+                                        "start the run anew")
             if self.sharded:
                 load_rows(initial, path)
             else:
@@ -239,6 +260,8 @@ class ZSCL(Strategy):
     def loss(
         self, model: nn.Module, batch: Batch, old_model: nn.Module | None
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.plain:
+            return super().loss(model, batch, old_model)
         if self.merge_due:  # the weights the last optimiser step left
             self.merge(model)
         l2 = None
@@ -271,6 +294,8 @@ class ZSCL(Strategy):
         return total, logs
 
     def before_step(self, model: nn.Module) -> None:
+        if self.plain:
+            return
         if self.cfg.zscl_l2 and self.sharded:
             self.add_l2_gradient(self.accelerator.unwrap_model(model))
         self.steps += 1
@@ -300,7 +325,7 @@ class ZSCL(Strategy):
     def end_phase(
         self, phase: int, model: nn.Module, old_model: nn.Module | None, batches: Iterable[Batch]
     ) -> None:
-        if not self.cfg.zscl_we_every:
+        if not self.cfg.zscl_we_every or self.plain:
             return
         if self.merge_due:
             self.merge(model)

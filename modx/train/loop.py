@@ -291,7 +291,8 @@ def _run(cfg: Config, resume: str | None, until_phase: int | None, preemption: P
                    "num_processes": world}
     strategy.bind(Context(cfg, preprocess_train, preprocess_eval, tokenizer, rank, world, accelerator.device,
                           frozen_copy=sharding.frozen_copy if sharding is not None else None,
-                          plain_copy=sharding.plain_copy if sharding is not None else None))
+                          plain_copy=sharding.plain_copy if sharding is not None else None,
+                          align_initial=align_initial))
     replay = None  # earlier phases' samples in every batch (modx.data.replay), a share of the global batch
     if replay_ratio(cfg.strategy) > 0:
         replay = ReplayFeed(cfg, phases, rank, world, kl_on_replay=getattr(strategy, "kl_on", "batch") != "batch")
