@@ -58,16 +58,18 @@ def _config(tmp_path: Path, data_root: Path | None = None) -> str:
 
 
 def test_plan_shares_the_first_phase_only_among_strategies_that_train_it_plainly(tmp_path):
+    zscl = f"zscl:reference={tmp_path / 'ref.tar'},zscl_l2=0.5"  # from scratch: its phase 0 is plain
     specs = ["finetune", "modx", "modx:alpha=5", "wiseft", "ewc", "replay", "modx:replay.ratio=0.2",
-             "modx:train.lr=1e-3"]
+             "modx:train.lr=1e-3", zscl, "ctp"]
     runs = plan(_config(tmp_path), specs, [0, 1], tmp_path / "out")
     shared = {r.label for r in runs if r.shared}
-    assert shared == {"finetune", "modx", "modx:alpha=5", "wiseft", "replay", "modx:replay.ratio=0.2"}
+    assert shared == {"finetune", "modx", "modx:alpha=5", "wiseft", "replay", "modx:replay.ratio=0.2", zscl}
     assert {r.shared_replay for r in runs if r.shared} == {0.5}  # the shared run keeps a buffer
     by_seed = {seed: {r.shared_dir for r in runs if r.shared and r.seed == seed} for seed in (0, 1)}
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]  # one per seed
-    aligned = plan(_config(tmp_path), ["finetune", "modx"], [0], tmp_path / "out", ["strategy.align_initial=true"])
-    assert [r.shared for r in aligned] == [0, 0]  # modx has an old model from phase 0 on: nothing shared
+    aligned = plan(_config(tmp_path), ["finetune", "modx", zscl], [0], tmp_path / "out",
+                   ["strategy.align_initial=true"])
+    assert [r.shared for r in aligned] == [0, 0, 0]  # an old / initial model from phase 0 on: nothing shared
     streaming = plan(_config(tmp_path), ["finetune", "modx:replay.source=stream"], [0], tmp_path / "out")
     assert [r.shared_replay for r in streaming] == [0.0, 0.0]  # no member needs phase 0's buffer
     data = f"replay.source=stream,replay.data={tmp_path / 'nothing.tar'}"

@@ -208,7 +208,9 @@ def _aligns_initial(cfg: Config) -> bool:
 
 # Strategy keys that act only once there is an old model (after the shared phases).
 _LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reduction", "wiseft_alpha",
-                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on", "teacher_cache")
+                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on", "teacher_cache",
+                     "reference", "zscl_batch", "zscl_temperature", "zscl_image_weight", "zscl_text_weight",
+                     "zscl_l2", "zscl_we_every")  # zscl's act from phase 1 on when it starts from scratch
 
 
 def _prefix_key(cfg: Config) -> str:
