@@ -208,15 +208,18 @@ def _aligns_initial(cfg: Config) -> bool:
 
 # Strategy keys that act only once there is an old model (after the shared phases).
 _LATER_PHASE_KEYS = ("name", "alpha", "temperature", "cognition_align", "reduction", "wiseft_alpha",
-                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on", "teacher_cache",
-                     "reference", "zscl_batch", "zscl_temperature", "zscl_image_weight", "zscl_text_weight",
-                     "zscl_l2", "zscl_we_every")  # zscl's act from phase 1 on when it starts from scratch
+                     "align_initial", "ewc_lambda", "kl_diagonal", "kl_on", "teacher_cache")
+_ZSCL_KEYS = ("reference", "zscl_batch", "zscl_temperature", "zscl_image_weight", "zscl_text_weight",
+              "zscl_l2", "zscl_we_every")  # act from phase 1 on when zscl starts from scratch
 
 
 def _prefix_key(cfg: Config) -> str:
     """Runs with equal keys train their shared phases identically: the whole config except
     the strategy keys that act later (the replay ratio among them) and the output directory."""
     tree = to_dict(cfg)
+    defaults = to_dict(StrategyConfig())
+    for key in _ZSCL_KEYS:  # at their defaults, as every other strategy has them (the keys stay stable)
+        tree["strategy"][key] = defaults[key]
     for key in _LATER_PHASE_KEYS:
         tree["strategy"].pop(key, None)
     for key in ("ratio", "source", "schedule"):  # the buffer's size and max_mb shape phase 0's buffer
