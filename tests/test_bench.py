@@ -65,6 +65,8 @@ def test_plan_shares_the_first_phase_only_among_strategies_that_train_it_plainly
     shared = {r.label for r in runs if r.shared}
     assert shared == {"finetune", "modx", "modx:alpha=5", "wiseft", "replay", "modx:replay.ratio=0.2", zscl}
     assert {r.shared_replay for r in runs if r.shared} == {0.5}  # the shared run keeps a buffer
+    records = {bench.config_record(bench.shared_config(r))["hash"] for r in runs if r.shared and r.seed == 0}
+    assert len(records) == 1  # every member plans the same shared run (a zscl member changes nothing)
     by_seed = {seed: {r.shared_dir for r in runs if r.shared and r.seed == seed} for seed in (0, 1)}
     assert len(by_seed[0]) == len(by_seed[1]) == 1 and by_seed[0] != by_seed[1]  # one per seed
     aligned = plan(_config(tmp_path), ["finetune", "modx", zscl], [0], tmp_path / "out",

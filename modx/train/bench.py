@@ -234,7 +234,7 @@ def shared_config(r: BenchRun) -> Config:
     when a member goes on from one (phase 0 trains the same with or without it)."""
     cfg = copy.deepcopy(r.cfg)
     defaults = StrategyConfig()
-    for key in _LATER_PHASE_KEYS:
+    for key in (*_LATER_PHASE_KEYS, *_ZSCL_KEYS):
         setattr(cfg.strategy, key, getattr(defaults, key))
     cfg.strategy.name = "finetune"
     cfg.strategy.replay.ratio = r.shared_replay
