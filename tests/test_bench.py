@@ -400,3 +400,23 @@ def test_the_table_shows_the_difference_to_finetune_where_it_ran():
     assert "+6.00 [" in modx_line  # diffs 5 and 7
     del result["table"]["modx"]["difference"]
     assert "finetune (95% CI)" not in format_table(result)
+
+
+def test_a_preempted_training_child_exits_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """A preemption signal stops the run with its state saved (modx.train.preempt): the
+    bench's training child exits with PREEMPTED_EXIT, no traceback (the bench then stops
+    with one line saying to run it again)."""
+    import modx.train as train
+    from modx.config import load_config
+    from modx.train.preempt import Preempted
+
+    def preempted(*args, **kwargs):
+        raise Preempted("preempted at step 3")
+
+    monkeypatch.setattr(train, "run", preempted)
+    cfg = load_config(_config(tmp_path), [f"train.output_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit) as stopped:
+        bench._child(cfg, None, None, 0.0)
+    assert stopped.value.code == bench.PREEMPTED_EXIT
+    assert "Traceback" not in capsys.readouterr().err

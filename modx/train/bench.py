@@ -62,6 +62,7 @@ from typing import Any
 
 from modx.config import Config, ConfigError, StrategyConfig, load_config, save_config, to_dict
 from modx.train.evaluate import headline
+from modx.train.preempt import Preempted
 
 SECTIONS = ("model", "strategy", "stream", "train", "eval")
 # The continual numbers the bench table shows: (summary key, column title).
@@ -92,6 +93,7 @@ COST_COLUMNS = (
 RECORD = "bench_config.json"  # {"hash", "config"}: the resolved config it was trained with
 ATTEMPTS = "bench_attempts.jsonl"  # one line per training child: start, wall_s, peak_rss_mb, finished
 HEARTBEAT = "bench_attempt.json"  # the running child's attempt so far, rewritten every HEARTBEAT_S
+PREEMPTED_EXIT = 75  # a training child stopped by a preemption signal (EX_TEMPFAIL), its state saved
 COST = "bench_cost.json"  # the directory's own cost over its attempts, once its training finished
 HEARTBEAT_S = 10.0
 
@@ -395,6 +397,9 @@ def _train(cfg: Config, resume: str | None, until_phase: int | None) -> dict[str
                "finished": child.exitcode == 0}
     _append_attempt(run_dir, attempt)
     (run_dir / HEARTBEAT).unlink(missing_ok=True)
+    if child.exitcode == PREEMPTED_EXIT:
+        raise BenchError(f"training {cfg.train.output_dir} was preempted (a signal) and saved its state: "
+                         "run modx-bench again to resume it")
     if child.exitcode != 0:
         raise BenchError(f"training {cfg.train.output_dir} failed (exit status {child.exitcode}); "
                          "its output is above. Run modx-bench again to resume it.")
@@ -415,6 +420,8 @@ def _child(cfg: Config, resume: str | None, until_phase: int | None, started: fl
     try:
         run(cfg, resume=resume, until_phase=until_phase)
         finished = True
+    except Preempted:  # the run saved a state and printed where; no traceback
+        sys.exit(PREEMPTED_EXIT)
     finally:
         stop.set()
         beating.join()
