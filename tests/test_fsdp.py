@@ -56,6 +56,19 @@ def assert_weights_close(got: dict[str, torch.Tensor], want: dict[str, torch.Ten
         torch.testing.assert_close(b, a, rtol=1e-4, atol=atol, msg=k)
 
 
+def assert_trains_alike(got: Path, want: Path) -> None:
+    """Two runs of the fake stream (the same global batches): the same 8 micro-step losses
+    (rel 1e-5), training moved the weights, and the phase-1 exports have the same keys and
+    close weights."""
+    loss_got = json.loads((got / "losses.json").read_text())
+    loss_want = json.loads((want / "losses.json").read_text())
+    assert len(loss_got) == len(loss_want) == 8
+    assert loss_got == pytest.approx(loss_want, rel=1e-5, abs=1e-6)
+    w_want = weights(want, "phase-1")
+    assert any(not torch.equal(w_want[k], v) for k, v in weights(want, "initial").items())
+    assert_weights_close(weights(got, "phase-1"), w_want)
+
+
 def distributed(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())["distributed"]
 
@@ -78,13 +91,7 @@ def test_fsdp_trains_like_ddp_and_holds_half_of_each_parameter(tmp_path, strateg
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert distributed(tmp_path / "fsdp") == {"type": "FSDP", "num_processes": 2}
     assert distributed(tmp_path / "ddp") == {"type": "MULTI_CPU", "num_processes": 2}
-    loss_fsdp = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
-    loss_ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
-    assert len(loss_fsdp) == len(loss_ddp) == 8
-    assert loss_fsdp == pytest.approx(loss_ddp, rel=1e-5, abs=1e-6)
-    w_fsdp, w_ddp = weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "ddp", "phase-1")
-    assert any(not torch.equal(w_ddp[k], v) for k, v in weights(tmp_path / "ddp", "initial").items())
-    assert_weights_close(w_fsdp, w_ddp)
+    assert_trains_alike(tmp_path / "fsdp", tmp_path / "ddp")
 
     state = tmp_path / "fsdp" / "checkpoints" / "state-00000004"
     assert not list(state.glob("*.bin")) and not list(state.glob("*.pkl"))  # no pickle
@@ -123,13 +130,7 @@ def test_fsdp_zscl_cclip_cmcl_train_like_ddp(tmp_path, name, how):
     assert sharded.returncode == 0, sharded.stderr[-3000:]
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert distributed(tmp_path / "fsdp") == {"type": "FSDP", "num_processes": 2}
-    loss_fsdp = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
-    loss_ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
-    assert len(loss_fsdp) == len(loss_ddp) == 8
-    assert loss_fsdp == pytest.approx(loss_ddp, rel=1e-5, abs=1e-6)
-    w_fsdp, w_ddp = weights(tmp_path / "fsdp", "phase-1"), weights(tmp_path / "ddp", "phase-1")
-    assert any(not torch.equal(w_ddp[k], v) for k, v in weights(tmp_path / "ddp", "initial").items())
-    assert_weights_close(w_fsdp, w_ddp)  # the same keys: C-CLIP's exports hold no adapter or predictor
+    assert_trains_alike(tmp_path / "fsdp", tmp_path / "ddp")  # the same keys: C-CLIP's exports are plain
     if name == "zscl":
         state = tmp_path / "fsdp" / "checkpoints" / "state-00000002"  # phase a's end: W of phase b begun
         for rank in (0, 1):
